@@ -1,0 +1,632 @@
+"""The Llama-family transformer, its weights, and its tokenizer.
+
+Idea: one plain-torch model covers Llama 2/3, Mistral, Qwen2 and Qwen3; they differ only in a few
+switches (Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm, Llama 3's RoPE frequency scaling,
+tied embeddings). The forward takes one flat batch of tokens from many requests (prefill chunks
+and decodes mixed) and leaves attention to attention.py, which reads the paged KV cache through
+the AttentionMetadata it is given. Q/K/V and gate/up are each one fused matmul; the forward has no
+host syncs or data-dependent branches on the Triton path, so the engine can capture it in a CUDA
+graph. The tokenizer turns an HF byte-level BPE tokenizer.json (or Llama 3's tiktoken file) into
+a tiktoken.Encoding.
+
+Owns: ModelConfig (from HF config.json), the forward, loading *.safetensors, random init, the
+tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
+"""
+import base64
+import codecs
+import json
+import math
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field, replace
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+import attention
+from attention import AttentionMetadata
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+          "float32": torch.float32, "float": torch.float32}
+
+
+# ----------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE rescaling: long wavelengths slowed by `factor`, short ones kept, a smooth
+    blend between (https://arxiv.org/abs/2407.21783, section 3.3)."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and switches of one model; field names are ours, read from HF's config.json."""
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Llama3RopeScaling | None
+    tie_word_embeddings: bool
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    dtype: torch.dtype = torch.float32  # the dtype the model runs in; load_model/random_model set it
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.architecture == "Qwen2ForCausalLM"
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.architecture == "Qwen3ForCausalLM"
+
+
+SHAPES = {
+    "qwen3-0.6b": ModelConfig(
+        architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_layers=28, num_q_heads=16, num_kv_heads=8, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None, tie_word_embeddings=True,
+        eos_token_ids=[151645, 151643]),
+    "llama3-8b": ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_q_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=5e5, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192),
+        tie_word_embeddings=False, eos_token_ids=[128001, 128008, 128009], bos_token_id=128000),
+    "tiny": ModelConfig(  # Qwen3-style, for CPU tests; ids 0..255 double as bytes (Tokenizer.byte_level)
+        architecture="Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None, tie_word_embeddings=True,
+        eos_token_ids=[511]),
+}
+
+
+def _read_json(path: str, required: bool = False) -> dict:
+    if not os.path.exists(path):
+        if required:
+            raise FileNotFoundError(f"{path} not found")
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _as_id_list(value) -> list[int]:
+    """HF writes an eos id as an int, a list of ints, or null."""
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
+    # transformers 5.x writes `rope_parameters` (theta inside); older files rope_theta + rope_scaling.
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"config.json: rope scaling type {kind!r} is not supported; supported: default, llama3")
+    try:
+        return theta, Llama3RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
+                                        float(params["high_freq_factor"]),
+                                        int(params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise ValueError(f"config.json: llama3 rope scaling needs {e.args[0]!r}") from None
+
+
+def read_config(path: str) -> ModelConfig:
+    """ModelConfig from an HF checkpoint directory (config.json, generation_config.json)."""
+    raw = _read_json(os.path.join(path, "config.json"), required=True)
+    try:
+        return _config_from_json(raw, _read_json(os.path.join(path, "generation_config.json")))
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json: missing field {e.args[0]!r}") from None
+
+
+def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
+    architecture = (raw.get("architectures") or ["(none)"])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"config.json: architecture {architecture!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {raw['hidden_act']!r} is not supported; supported: silu")
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise ValueError(f"config.json: {flag}=true is not supported for {architecture} "
+                             "(only Qwen2's built-in q/k/v bias is)")
+    # Mistral applies its window whenever set; Qwen only with use_sliding_window. Within the window
+    # the result equals full attention, so only a window shorter than the context is a problem.
+    uses_window = raw.get("use_sliding_window", architecture == "MistralForCausalLM")
+    window = raw.get("sliding_window") if uses_window else None
+    max_positions = raw["max_position_embeddings"]
+    if (window is not None and window < max_positions) or "sliding_attention" in (raw.get("layer_types") or []):
+        raise ValueError(f"config.json: sliding-window attention (sliding_window={window}, max_position_embeddings="
+                         f"{max_positions}) is not supported; supported: full attention (sliding_window null)")
+    rope_theta, rope_scaling = _read_rope(raw)
+    num_q_heads = raw["num_attention_heads"]
+    default_head_dim = 128 if architecture == "Qwen3ForCausalLM" else raw["hidden_size"] // num_q_heads
+    return ModelConfig(
+        architecture=architecture, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
+        num_q_heads=num_q_heads, num_kv_heads=raw.get("num_key_value_heads") or num_q_heads,
+        head_dim=raw.get("head_dim") or default_head_dim, max_position_embeddings=max_positions,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+        rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
+        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")))
+
+
+def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA if present; bf16 on CUDA, fp32 on the CPU. dtype: torch.dtype or a name."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype {dtype} is not supported; supported: bfloat16, float16, float32")
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------------- forward
+
+def rope_tables(config: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_position_embeddings, head_dim], computed in fp32 and stored in the model's
+    dtype as HF does. Each angle appears twice (at i and i + head_dim/2), rotate_half's layout."""
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    scaling = config.rope_scaling
+    if scaling is not None:
+        wavelength = 2 * math.pi / inv_freq
+        low_freq_wavelength = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_freq_wavelength = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        smooth = ((scaling.original_max_position_embeddings / wavelength - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor))
+        scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+        inv_freq = torch.where(is_medium, blended, scaled)
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=device)
+    angles = (positions[:, None] * inv_freq[None, :]).repeat(1, 2)
+    return angles.cos().to(config.dtype), angles.sin().to(config.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by its positions' angles (cos, sin: [T, 1, head_dim]).
+    Llama/Qwen checkpoints pair dimension i with i + head_dim/2 (HF's rotate_half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
+
+
+def _empty(*shape, config: ModelConfig) -> nn.Parameter:
+    # Uninitialised, in the target dtype, on the current default device (Transformer.__init__
+    # runs under `with device:`): weights are then filled in place, never built twice.
+    return nn.Parameter(torch.empty(*shape, dtype=config.dtype), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        q_size, kv_size = config.num_q_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.qk_heads = [config.num_q_heads, config.num_kv_heads]
+        self.input_layernorm = _empty(config.hidden_size, config=config)
+        self.qkv_proj = _empty(q_size + 2 * kv_size, config.hidden_size, config=config)
+        self.qkv_bias = _empty(q_size + 2 * kv_size, config=config) if config.has_qkv_bias else None
+        self.q_norm = _empty(config.head_dim, config=config) if config.has_qk_norm else None
+        self.k_norm = _empty(config.head_dim, config=config) if config.has_qk_norm else None
+        self.o_proj = _empty(config.hidden_size, q_size, config=config)
+        self.post_attention_layernorm = _empty(config.hidden_size, config=config)
+        self.gate_up_proj = _empty(2 * config.intermediate_size, config.hidden_size, config=config)
+        self.down_proj = _empty(config.hidden_size, config.intermediate_size, config=config)
+
+    def norm(self, x, weight):
+        return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
+
+    def attention(self, x, cos, sin, k_cache, v_cache, meta, write_kv, paged_attention):
+        c = self.config
+        num_tokens = x.shape[0]
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        # q and k heads side by side, so one RoPE covers both; q, k, v stay strided views (the
+        # kernels take strides; only head_dim must be contiguous).
+        qk = qkv[:, : -self.qkv_sizes[2]].view(num_tokens, -1, c.head_dim)
+        v = qkv[:, -self.qkv_sizes[2]:].view(num_tokens, c.num_kv_heads, c.head_dim)
+        if c.has_qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            q, k = qk.split(self.qk_heads, dim=1)
+            qk = torch.cat((self.norm(q, self.q_norm), self.norm(k, self.k_norm)), dim=1)
+        q, k = apply_rope(qk, cos, sin).split(self.qk_heads, dim=1)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # this step's keys must be visible to itself
+        out = paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5)
+        return F.linear(out.reshape(num_tokens, -1), self.o_proj)
+
+    def mlp(self, x):
+        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj)
+
+    def forward(self, hidden, cos, sin, k_cache, v_cache, meta, write_kv, paged_attention):
+        # in-place residual adds: `hidden` is this forward's own buffer (from F.embedding)
+        normed = self.norm(hidden, self.input_layernorm)
+        hidden.add_(self.attention(normed, cos, sin, k_cache, v_cache, meta, write_kv, paged_attention))
+        return hidden.add_(self.mlp(self.norm(hidden, self.post_attention_layernorm)))
+
+
+class Transformer(nn.Module):
+    """Parameters are allocated uninitialised on `device`; load_model or random_model fill them."""
+
+    def __init__(self, config: ModelConfig, device):
+        super().__init__()
+        self.config = config
+        with torch.device(device):
+            self.embed_tokens = _empty(config.vocab_size, config.hidden_size, config=config)
+            self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+            self.norm = _empty(config.hidden_size, config=config)
+            self.lm_head = (self.embed_tokens if config.tie_word_embeddings
+                            else _empty(config.vocab_size, config.hidden_size, config=config))
+        cos, sin = rope_tables(config, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.use_triton = torch.device(device).type == "cuda"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.dtype
+
+    def check_kv_cache(self, kv_cache: torch.Tensor):
+        c = self.config
+        if (kv_cache.dim() != 6 or kv_cache.shape[:2] != (c.num_layers, 2)
+                or kv_cache.shape[4:] != (c.num_kv_heads, c.head_dim) or kv_cache.dtype != c.dtype):
+            raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)} {kv_cache.dtype}; expected "
+                             f"[{c.num_layers}, 2, num_blocks, block_size, {c.num_kv_heads}, {c.head_dim}] {c.dtype}")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [T] int64 (flat batch) -> float32 logits [S, vocab] for the rows in
+        logits_indices [S] (None: every row). kv_cache: [num_layers, 2, num_blocks, block_size,
+        num_kv_heads, head_dim]; this step's K/V are written into it at meta.slot_mapping."""
+        self.check_kv_cache(kv_cache)
+        if self.use_triton:  # looked up per call, so the kernels can be swapped in at any time
+            write_kv, paged_attention = attention.write_kv, attention.paged_attention
+        else:
+            write_kv, paged_attention = attention.write_kv_reference, attention.paged_attention_reference
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        for layer, layer_cache in zip(self.layers, kv_cache):
+            hidden = layer(hidden, cos, sin, layer_cache[0], layer_cache[1], meta, write_kv, paged_attention)
+        if logits_indices is not None:  # the final norm and lm_head only for rows that sample
+            hidden = hidden[logits_indices]
+        hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
+        return F.linear(hidden, self.lm_head).float()
+
+
+# ----------------------------------------------------------------------------------- weights
+
+def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
+    """HF tensor name -> the slice of our (fused) parameter it is copied into."""
+    targets = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm}
+    if not model.config.tie_word_embeddings:
+        targets["lm_head.weight"] = model.lm_head
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        q, k, v = layer.qkv_proj.split(layer.qkv_sizes)
+        gate, up = layer.gate_up_proj.chunk(2)
+        targets.update({
+            prefix + "input_layernorm.weight": layer.input_layernorm,
+            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": layer.o_proj,
+            prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm,
+            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": layer.down_proj})
+        if layer.qkv_bias is not None:
+            q, k, v = layer.qkv_bias.split(layer.qkv_sizes)
+            targets.update({prefix + "self_attn.q_proj.bias": q, prefix + "self_attn.k_proj.bias": k,
+                            prefix + "self_attn.v_proj.bias": v})
+        if layer.q_norm is not None:
+            targets.update({prefix + "self_attn.q_norm.weight": layer.q_norm,
+                            prefix + "self_attn.k_norm.weight": layer.k_norm})
+    return targets
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return [os.path.join(path, name) for name in sorted(set(_read_json(index)["weight_map"].values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_weights(model: Transformer, path: str):
+    """Copy each checkpoint tensor straight into its place; host memory holds one tensor at a time."""
+    targets, loaded = _checkpoint_targets(model), set()
+    files = _safetensors_files(path)
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name not in targets:
+                    # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
+                    tied_head = name == "lm_head.weight" and model.config.tie_word_embeddings
+                    if tied_head or name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise ValueError(f"unexpected tensor {name!r} in {file} for {model.config.architecture}")
+                tensor, target = f.get_tensor(name), targets[name]
+                if tensor.shape != target.shape:
+                    raise ValueError(f"tensor {name!r} in {file}: shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(target.shape)} from config.json")
+                target.copy_(tensor)
+                loaded.add(name)
+    missing = sorted(targets.keys() - loaded)
+    if missing:
+        raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                         f"in {', '.join(files)}")
+
+
+def load_model(path: str, dtype=None, device=None) -> Transformer:
+    """An HF checkpoint directory -> Transformer on `device` in `dtype` (see resolve_device_and_dtype)."""
+    device, dtype = resolve_device_and_dtype(device, dtype)
+    model = Transformer(replace(read_config(path), dtype=dtype), device)
+    load_weights(model, path)
+    return model
+
+
+@torch.no_grad()
+def random_model(name: str | ModelConfig, dtype=None, device=None, seed: int = 0) -> Transformer:
+    """A model of a named shape in SHAPES (or a given ModelConfig) with random weights, drawn on
+    the device. Projections reading the residual stream get std 1/sqrt(fan_in), so each head and
+    MLP unit sees O(1) inputs; the two writing back into it are further scaled by 1/sqrt(2 *
+    num_layers), so the stream's variance stays O(1) however deep the model is (GPT-2's residual
+    scaling). Embeddings use 1/sqrt(hidden) so that a tied lm_head gives O(1) logits too."""
+    if isinstance(name, str) and name not in SHAPES:
+        raise ValueError(f"model shape {name!r} is unknown; known: {', '.join(SHAPES)}")
+    config = SHAPES[name] if isinstance(name, str) else name
+    device, dtype = resolve_device_and_dtype(device, dtype)
+    model = Transformer(replace(config, dtype=dtype), device)
+    generator = torch.Generator(device).manual_seed(seed)
+    residual_scale = 1 / math.sqrt(2 * config.num_layers)
+    for parameter_name, parameter in model.named_parameters():
+        if parameter.dim() == 1:  # norms = 1, biases = 0
+            parameter.fill_(0.0 if parameter_name.endswith("bias") else 1.0)
+            continue
+        std = 1 / math.sqrt(parameter.shape[1])
+        if parameter_name.endswith(("o_proj", "down_proj")):
+            std *= residual_scale
+        parameter.normal_(0.0, std, generator=generator)
+    return model
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: printable Latin-1 bytes
+    stand for themselves, the other 68 bytes become chr(256 + n) in byte order. char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+class TokenStream:
+    """Incremental detokenization: push ids one by one, get the text that is now final. A token
+    ending inside a UTF-8 character yields "" until the character completes; the pieces
+    concatenated (plus finish()) equal tokenizer.decode(all ids)."""
+
+    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        if self.skip_special_tokens and token_id in self.tokenizer.special_token_ids:
+            return ""
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def finish(self) -> str:
+        """Bytes of a character that never completed, as U+FFFD (as decode() would show them)."""
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """A tiktoken.Encoding plus what generation needs: BOS/EOS ids and whether prompts start with BOS.
+    Every added token written in the text is recognised, as HF does; skip_special_tokens drops only
+    special_token_ids (default: all of them; HF's added tokens marked special, e.g. not Qwen3's <think>)."""
+
+    def __init__(self, encoding: tiktoken.Encoding, bos_token_id: int | None, eos_token_ids: list[int],
+                 add_bos_token: bool = False, nfc_normalize: bool = False, special_token_ids: set[int] | None = None):
+        if add_bos_token and bos_token_id is None:
+            raise ValueError("tokenizer: add_bos_token is set but there is no bos_token_id")
+        self.encoding = encoding
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.add_bos_token = add_bos_token
+        self.nfc_normalize = nfc_normalize  # Qwen2/3's tokenizer.json normalizes text to NFC first
+        if special_token_ids is None:
+            special_token_ids = {encoding.encode_single_token(t) for t in encoding.special_tokens_set}
+        self.special_token_ids = special_token_ids
+        self.vocab_size = encoding.n_vocab
+
+    @classmethod
+    def byte_level(cls, eos_token_id: int) -> "Tokenizer":
+        """Ids 0..255 are the UTF-8 bytes, eos_token_id is <|endoftext|>: for random-weight models."""
+        if eos_token_id < 256:
+            raise ValueError(f"byte-level tokenizer: eos_token_id {eos_token_id} must be >= 256 (0..255 are bytes)")
+        encoding = tiktoken.Encoding("byte-level", pat_str=GPT2_PATTERN,
+                                     mergeable_ranks={bytes([b]): b for b in range(256)},
+                                     special_tokens={"<|endoftext|>": eos_token_id})
+        return cls(encoding, None, [eos_token_id])
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> ids; with add_special_tokens, BOS first when the tokenizer asks for it (like HF)."""
+        if self.nfc_normalize:
+            text = unicodedata.normalize("NFC", text)
+        ids = self.encoding.encode(text, allowed_special="all")
+        return [self.bos_token_id] + ids if add_special_tokens and self.add_bos_token else ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        try:
+            return self.encoding.decode_single_token_bytes(token_id)
+        except (KeyError, OverflowError):
+            raise ValueError(f"token id {token_id} is not in the vocabulary (size {self.vocab_size})") from None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_token_ids]
+        try:
+            data = self.encoding.decode_bytes(ids)
+        except (KeyError, OverflowError):  # find the culprit, for the message
+            data = b"".join(self.token_bytes(i) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def stream(self, skip_special_tokens: bool = False) -> TokenStream:
+        return TokenStream(self, skip_special_tokens)
+
+
+def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str:
+    """The one regex tiktoken splits with: a Split's regex followed by a ByteLevel without its own
+    regex (Llama 3, Qwen2/3, Mistral-Nemo), or ByteLevel alone with GPT-2's regex."""
+    steps = [] if pre_tokenizer is None else pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+    kinds = [step["type"] for step in steps]
+    if "ByteLevel" not in kinds:
+        raise ValueError(f"tokenizer.json: BPE without a ByteLevel pre-tokenizer (pre-tokenizer {kinds or 'none'}; "
+                         "SentencePiece-style, e.g. Llama 2 / Mistral 7B) is not supported; supported: byte-level BPE")
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        byte_level, pattern = steps[0], GPT2_PATTERN
+    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        split, byte_level = steps
+        if split.get("behavior") != "Isolated" or split.get("invert"):
+            raise ValueError(f"tokenizer.json: Split behavior {split.get('behavior')!r} invert={split.get('invert')}"
+                             " is not supported; supported: Isolated, invert=false")
+        pattern = split["pattern"].get("Regex") or re.escape(split["pattern"]["String"])
+    else:
+        raise ValueError(f"tokenizer.json: pre-tokenizer {kinds} is not supported; supported: ByteLevel "
+                         "(GPT-2 regex), or Split then ByteLevel(use_regex=false) (Llama 3, Qwen2/3, Mistral-Nemo)")
+    if byte_level.get("add_prefix_space"):
+        raise ValueError("tokenizer.json: ByteLevel add_prefix_space=true is not supported")
+    return pattern
+
+
+def _template_adds_bos(post_processor: dict | None, bos_token: str | None) -> bool:
+    """Whether the post-processor's template for one sequence starts with BOS (Llama 3 does)."""
+    steps = [] if post_processor is None else post_processor.get("processors", [post_processor])
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            return step["single"][0].get("SpecialToken", {}).get("id") == bos_token
+    return False
+
+
+def _special_id(token, added: dict[str, int]) -> int | None:
+    """tokenizer_config.json names a token as a string or as {"content": ...}."""
+    content = token.get("content") if isinstance(token, dict) else token
+    return added.get(content) if content is not None else None
+
+
+def _bos_eos(path: str, added: dict[str, int], bos_default: int | None,
+             eos_default: list[int]) -> tuple[int | None, list[int], dict]:
+    """BOS and EOS ids from tokenizer_config.json and generation_config.json (EOS: the union, so
+    generation stops on either; e.g. Llama 3 Instruct's <|eot_id|> and <|end_of_text|>)."""
+    config = _read_json(os.path.join(path, "tokenizer_config.json"))
+    generation = _read_json(os.path.join(path, "generation_config.json"))
+    bos = _special_id(config.get("bos_token"), added)
+    bos = bos if bos is not None else generation.get("bos_token_id", bos_default)
+    eos = [_special_id(config.get("eos_token"), added)] + _as_id_list(generation.get("eos_token_id"))
+    eos = list(dict.fromkeys(i for i in eos if i is not None)) or eos_default
+    return bos, eos, config
+
+
+def tokenizer_from_hf_json(path: str) -> Tokenizer:
+    """An HF tokenizer.json of the byte-level BPE kind, as a tiktoken.Encoding."""
+    spec = _read_json(os.path.join(path, "tokenizer.json"), required=True)
+    model = spec["model"]
+    kind = model.get("type", "BPE" if "merges" in model else "(unknown)")
+    if kind != "BPE":
+        raise ValueError(f"tokenizer.json: model type {kind!r} is not supported; supported: byte-level BPE")
+    pattern = _pre_tokenizer_pattern(spec.get("pre_tokenizer"))
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"tokenizer.json: normalizer {normalizer!r} is not supported; supported: none, NFC")
+    added = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
+    alphabet, added_ids = _byte_level_alphabet(), set(added.values())
+    ranks = {}
+    for token, token_id in model["vocab"].items():
+        if token_id in added_ids:
+            continue
+        try:
+            ranks[bytes(alphabet[char] for char in token)] = token_id
+        except KeyError:
+            raise ValueError(f"tokenizer.json: vocab token {token!r} is not in the byte-level alphabet") from None
+    if len([b for b in range(256) if bytes([b]) in ranks]) != 256:
+        raise ValueError("tokenizer.json: the vocab lacks some of the 256 single-byte tokens")
+    # tiktoken merges the adjacent pair whose result has the lowest rank; HF applies merges in list
+    # order. Using ids as ranks agrees with HF when merge results appear in id order.
+    vocab, previous = model["vocab"], -1
+    for n, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token_id = vocab.get(left + right)
+        if token_id is None or token_id < previous:
+            raise ValueError(f"tokenizer.json: merge {n} ({left!r}, {right!r}) gives "
+                             f"{'no vocab token' if token_id is None else f'id {token_id} out of merge order'}")
+        previous = token_id
+    encoding = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=pattern,
+                                 mergeable_ranks=ranks, special_tokens=added)
+    bos, eos, config = _bos_eos(path, {**vocab, **added}, None, [])
+    bos_token = next((token for token, i in added.items() if i == bos), None)
+    add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
+    special_ids = {token["id"] for token in spec.get("added_tokens", []) if token.get("special", True)}
+    return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids)
+
+
+def tokenizer_from_tiktoken_file(path: str, file: str) -> Tokenizer:
+    """Llama 3's original/tokenizer.model: lines "base64(token bytes) rank", Llama 3's regex, and
+    special tokens after the ranks (named in tokenizer_config.json, else Meta's 256 defaults)."""
+    ranks = {}
+    with open(file, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{file} line {number}: expected 'base64token rank' (a tiktoken file; "
+                                 "SentencePiece models are not supported)") from None
+    config = _read_json(os.path.join(path, "tokenizer_config.json"))
+    specials = {token["content"]: int(i) for i, token in config.get("added_tokens_decoder", {}).items()}
+    if not specials:
+        names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+        specials = {name: len(ranks) + i for i, name in enumerate(names)}
+    encoding = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    default_eos = [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in specials]
+    bos, eos, config = _bos_eos(path, specials, specials.get("<|begin_of_text|>"), default_eos)
+    return Tokenizer(encoding, bos, eos, add_bos_token=bos is not None and bool(config.get("add_bos_token", True)))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A checkpoint directory's tokenizer.json, else its (original/)tokenizer.model in tiktoken format."""
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return tokenizer_from_hf_json(path)
+    for file in (os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model")):
+        if os.path.exists(file):
+            return tokenizer_from_tiktoken_file(path, file)
+    raise FileNotFoundError(f"{path}: no tokenizer.json or tiktoken tokenizer.model")
