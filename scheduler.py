@@ -1,0 +1,341 @@
+"""The scheduler: which requests run in the next step, and how many of their tokens each.
+
+The idea (vLLM V1): there is no prefill phase and no decode phase. A request has known tokens
+(prompt + outputs) and `num_computed_tokens`, the ones whose KV is in the cache; each step hands out
+a budget of `max_num_batched_tokens` and every scheduled request computes as many of its remaining
+tokens as it gets. A decode is a request that is one token short, a chunked prefill one that gets
+part of its prompt; one batch mixes both, so a long prompt never stalls the running decodes.
+
+Async overlap: schedule() advances num_computed_tokens at once and counts the token a step will
+sample as a placeholder, so the next schedule() can run before the step's tokens reach the CPU (the
+engine reads the placeholder's value from the previous step's output on the GPU); update() fills in
+the real tokens and applies stop conditions. Synchronous use is update() right after schedule():
+one code path for both.
+
+Owns: requests and their states, the plan of a step, preemption, stop conditions.
+Never touches: tensors, the GPU (it hands the engine positions and block tables).
+"""
+from collections import deque
+from dataclasses import dataclass, field
+import enum
+import math
+
+from kv_cache import BlockTable, KVCacheManager
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens (vLLM's names and defaults). top_k 0 or -1 disables top-k."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        t = self.temperature
+        checks = [
+            ("temperature", isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
+             "a finite number >= 0 (0 = greedy)"),
+            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= -1, "an int >= -1 (0 or -1 disables it)"),
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple))
+             and all(_is_int(i) for i in self.stop_token_ids), "a list of ints"),
+            ("seed", self.seed is None or _is_int(self.seed), "an int or None"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # blocks freed; waits at the front of the queue to be recomputed
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    def __init__(self, value: str):
+        self.is_finished = value not in ("waiting", "running", "preempted")  # a plain attribute: read per token
+
+
+@dataclass(eq=False)
+class Request:
+    """All of one request's state. Positions 0..num_computed_tokens-1 have their KV in the cache."""
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    output_token_ids: list[int] = field(default_factory=list, init=False)
+    all_token_ids: list[int] = field(init=False, repr=False)  # prompt + outputs, appended to, never rebuilt
+    status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
+    num_computed_tokens: int = field(default=0, init=False)
+    num_cached_tokens: int = field(default=0, init=False)        # prefix-cache hit at first admission
+    num_output_placeholders: int = field(default=0, init=False)  # sampled, value not known yet
+    arrival_order: int = field(default=-1, init=False)           # set by Scheduler.add
+    error: str | None = field(default=None, init=False)
+    block_table: BlockTable = field(default_factory=BlockTable, init=False, repr=False)
+
+    def __post_init__(self):
+        self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
+
+    @property
+    def block_ids(self) -> list[int]:
+        return self.block_table.block_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.is_finished else None
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step: positions start .. start+num_new_tokens-1."""
+    request: Request
+    start: int           # its num_computed_tokens before this step
+    num_new_tokens: int
+    samples: bool        # the step reaches its last token (placeholders included): sample one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # in batch order
+    num_batched_tokens: int
+    finished: list[Request]            # ended inside schedule() (FINISHED_ERROR): report them
+
+
+class Scheduler:
+    """Runs requests under a token budget; see the module docstring. Only running requests hold
+    blocks; the waiting queue is FCFS, with preempted requests put back at its front."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, max_num_batched_tokens: int,
+                 max_num_seqs: int, max_model_len: int, vocab_size: int, eos_token_ids,
+                 enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0):
+        for name, value, low in [("max_num_batched_tokens", max_num_batched_tokens, 1),
+                                 ("max_num_seqs", max_num_seqs, 1), ("max_model_len", max_model_len, 2),
+                                 ("vocab_size", vocab_size, 1),
+                                 ("long_prefill_token_threshold", long_prefill_token_threshold, 0)]:
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []        # admission order: the last one is preempted first
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.num_arrived = 0
+        self.num_preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def add(self, request: Request) -> None:
+        """Queue a request. ValueError for what is wrong with it from the start."""
+        rid, prompt = request.request_id, request.prompt_token_ids
+        if rid in self.requests:
+            raise ValueError(f"request_id {rid!r} is already used by an unfinished request")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {rid!r} was already added once; make a new Request")
+        if not prompt:
+            raise ValueError(f"request {rid!r}: prompt_token_ids is empty; it needs at least 1 token")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"request {rid!r}: the prompt has {len(prompt)} tokens, but max_model_len="
+                             f"{self.max_model_len} allows at most {self.max_model_len - 1} (room for 1 output token)")
+        bad = [t for t in prompt if not (_is_int(t) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"request {rid!r}: prompt_token_ids holds {bad[0]!r}; token ids must be "
+                             f"ints in [0, vocab_size={self.vocab_size})")
+        if -(-len(prompt) // self.kv_cache.block_size) > self.kv_cache.num_blocks:
+            raise ValueError(f"request {rid!r}: {self._too_big(len(prompt))}")
+        request.arrival_order = self.num_arrived
+        self.num_arrived += 1
+        self.requests[rid] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: running requests first (in admission order), then waiting ones (FCFS)."""
+        budget = self.max_num_batched_tokens
+        scheduled, finished = [], []
+        num_preemptions_before = self.num_preemptions
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new_tokens = self._num_new_tokens(request, budget)
+            if num_new_tokens and self._allocate_or_preempt(request, num_new_tokens, finished):
+                scheduled.append(self._advance(request, num_new_tokens))
+                budget -= num_new_tokens
+            index += 1
+        # A request preempted this step would come straight back in and push someone else out:
+        # admit nobody until the next step.
+        if self.num_preemptions == num_preemptions_before:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting[0]
+                # A victim's in-flight token arrives (update) before the next schedule(): nobody
+                # is admitted in the step that preempted it.
+                assert not request.num_output_placeholders, "readmitting a request with a token in flight"
+                num_new_tokens = self._admit(request, budget)
+                if num_new_tokens == 0:
+                    if self.running:  # FCFS: the head waits until blocks are freed
+                        break
+                    self.waiting.popleft()  # nothing else holds blocks: it will never fit
+                    self._finish(request, RequestStatus.FINISHED_ERROR, self._too_big(request.num_tokens))
+                    finished.append(request)
+                    continue
+                self.waiting.popleft()
+                self.running.append(request)
+                scheduled.append(self._advance(request, num_new_tokens))
+                budget -= num_new_tokens
+        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, finished)
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
+        """Take a step's sampled tokens (one per scheduled entry with samples=True, in order),
+        apply stop conditions, free finished requests. Returns the requests that finished."""
+        samplers = [s.request for s in output.scheduled if s.samples]
+        if len(samplers) != len(sampled_token_ids):
+            raise ValueError(f"sampled_token_ids has {len(sampled_token_ids)} tokens, but the step "
+                             f"has {len(samplers)} requests that sample")
+        finished, any_running = [], False
+        for request, token in zip(samplers, sampled_token_ids):
+            if request.status.is_finished:  # stopped one step earlier, or aborted: an extra token
+                continue
+            request.num_output_placeholders -= 1
+            request.output_token_ids.append(token)
+            request.all_token_ids.append(token)
+            status = self._stop_status(request, token)
+            if status is not None:
+                if request.status is RequestStatus.RUNNING:
+                    any_running = True
+                else:  # preempted while its token was in flight
+                    self.waiting.remove(request)
+                self._finish(request, status)
+                finished.append(request)
+        if any_running:
+            self.running = [r for r in self.running if not r.status.is_finished]
+        return finished
+
+    def abort(self, request_id: str) -> Request:
+        """End a request now, at any point, and free its blocks."""
+        request = self.requests.get(request_id)
+        if request is None:
+            raise KeyError(f"abort: no unfinished request has request_id {request_id!r}")
+        (self.running if request.status is RequestStatus.RUNNING else self.waiting).remove(request)
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        """Tokens a running request computes this step: the rest of its prompt (or recompute), or
+        its one pending token when decoding; 0 if it is certain to finish once that token arrives
+        (a step more would compute a token that is thrown away, or a position >= max_model_len)."""
+        num_tokens = request.num_tokens_with_placeholders
+        if (len(request.output_token_ids) + request.num_output_placeholders >= request.sampling_params.max_tokens
+                or num_tokens >= self.max_model_len):
+            return 0
+        return self._cap(num_tokens - request.num_computed_tokens, budget)
+
+    def _cap(self, num_tokens: int, budget: int) -> int:
+        return min(num_tokens, budget, self.long_prefill_token_threshold or budget)
+
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, finished: list[Request]) -> bool:
+        """Get blocks for the request's new tokens, preempting the most recently admitted running
+        requests until they fit. False if the request itself was preempted or can never fit."""
+        table, total = request.block_table, request.num_computed_tokens + num_new_tokens
+        while not self.kv_cache.allocate(table, request.all_token_ids, total):
+            victim = self.running.pop()
+            if victim is request and not self.running:  # alone and it still does not fit: never will
+                self._finish(request, RequestStatus.FINISHED_ERROR, self._too_big(total))
+                finished.append(request)
+                return False
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _admit(self, request: Request, budget: int) -> int:
+        """Look the request's tokens up in the prefix cache and allocate its first chunk. Returns
+        the chunk's size, or 0 (and no change) if its blocks are not free."""
+        table = request.block_table
+        hits = self.kv_cache.lookup(table, request.all_token_ids)
+        num_hit_tokens = len(hits) * self.kv_cache.block_size
+        num_new_tokens = self._cap(request.num_tokens - num_hit_tokens, budget)
+        if not self.kv_cache.allocate(table, request.all_token_ids, num_hit_tokens + num_new_tokens, hits):
+            return 0
+        if request.status is RequestStatus.WAITING:
+            request.num_cached_tokens = num_hit_tokens
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_hit_tokens
+        return num_new_tokens
+
+    def _advance(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+        # Advanced now, not in update(): the next schedule() may come before this step's tokens.
+        start = request.num_computed_tokens
+        request.num_computed_tokens = start + num_new_tokens
+        samples = request.num_computed_tokens == request.num_tokens_with_placeholders
+        if samples:
+            request.num_output_placeholders += 1
+        return ScheduledRequest(request, start, num_new_tokens, samples)
+
+    def _preempt(self, request: Request) -> None:
+        """Preemption by recompute: drop its KV; it keeps its tokens and is prefilled again later
+        (the prefix cache may still hold much of it)."""
+        self.kv_cache.free(request.block_table)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
+        """Mark it finished and free its blocks; the caller has taken it out of running/waiting."""
+        request.status = status
+        request.error = error
+        self.kv_cache.free(request.block_table)
+        del self.requests[request.request_id]
+
+    def _too_big(self, num_tokens: int) -> str:
+        kv = self.kv_cache
+        return (f"{num_tokens} tokens need {-(-num_tokens // kv.block_size)} KV blocks of {kv.block_size}, "
+                f"but the whole pool has {kv.num_blocks}: raise gpu_memory_utilization (or num_blocks), "
+                f"or lower max_model_len / max_tokens")
