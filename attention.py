@@ -1,0 +1,419 @@
+"""Paged attention: the Triton kernels and their plain-torch reference.
+
+Owns: writing a step's new K/V into the paged cache, and attention for a flat batch of query
+tokens from many requests (prefill chunks and decodes mixed, causal, GQA), read through block
+tables. Never touches: which blocks a request owns (it reads the block tables it is given).
+
+KV cache layout (per layer): k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads,
+head_dim]. Token `offset` of block `b` lives at slot b * block_size + offset. One token's K for
+all heads is one contiguous row, so write_kv stores a token with one burst, and attention reads a
+key as head_dim contiguous elements (256 bytes in bf16 at head_dim 128): fully used memory
+transactions even though consecutive keys of a request sit in pages scattered over the pool.
+
+How the attention kernel works (FlashAttention-2 + flash-decoding, over pages):
+- One program owns a tile of query rows of one request and one KV head. Its rows are
+  (query token, query head) pairs for all query heads sharing that KV head (GQA packing), so each
+  K/V tile is loaded once for the whole group instead of once per query head.
+- It walks the request's keys in tiles of BLOCK_N, finding each key's page in the block table,
+  and keeps an online softmax in fp32: a running max m, running sum l and an unnormalised
+  output acc, rescaled by exp(m_old - m_new) whenever the max grows. No score matrix is stored.
+- Causality: a tile with all keys at or before every row's position needs no mask, so the key
+  loop runs in two parts, unmasked tiles first and the few diagonal tiles with the mask.
+- Decode (one query row per request) has little work per program, and batch x kv_heads programs
+  may not fill 132 SMs. Then the keys are split over several programs (flash-decoding); each
+  writes its normalised partial output and log-sum-exp, and a small reduce kernel merges them.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each request's query tokens are in the flat batch and where its context lives."""
+    slot_mapping: torch.Tensor     # [num_tokens] int64: cache slot of each new token; -1 = padding, not written
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: request i owns query rows [qsl[i], qsl[i+1])
+    seq_lens: torch.Tensor         # [num_seqs] int32: context length including this step's tokens
+    block_table: torch.Tensor      # [num_seqs, max_blocks_per_seq] int32: physical block of each logical block
+    max_query_len: int             # host-side; 1 means a decode-only batch
+    max_seq_len: int               # host-side upper bound of seq_lens (eager launches only)
+
+
+def write_kv_reference(k, v, k_cache, v_cache, slot_mapping):
+    """Scatter k, v [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """The readable definition of paged attention, one request at a time.
+
+    Request i's n query rows are the last n positions of its context of seq_lens[i] tokens; the
+    row at position p sees keys 0..p. A request with seq_len 0 (padding) yields zeros.
+    """
+    out = torch.zeros_like(q)
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]  # query heads per KV head (GQA)
+    starts = meta.query_start_loc.tolist()
+    for i, seq_len in enumerate(meta.seq_lens.tolist()):
+        start, end = starts[i], starts[i + 1]
+        n = end - start
+        if n == 0 or seq_len == 0:
+            continue
+        blocks = meta.block_table[i, : (seq_len + block_size - 1) // block_size].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        key_pos = torch.arange(seq_len, device=q.device)
+        scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# KV write: one program per new token stores that token's K and V rows for all KV heads.
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                     stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+                     stride_cache_block, stride_cache_offset, stride_cache_head,
+                     NUM_KV_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token (CUDA-graph batch filler): nothing to store
+        return
+    heads = tl.arange(0, HEADS_POW2)[:, None]
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    mask = heads < NUM_KV_HEADS
+    cache_offsets = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset
+                     + heads * stride_cache_head + dims)
+    k = tl.load(k_ptr + token * stride_k_token + heads * stride_k_head + dims, mask=mask)
+    v = tl.load(v_ptr + token * stride_v_token + heads * stride_v_head + dims, mask=mask)
+    tl.store(k_cache_ptr + cache_offsets, k, mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, v, mask=mask)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Triton version of write_kv_reference (same arguments); one launch, CUDA-graph safe."""
+    _check_caches(k_cache, v_cache)
+    if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"k and v must both be [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}], "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
+        raise ValueError(f"k/v dtype {k.dtype}/{v.dtype} must equal the cache dtype {k_cache.dtype}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must have shape [{k.shape[0]}], got {tuple(slot_mapping.shape)}")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("k and v must be contiguous along head_dim (stride 1)")
+    if k.shape[0] == 0:
+        return
+    num_kv_heads = k.shape[1]
+    _write_kv_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEADS_POW2=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=k.shape[2], BLOCK_SIZE=k_cache.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention kernel.
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    # Request i's query tiles are numbered from qsl[i] // BLOCK_Q + i on (this gives every request
+    # ceil(n_i / BLOCK_Q) tiles or one more, and the grid an upper bound that needs only shapes:
+    # num_tokens // BLOCK_Q + num_seqs). Binary search for the last request starting <= tile.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_key_tiles(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, head_offset,
+                      tile_lo, tile_hi, kv_len, row_pos, qk_scale, stride_cache_block, stride_cache_offset,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                      MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    dims = tl.arange(0, HEAD_DIM)
+    for tile in range(tile_lo, tile_hi):
+        key_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Each key finds its page in the block table; with BLOCK_SIZE >= 16 neighbouring keys share
+        # an entry (a cached broadcast), and any block order or block size works the same way.
+        if MASKED:
+            in_context = key_pos < kv_len
+            page = tl.load(block_table_row_ptr + key_pos // BLOCK_SIZE, mask=in_context, other=0)
+        else:
+            page = tl.load(block_table_row_ptr + key_pos // BLOCK_SIZE)
+        # int64: a layer's cache can hold more than 2**31 elements.
+        row = page.to(tl.int64) * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_offset + head_offset
+        offsets = row[:, None] + dims[None, :]
+        if MASKED:
+            k = tl.load(k_cache_ptr + offsets, mask=in_context[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + offsets, mask=in_context[:, None], other=0.0)
+        else:
+            k = tl.load(k_cache_ptr + offsets)
+            v = tl.load(v_cache_ptr + offsets)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+        if MASKED:
+            scores = tl.where(key_pos[None, :] <= row_pos[:, None], scores, float("-inf"))
+        # Online softmax. m_i starts at -1e30, not -inf, so a row that sees no key in this tile
+        # gets exp2(-inf) = 0 terms and alpha = 1 instead of NaN from (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+        query_start_loc_ptr, seq_lens_ptr, block_table_ptr, qk_scale, num_seqs,
+        stride_q_token, stride_q_head, stride_out_token, stride_out_head,
+        stride_cache_block, stride_cache_offset, stride_cache_head, stride_block_table,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Reversed order: with causal prefill the last tiles of a request see the most keys; starting
+    # them first leaves the short ones for the end of the grid (a guard against a long tail; on a
+    # 4k prompt it measured the same as forward order).
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    if ONE_TILE_PER_SEQ:  # every request has at most BLOCK_Q query rows (e.g. all decodes)
+        seq = tile
+        q_lo = 0
+    else:
+        seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+        q_lo = (tile - tl.load(query_start_loc_ptr + seq) // BLOCK_Q - seq) * BLOCK_Q
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_lo >= q_len:  # a spare tile of the shape-only grid
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    # Row r of the tile is query token q_lo + r // GROUP, query head kv_head * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    q_local = q_lo + rows // GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (q_local < q_len)
+    q_head = kv_head * GROUP + rows % GROUP
+    token = q_start + q_local
+    row_pos = seq_len - q_len + q_local  # the query's position in its context
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + token[:, None] * stride_q_token + q_head[:, None] * stride_q_head + dims[None, :],
+                mask=row_valid[:, None], other=0.0)
+
+    # Keys 0..kv_len-1 are seen by some row; keys of the first num_full_tiles are seen by all rows.
+    q_hi = tl.minimum(q_lo + BLOCK_Q, q_len)
+    kv_len = seq_len - q_len + q_hi
+    num_full_tiles = (seq_len - q_len + q_lo + 1) // BLOCK_N
+    num_tiles = tl.cdiv(kv_len, BLOCK_N)
+    # This program's share of the key tiles (all of them unless split); computed from seq_len on
+    # the device, so a launch sized from shapes adapts to any context lengths.
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    block_table_row_ptr = block_table_ptr + seq.to(tl.int64) * stride_block_table
+    head_offset = kv_head * stride_cache_head
+    acc, m_i, l_i = _attend_key_tiles(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, head_offset,
+        tile_lo, tl.minimum(tile_hi, num_full_tiles), kv_len, row_pos, qk_scale,
+        stride_cache_block, stride_cache_offset, HEAD_DIM, BLOCK_N, BLOCK_SIZE, False, DOT_PRECISION)
+    acc, m_i, l_i = _attend_key_tiles(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, head_offset,
+        tl.maximum(tile_lo, num_full_tiles), tile_hi, kv_len, row_pos, qk_scale,
+        stride_cache_block, stride_cache_offset, HEAD_DIM, BLOCK_N, BLOCK_SIZE, True, DOT_PRECISION)
+
+    # l_i == 0: the row saw no key (seq_len 0 padding, or an empty split): output 0.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if SPLIT:
+        # Partials are [num_tokens, num_q_heads, num_splits, HEAD_DIM] fp32, plus one log2-sum-exp
+        # per row, so the reduce reads each row's splits contiguously.
+        partial = (token * (GROUP * tl.num_programs(1)) + q_head) * num_splits + split
+        tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(partial_lse_ptr + partial, lse, mask=row_valid)
+    else:
+        tl.store(out_ptr + token[:, None] * stride_out_token + q_head[:, None] * stride_out_head + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, num_splits,
+                         stride_out_token, stride_out_head,
+                         HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    # out = sum_s exp2(lse_s) * out_s / sum_s exp2(lse_s), taken relative to the max lse to stay finite.
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_POW2)
+    dims = tl.arange(0, HEAD_DIM)
+    partial = (token * tl.num_programs(1) + head) * num_splits + splits
+    lse = tl.load(partial_lse_ptr + partial, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)  # all splits empty: weights 0, output 0
+    weight = tl.exp2(lse - lse_max)
+    parts = tl.load(partial_out_ptr + partial[:, None] * HEAD_DIM + dims[None, :],
+                    mask=(splits < num_splits)[:, None], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token * stride_out_token + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration, picked from a small table measured on an H200 (kernel_bench_part.py
+# --sweep; figures in ATTN_RESULTS.md). Not triton.autotune: autotuning would benchmark inside
+# the engine's first step and inside CUDA-graph capture, where timing runs are not allowed.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int     # query rows per program: (query tokens) x (query heads of one KV head)
+    block_n: int     # keys per inner-loop tile
+    num_splits: int  # programs per (query tile, KV head) along the keys: flash-decoding
+    num_warps: int
+    num_stages: int  # software-pipelining depth: K/V tiles in flight while one is computed
+
+
+# Tiles are sized in bytes of one K tile (block_n x head_dim), so other head dims and dtypes
+# keep the measured footprint. Decode streams K/V with little arithmetic per byte: a 16 KB tile
+# (block_n 64 at bf16/128), 4 warps, 2 stages ran at 89-104% of copy bandwidth on the large
+# decode batches; 32-key tiles were 13-19% slower, 8 warps up to 15%, 3-4 stages within 3%.
+DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES = 16384, 4, 2
+# Batches with prefills, keyed on the mean query length num_tokens / num_seqs (shapes only):
+# long chunks reuse each K/V tile for 128 rows (best measured: 128 x 128 tiles, 8 warps, 3
+# stages); a batch of decodes plus a chunk wastes less arithmetic on the padded decode rows with
+# block_m 64 (223 us against 315-364 us with block_m 128 on the benchmark's mixed step).
+# (block_m, tile_bytes, num_warps, num_stages)
+PREFILL_LONG = (128, 32768, 8, 3)
+PREFILL_SHORT = (64, 16384, 4, 2)
+LONG_MEAN_QUERY_LEN = 128
+# A query row wider than this many bytes (head_dim 256, or fp32 at 128) halves block_m: the q
+# tile and the fp32 accumulator live in registers (the bf16/128 long config already uses 255).
+WIDE_ROW_BYTES = 256
+# Split the keys until about this many programs run (132 SMs, a few programs each; measured
+# best: 1 x 8k -> 32-64 splits, 8 x 8k -> 8, 32 x 8k -> 2, 128 x 8k -> 1) ...
+SPLIT_TARGET_PROGRAMS = 512
+# ... but keep at least this many key tiles per split, so the partials stay cheap to merge.
+MIN_TILES_PER_SPLIT = 2
+
+
+def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
+    """Tile sizes and split count from shapes (and, for batches with prefills, max_seq_len).
+
+    Decode-only batches (max_query_len == 1) use only tensor shapes: the engine replays their
+    launch in a CUDA graph with other seq_lens and block tables.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_seqs = meta.block_table.shape[0]
+    decode = meta.max_query_len == 1
+    if decode:
+        block_m = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
+        tile_bytes, num_warps, num_stages = DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES
+        max_context = meta.block_table.shape[1] * block_size
+    else:
+        long_queries = num_tokens >= LONG_MEAN_QUERY_LEN * num_seqs
+        max_block_m, tile_bytes, num_warps, num_stages = PREFILL_LONG if long_queries else PREFILL_SHORT
+        if head_dim * q.element_size() > WIDE_ROW_BYTES:
+            max_block_m //= 2
+        block_m = max(16, min(max_block_m, triton.next_power_of_2(meta.max_query_len * group)),
+                      triton.next_power_of_2(group))
+        max_context = meta.max_seq_len
+    block_n = min(128, max(16, tile_bytes // (head_dim * q.element_size())))
+    block_q = block_m // group
+    num_tiles = num_seqs if meta.max_query_len <= block_q else num_tokens // block_q + num_seqs
+    programs = num_tiles * num_kv_heads
+    num_splits = 1
+    while (programs * num_splits < SPLIT_TARGET_PROGRAMS
+           and triton.cdiv(max_context, block_n) >= 2 * num_splits * MIN_TILES_PER_SPLIT):
+        num_splits *= 2
+    return LaunchConfig(block_m, block_n, num_splits, num_warps, num_stages)
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """Triton version of paged_attention_reference (same arguments and result).
+
+    Rows of q owned by no request (at or after query_start_loc[-1]) are left unwritten.
+    """
+    return run_paged_attention(q, k_cache, v_cache, meta, scale, choose_launch_config(q, k_cache, meta))
+
+
+def run_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, config: LaunchConfig):
+    """paged_attention with an explicit launch configuration (tests force splits; benchmarks sweep)."""
+    _check_caches(k_cache, v_cache)
+    num_tokens, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if q.dtype != k_cache.dtype or head_dim != k_cache.shape[3] or num_q_heads % num_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit caches {tuple(k_cache.shape)} "
+                         f"{k_cache.dtype}: same dtype and head_dim, num_q_heads a multiple of num_kv_heads")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous along head_dim (stride 1)")
+    group = num_q_heads // num_kv_heads
+    block_q = config.block_m // group
+    if block_q < 1:
+        raise ValueError(f"block_m {config.block_m} must be at least the GQA group {group}")
+    num_seqs = meta.block_table.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    one_tile_per_seq = meta.max_query_len <= block_q
+    num_tiles = num_seqs if one_tile_per_seq else num_tokens // block_q + num_seqs
+    split = config.num_splits > 1
+    if split:  # allocation sized by shapes only, so CUDA graphs capture it
+        partial_out = torch.empty(num_tokens, num_q_heads, config.num_splits, head_dim,
+                                  dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(num_tokens, num_q_heads, config.num_splits, dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out  # unused by the kernel when SPLIT is False
+    _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
+        q, k_cache, v_cache, out, partial_out, partial_lse,
+        meta.query_start_loc, meta.seq_lens, meta.block_table, scale * 1.4426950408889634, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_table.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
+        BLOCK_SIZE=block_size, ONE_TILE_PER_SEQ=one_tile_per_seq, SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if split:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            partial_out, partial_lse, out, config.num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(config.num_splits))
+    return out
+
+
+def _check_caches(k_cache, v_cache):
+    """Shape and layout checks that need no device sync."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache and v_cache must be [num_blocks, block_size, num_kv_heads, head_dim] with equal "
+                         f"shapes and strides, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    if block_size & (block_size - 1) or not 1 <= block_size <= 256:
+        raise ValueError(f"block_size must be a power of two in 1..256, got {block_size}")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
+    if k_cache.stride(3) != 1:
+        raise ValueError("k_cache/v_cache must be contiguous along head_dim (stride 1)")
+    if k_cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"cache dtype must be float32, float16 or bfloat16, got {k_cache.dtype}")
