@@ -1,0 +1,1517 @@
+"""The tests, grouped by module, each against an independent reference.
+
+    python -m pytest -q            # CPU: the Triton kernels run in the Triton interpreter
+    python3 -m pytest -q           # on a GPU the same file also runs the kernels in bf16 and CUDA graphs
+"""
+import base64
+import json
+import math
+import os
+import random
+import unicodedata
+from dataclasses import replace
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import engine  # noqa: E402
+import kv_cache  # noqa: E402
+from attention import (AttentionMetadata, LaunchConfig, choose_launch_config, paged_attention,  # noqa: E402
+                       paged_attention_reference, run_paged_attention, write_kv, write_kv_reference)
+from engine import LLM  # noqa: E402
+from kv_cache import (BlockTable, KVCacheManager, allocate_kv_cache, check_kv_capacity, hash_block,  # noqa: E402
+                      kv_cache_bytes_per_block, num_blocks_from_memory, ROOT_HASH)
+from model import SHAPES, Tokenizer, Transformer, load_model, load_tokenizer, random_model, read_config  # noqa: E402
+from scheduler import Request, RequestStatus, SamplingParams, Scheduler  # noqa: E402
+
+
+# ==================================================================================================
+# model.py: config, weights and forward against HF transformers; the tokenizer against HF tokenizers
+# ==================================================================================================
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _hf_model(architecture: str, **overrides):
+    """A tiny HF model of `architecture` with every weight random (norms and biases too)."""
+    import transformers
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="eager")
+    common.update(overrides)
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**common)
+    torch.manual_seed(0)
+    hf = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1 + 0.3 * torch.randn_like(parameter))
+            elif name.endswith("bias"):
+                parameter.copy_(0.3 * torch.randn_like(parameter))
+            else:
+                parameter.copy_(torch.randn_like(parameter) / math.sqrt(parameter.shape[-1]))
+    return hf
+
+
+def _save(hf, path, shard: bool):
+    hf.save_pretrained(path, max_shard_size="60KB" if shard else "1GB")
+    return str(path)
+
+
+def _paged_batch(lengths, starts, block_tables, block_size):
+    """Flat positions, slot mapping and metadata for requests whose rows are positions
+    starts[i]..lengths[i]-1 (a prefix of starts[i] tokens already in the cache)."""
+    positions, slots = [], []
+    for table, start, length in zip(block_tables, starts, lengths):
+        for p in range(start, length):
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+    query_lens = [length - start for start, length in zip(starts, lengths)]
+    width = max(len(t) for t in block_tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32),
+        seq_lens=torch.tensor(lengths, dtype=torch.int32),
+        block_table=torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32),
+        max_query_len=max(query_lens), max_seq_len=max(lengths))
+    return torch.tensor(positions, dtype=torch.int64), meta
+
+
+def _kv_cache(config, num_blocks, block_size):
+    # random contents: a kernel that reads a slot it has not written shows up as a wrong logit
+    return torch.randn(config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+                       dtype=config.dtype)
+
+
+# ----------------------------------------------------------------------------------- model vs HF
+
+HF_CASES = {
+    "llama": ("LlamaForCausalLM", dict(), False),
+    "llama3-rope-tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64), rope_theta=500000.0), True),
+    "mistral-head-dim": ("MistralForCausalLM", dict(sliding_window=None, head_dim=32), False),
+    "qwen2-bias-tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True), True),
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=16), True),
+    "qwen3-tied": ("Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True), False),
+}
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_logits_match_hf_prefill_then_cached_chunk(case, tmp_path):
+    architecture, overrides, shard = HF_CASES[case]
+    hf = _hf_model(architecture, **overrides)
+    path = _save(hf, tmp_path, shard)
+    if shard:
+        assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    assert model.config.architecture == architecture and not model.use_triton
+
+    generator = torch.Generator().manual_seed(1)
+    prompt_lens, extra_lens, block_size = [7, 1, 12, 4], [3, 1, 5, 4], 4
+    sequences = [torch.randint(0, 300, (p + e,), generator=generator) for p, e in zip(prompt_lens, extra_lens)]
+    with torch.no_grad():
+        expected = [hf(s[None]).logits[0] for s in sequences]
+    needed = [math.ceil((p + e) / block_size) for p, e in zip(prompt_lens, extra_lens)]
+    blocks = list(range(sum(needed) + 3))
+    random.Random(0).shuffle(blocks)
+    tables = [blocks[sum(needed[:i]): sum(needed[: i + 1])] for i in range(len(needed))]
+    kv_cache = _kv_cache(model.config, len(blocks), block_size)
+
+    # step 1: all prompts in one flat batch
+    positions, meta = _paged_batch(prompt_lens, [0] * 4, tables, block_size)
+    input_ids = torch.cat([s[:p] for s, p in zip(sequences, prompt_lens)])
+    logits = model(input_ids, positions, kv_cache, meta)
+    assert logits.dtype == torch.float32
+    reference = torch.cat([e[:p] for e, p in zip(expected, prompt_lens)])
+    assert (logits - reference).abs().max() < 1e-4
+
+    # step 2: each request continues with a chunk whose prefix is already in the cache
+    total_lens = [p + e for p, e in zip(prompt_lens, extra_lens)]
+    positions, meta = _paged_batch(total_lens, prompt_lens, tables, block_size)
+    input_ids = torch.cat([s[p:] for s, p in zip(sequences, prompt_lens)])
+    logits = model(input_ids, positions, kv_cache, meta)
+    reference = torch.cat([e[p:] for e, p in zip(expected, prompt_lens)])
+    assert (logits - reference).abs().max() < 1e-4
+
+    # logits_indices: only the requested rows, in the requested order
+    last_rows = torch.tensor([12, 2, 8, 3])
+    selected = model(input_ids, positions, kv_cache, meta, logits_indices=last_rows)
+    assert selected.shape == (4, 300) and (selected - reference[last_rows]).abs().max() < 1e-5
+
+
+def test_read_config_both_rope_forms_and_eos_override(tmp_path):
+    raw = dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rope_theta=500000.0, eos_token_id=7, tie_word_embeddings=True,
+               rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=64))
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = read_config(str(tmp_path))
+    assert config.rope_theta == 500000.0 and config.rope_scaling.factor == 8.0
+    assert config.head_dim == 16 and config.num_kv_heads == 2 and config.tie_word_embeddings
+    assert config.eos_token_ids == [7]
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[7, 9], bos_token_id=1)))
+    del raw["rope_theta"], raw["rope_scaling"]
+    raw["rope_parameters"] = dict(rope_type="default", rope_theta=1e6)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = read_config(str(tmp_path))
+    assert config.rope_theta == 1e6 and config.rope_scaling is None
+    assert config.eos_token_ids == [7, 9] and config.bos_token_id == 1
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def _write_config(path, **changes):
+    raw = dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    raw.update(changes)
+    (path / "config.json").write_text(json.dumps(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel' is not supported; supported: Llama"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope scaling type 'yarn' is not supported"),
+    (dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4)), "rope scaling type 'linear'"),
+    (dict(architectures=["MistralForCausalLM"], sliding_window=64), "sliding_window=64"),
+    (dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=64), "sliding_window=64"),
+    (dict(attention_bias=True), "attention_bias=true is not supported"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+])
+def test_unsupported_config_errors(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        read_config(_write_config(tmp_path, **changes))
+
+
+def test_sliding_window_not_in_use_is_accepted(tmp_path):
+    read_config(_write_config(tmp_path, architectures=["MistralForCausalLM"], sliding_window=256))
+    read_config(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], sliding_window=64))
+
+
+def test_checkpoint_tensor_errors(tmp_path):
+    hf = _hf_model("Qwen3ForCausalLM", head_dim=16)
+    source = _save(hf, tmp_path / "ok", shard=False)
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+
+    def broken(name, change):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(open(os.path.join(source, "config.json")).read())
+        edited = dict(tensors)
+        change(edited)
+        save_file(edited, str(path / "model.safetensors"))
+        return str(path)
+
+    missing = broken("missing", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    with pytest.raises(ValueError,
+                       match=r"missing tensor\(s\) model.layers.1.self_attn.k_norm.weight in .*model.safetensors"):
+        load_model(missing, device="cpu")
+    unexpected = broken("unexpected", lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.extra.weight' in .*model.safetensors"):
+        load_model(unexpected, device="cpu")
+    mismatch = broken("mismatch", lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(95, 64)}))
+    with pytest.raises(ValueError,
+                       match=r"'model.layers.0.mlp.up_proj.weight' in .*: shape \(95, 64\), expected \(96, 64\)"):
+        load_model(mismatch, device="cpu")
+    no_weights = broken("no_weights", lambda t: None)
+    os.remove(os.path.join(no_weights, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_model(no_weights, device="cpu")
+
+
+# ----------------------------------------------------------------------------------- random models
+
+
+def _one_batch(config, prompt_lens, block_size=8):
+    generator = torch.Generator().manual_seed(0)
+    needed = [math.ceil(n / block_size) for n in prompt_lens]
+    tables = [list(range(sum(needed[:i]), sum(needed[: i + 1]))) for i in range(len(needed))]
+    positions, meta = _paged_batch(prompt_lens, [0] * len(prompt_lens), tables, block_size)
+    input_ids = torch.randint(0, config.vocab_size, (len(positions),), generator=generator)
+    return input_ids, positions, _kv_cache(config, sum(needed), block_size), meta
+
+
+def test_random_tiny_forward():
+    model = random_model("tiny", device="cpu")
+    input_ids, positions, kv_cache, meta = _one_batch(model.config, [5, 9])
+    logits = model(input_ids, positions, kv_cache, meta, logits_indices=torch.tensor([4, 13]))
+    assert logits.shape == (2, 512) and torch.isfinite(logits).all()
+    other_seed = random_model("tiny", device="cpu", seed=1)(input_ids, positions, kv_cache, meta)
+    assert not torch.equal(logits, other_seed[[4, 13]])
+    half = random_model("tiny", dtype="bf16", device="cpu")
+    assert half.embed_tokens.dtype == torch.bfloat16
+    logits = half(input_ids, positions, kv_cache.bfloat16(), meta)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_random_deep_model_stays_finite_and_informative():
+    config = replace(SHAPES["tiny"], num_layers=48)
+    model = random_model(config, device="cpu", seed=3)
+    input_ids, positions, kv_cache, meta = _one_batch(model.config, [16, 16])
+    logits = model(input_ids, positions, kv_cache, meta)
+    assert torch.isfinite(logits).all()
+    assert logits.std(dim=-1).min() > 0.3 and logits.abs().max() < 100  # neither uniform nor exploding
+    assert (logits[15] - logits[31]).abs().max() > 0.3  # different contexts, different predictions
+
+
+def test_named_shapes_have_the_published_sizes():
+    for name, expected in [("llama3-8b", 8_030_261_248), ("qwen3-0.6b", 596_049_920)]:
+        model = Transformer(SHAPES[name], "meta")
+        assert sum(p.numel() for p in model.parameters()) == expected, name
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported; supported: bf16"):
+        random_model("tiny", dtype="int8", device="cpu")
+    with pytest.raises(ValueError, match="model shape 'gpt5' is unknown; known: qwen3-0.6b"):
+        random_model("gpt5")
+    model = random_model("tiny", device="cpu")
+    input_ids, positions, kv_cache, meta = _one_batch(model.config, [3])
+    with pytest.raises(ValueError, match=r"kv_cache: shape .*; expected \[2, 2, num_blocks, block_size, 2, 16\]"):
+        model(input_ids, positions, kv_cache[:, :, :, :, :1], meta)
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's 2024, isn't it? We'll see, they've said.",
+    "Un café à Paris coûte 3,50 €; naïve façade, Übergröße, señor, smörgåsbord, Ærø.",
+    "日本語のテキストと中文文本，还有한국어 문장도 있습니다。",
+    "Emoji: 🙂👍🏽🚀🇫🇷 and ✨ sparkles ✨ — dashes – and “quotes”.",
+    "def main():\n    for i in range(10):\n        print(i * 3.14159)\n\n\n    return 42\n",
+    "Numbers 1234567890 0.001 -17 1e9 and spaces     between\t\ttabs\r\nand CRLF lines.",
+] * 20
+_TEXTS = [
+    "Hello world! The quick brown fox.", "  leading spaces and trailing   ", "\n\n\nnewlines\n \n",
+    "Ça va très bien, merci. Zoë's naïve café.", "日本語と中文と한국어の混在テキスト", "🙂🙃 emoji 🚀🇫🇷👍🏽 mix",
+    "digits 31415926535 and 007 and 1,000,000.5", "tabs\tand\r\nwindows line\r\nendings",
+    "unseen: xylophone quizzical zephyr Ωμέγα Привет", "e\u0301 decomposed vs é composed",
+    "<|endoftext|>special<|im_start|>user\nhi<|im_end|>", "<think>x</think> <think>", "", " ", "a" * 300,
+]
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _byte_alphabet():
+    """GPT-2's bytes_to_unicode, written out again as the test's reference: char -> byte."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+@pytest.fixture(scope="module")
+def gpt2_style(tmp_path_factory):
+    """A byte-level BPE trained by HF tokenizers (GPT-2 regex; specials first in the vocab)."""
+    from tokenizers import ByteLevelBPETokenizer
+    hf = ByteLevelBPETokenizer()
+    hf.train_from_iterator(_CORPUS, vocab_size=500, min_frequency=1, special_tokens=_SPECIALS, show_progress=False)
+    hf.add_tokens(["<think>"])  # an added token that is not special: kept by skip_special_tokens
+    path = tmp_path_factory.mktemp("gpt2_style")
+    hf.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    from tokenizers import Tokenizer as HFTokenizer
+    return HFTokenizer.from_file(str(path / "tokenizer.json")), str(path)
+
+
+_LLAMA3_SPECIAL_NAMES = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="module")
+def llama3_style(tmp_path_factory):
+    """Llama 3's layout: a Split regex then ByteLevel, NFC (as Qwen2 has), specials after the
+    merges, and a post-processor that puts BOS first."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(_CORPUS, trainers.BpeTrainer(
+        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.add_special_tokens(_LLAMA3_SPECIAL_NAMES)
+    bos = hf.token_to_id("<|begin_of_text|>")
+    hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                      special_tokens=[("<|begin_of_text|>", bos)])
+    path = tmp_path_factory.mktemp("llama3_style")
+    hf.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>"}}))
+    return hf, str(path)
+
+
+def _check_against_hf(hf, ours: Tokenizer, texts, add_special_tokens: bool):
+    for text in texts:
+        expected = hf.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = ours.encode(text, add_special_tokens=add_special_tokens)
+        assert ids == expected, text
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False), text
+        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True), text
+
+
+def test_gpt2_style_tokenizer_matches_hf(gpt2_style):
+    hf, path = gpt2_style
+    ours = load_tokenizer(path)
+    _check_against_hf(hf, ours, _TEXTS, add_special_tokens=True)
+    assert ours.encode("<|im_end|>") == [2] and not ours.add_bos_token
+    assert ours.eos_token_ids == [2, 0] and ours.bos_token_id is None
+    assert ours.vocab_size == hf.get_vocab_size() == 501
+    assert ours.decode(ours.encode("a<think><|im_end|>"), skip_special_tokens=True) == "a<think>"
+    assert sum(len(ours.encode(t)) for t in _TEXTS) < sum(len(t.encode()) for t in _TEXTS) * 0.8  # merges used
+
+
+def test_llama3_style_tokenizer_matches_hf(llama3_style):
+    hf, path = llama3_style
+    ours = load_tokenizer(path)
+    assert ours.add_bos_token and ours.bos_token_id == hf.token_to_id("<|begin_of_text|>")
+    assert ours.eos_token_ids == [hf.token_to_id("<|eot_id|>")]
+    texts = _TEXTS + ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"]
+    _check_against_hf(hf, ours, texts, add_special_tokens=True)
+    _check_against_hf(hf, ours, texts, add_special_tokens=False)
+    assert ours.encode("e\u0301", add_special_tokens=False) == ours.encode("é", add_special_tokens=False)
+
+
+def test_tiktoken_file_matches_hf(llama3_style, tmp_path):
+    hf, _ = llama3_style
+    alphabet = _byte_alphabet()
+    vocab = hf.get_vocab(with_added_tokens=False)
+    lines = [base64.b64encode(bytes(alphabet[c] for c in token)).decode() + f" {i}"
+             for token, i in sorted(vocab.items(), key=lambda item: item[1])]
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    ours = load_tokenizer(str(tmp_path))  # no tokenizer_config.json: Meta's default 256 specials
+    assert ours.vocab_size == len(vocab) + 256 and ours.bos_token_id == len(vocab)
+    assert ours.eos_token_ids == [len(vocab) + 1, len(vocab) + 8, len(vocab) + 9]
+    texts = [unicodedata.normalize("NFC", t) for t in _TEXTS]
+    texts.append("<|start_header_id|>a<|eot_id|><|reserved_special_token_7|>")
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids[0] == ours.bos_token_id and ours.decode(ids[1:]) == text
+        if "reserved_special_token_7" not in text:  # named only by the defaults, not in the HF reference
+            assert ids == hf.encode(text).ids, text
+    assert ours.encode("<|reserved_special_token_7|>", add_special_tokens=False) == [len(vocab) + 16]
+
+    (tmp_path / "original" / "tokenizer.model").write_bytes(b"\x0a\x05<unk>\x15\x00\x00\x00\x00 binary")
+    with pytest.raises(ValueError, match="SentencePiece models are not supported"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_streaming_decode(gpt2_style):
+    _, path = gpt2_style
+    ours = load_tokenizer(path)
+    saw_partial = False
+    for text in _TEXTS:
+        ids = ours.encode(text)
+        stream = ours.stream()
+        pieces = [stream.push(i) for i in ids]
+        assert "".join(pieces) + stream.finish() == ours.decode(ids) == text
+        saw_partial |= any(p == "" for p in pieces)
+    assert saw_partial  # some CJK/emoji characters are split over several byte tokens
+
+    byte_level = Tokenizer.byte_level(eos_token_id=511)
+    ids = byte_level.encode("é🙂")
+    assert ids == list("é🙂".encode())
+    stream = byte_level.stream()
+    assert [stream.push(i) for i in ids] == ["", "é", "", "", "", "🙂"]
+    stream = byte_level.stream(skip_special_tokens=True)
+    assert [stream.push(i) for i in [0xC3, 511, 0xA9]] == ["", "", "é"]
+    stream = byte_level.stream()
+    assert stream.push(0xF0) == "" and stream.finish() == "\ufffd" == byte_level.decode([0xF0])
+
+
+def test_byte_level_tokenizer():
+    tokenizer = Tokenizer.byte_level(eos_token_id=511)
+    text = "héllo\n  wörld 中 <|endoftext|>"
+    ids = tokenizer.encode(text)
+    assert ids == list("héllo\n  wörld 中 ".encode()) + [511]
+    assert tokenizer.decode(ids) == text and tokenizer.decode(ids, skip_special_tokens=True) == text[:-13]
+    assert tokenizer.eos_token_ids == [511] and tokenizer.bos_token_id is None and tokenizer.vocab_size == 512
+    with pytest.raises(ValueError, match="eos_token_id 100 must be >= 256"):
+        Tokenizer.byte_level(eos_token_id=100)
+    with pytest.raises(ValueError, match="token id 600 is not in the vocabulary"):
+        tokenizer.decode([65, 600])
+
+
+def test_merges_out_of_id_order_are_rejected(gpt2_style, tmp_path):
+    _, path = gpt2_style
+    spec = json.loads(open(os.path.join(path, "tokenizer.json"), encoding="utf-8").read())
+    merges = spec["model"]["merges"]
+    merges[10], merges[11] = merges[11], merges[10]  # tiktoken's ranks would no longer follow HF's merges
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(ValueError, match="merge 11 .* out of merge order"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_unsupported_tokenizers(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    wordpiece = HFTokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="model type 'WordPiece' is not supported"):
+        load_tokenizer(str(tmp_path))
+    sentencepiece_bpe = HFTokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+    sentencepiece_bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    sentencepiece_bpe.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"BPE without a ByteLevel pre-tokenizer \(pre-tokenizer \['Metaspace'\]"):
+        load_tokenizer(str(tmp_path))
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tiktoken tokenizer.model"):
+        load_tokenizer(str(tmp_path))
+
+
+# ==================================================================================================
+# kv_cache.py and scheduler.py: block pool, prefix cache and scheduling against a fake model run by hand
+# ==================================================================================================
+
+_MOD = (1 << 61) - 1
+_VOCAB = 50
+_EOS = 0
+
+
+def _digest(previous: int, token: int) -> int:
+    return (previous * 1_000_003 + token + 1) % _MOD
+
+
+def _next_token(digest: int, vocab: int = _VOCAB) -> int:
+    return (digest * 31 >> 5) % vocab
+
+
+def _prefix_digest(tokens) -> int:
+    d = 0
+    for t in tokens:
+        d = _digest(d, t)
+    return d
+
+
+def _reference(prompt, params, max_model_len, eos=(_EOS,)):
+    """The request run alone, straight from the definition: (output tokens, finish reason)."""
+    digest, out = _prefix_digest(prompt), []
+    while True:
+        token = _next_token(digest)
+        out.append(token)
+        if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
+            return out, "stop"
+        if len(out) >= params.max_tokens or len(prompt) + len(out) >= max_model_len:
+            return out, "length"
+        digest = _digest(digest, token)
+
+
+class _FakeEngine:
+    """Drives a Scheduler like engine.py: schedule, run the fake model, update; with async overlap,
+    step N+1 is scheduled and run before step N's tokens are given to update()."""
+
+    def __init__(self, scheduler, async_overlap=False, check_pool=False):
+        self.scheduler, self.async_overlap, self.check_pool = scheduler, async_overlap, check_pool
+        self.kv = {}              # slot -> fake KV; stale values stay, as on a GPU
+        self.last_sampled = {}    # request -> token sampled in the previous step ("on the GPU")
+        self.in_flight = None     # (output, tokens) not yet given to update()
+        self.errors = []          # requests reported in output.finished
+        self.num_sampled = {}     # request_id -> tokens sampled for it, discarded ones included
+        self.num_steps = 0
+
+    def step(self):
+        s = self.scheduler
+        running_before, num_preemptions_before = set(s.running), s.num_preemptions
+        output = s.schedule()
+        if s.num_preemptions > num_preemptions_before:  # no admissions in a step that preempts
+            assert all(entry.request in running_before for entry in output.scheduled)
+        if self.check_pool:
+            _check_pool(s.kv_cache, [(r.block_table, r.all_token_ids) for r in s.running])
+        assert output.num_batched_tokens == sum(x.num_new_tokens for x in output.scheduled)
+        assert output.num_batched_tokens <= s.max_num_batched_tokens
+        assert len(output.scheduled) <= s.max_num_seqs
+        self.errors += output.finished
+        tokens = self._run_model(output)
+        if self.in_flight is not None:
+            s.update(*self.in_flight)
+        self.in_flight = (output, tokens)
+        if not self.async_overlap:
+            self.finish_in_flight()
+        self.num_steps += 1
+        return output
+
+    def finish_in_flight(self):
+        if self.in_flight is not None:
+            self.scheduler.update(*self.in_flight)
+            self.in_flight = None
+
+    def run(self, max_steps=5000):
+        while self.scheduler.has_unfinished_requests():
+            self.step()
+            assert self.num_steps < max_steps, "the scheduler made no progress"
+        self.finish_in_flight()
+
+    def _run_model(self, output):
+        s = self.scheduler
+        block_size = s.kv_cache.block_size
+        sampled, tokens = {}, []
+        for entry in output.scheduled:
+            request, table = entry.request, entry.request.block_ids
+            assert entry.num_new_tokens >= 1
+            assert entry.start + entry.num_new_tokens < s.max_model_len  # incl. a sampled token's position
+            if s.long_prefill_token_threshold:
+                assert entry.num_new_tokens <= s.long_prefill_token_threshold
+            digest = 0
+            for p in range(entry.start, entry.start + entry.num_new_tokens):
+                if p < request.num_tokens:
+                    token = request.all_token_ids[p]
+                else:  # the placeholder: at most one token is unknown, the last step's
+                    assert p == request.num_tokens and request in self.last_sampled
+                    token = self.last_sampled[request]
+                if p > 0:  # attention reads the context through the block table
+                    digest = self.kv[table[(p - 1) // block_size] * block_size + (p - 1) % block_size]
+                digest = _digest(digest, token)
+                self.kv[table[p // block_size] * block_size + p % block_size] = digest
+            if entry.samples:
+                token = _next_token(digest)
+                sampled[request] = token
+                tokens.append(token)
+                self.num_sampled[request.request_id] = self.num_sampled.get(request.request_id, 0) + 1
+        self.last_sampled = sampled
+        return tokens
+
+
+def _make_scheduler(num_blocks, block_size, budget=64, max_num_seqs=8, max_model_len=40,
+                    prefix_caching=True, threshold=0):
+    return Scheduler(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
+                     max_num_seqs=max_num_seqs, max_model_len=max_model_len, vocab_size=_VOCAB,
+                     eos_token_ids=[_EOS], enable_prefix_caching=prefix_caching,
+                     long_prefill_token_threshold=threshold)
+
+
+def _make_requests(seed, num_requests=8, max_prompt=24):
+    """Prompts that share prefixes often (and one exact duplicate), mixed stop conditions."""
+    rng = random.Random(seed)
+    base = [rng.randrange(1, _VOCAB) for _ in range(max_prompt)]
+    requests = []
+    for i in range(num_requests):
+        prompt = base[:rng.randrange(1, max_prompt - 6)] + [rng.randrange(_VOCAB) for _ in range(rng.randrange(0, 6))]
+        if i == num_requests - 1:
+            prompt = list(requests[0].prompt_token_ids)
+        params = SamplingParams(max_tokens=rng.randrange(1, 16), ignore_eos=rng.random() < 0.3,
+                                stop_token_ids=[rng.randrange(_VOCAB)] if rng.random() < 0.3 else None)
+        requests.append(Request(f"r{i}", prompt, params))
+    return requests
+
+
+def _assert_no_blocks_held(scheduler):
+    kv = scheduler.kv_cache
+    assert kv.num_free_blocks == kv.num_blocks
+    assert all(block.ref_count == 0 for block in kv.blocks)
+    assert not scheduler.requests and not scheduler.running and not scheduler.waiting
+
+
+def _assert_matches_reference(requests, max_model_len):
+    for r in requests:
+        expected, reason = _reference(r.prompt_token_ids, r.sampling_params, max_model_len)
+        assert (r.output_token_ids, r.finish_reason) == (expected, reason), r.request_id
+        assert r.num_output_placeholders == 0 or r.finish_reason is not None
+
+
+# ---------------------------------------------------------------- scheduler: outputs
+
+
+@pytest.mark.parametrize("async_overlap", [False, True])
+@pytest.mark.parametrize("block_size", [1, 2, 4, 16])
+def test_outputs_do_not_depend_on_schedule(block_size, async_overlap):
+    """Every budget, max_num_seqs, block size, prefix caching on/off, chunk threshold, a pool so
+    small that preemption happens, sync or async: the same tokens as each request alone."""
+    max_model_len = 30
+    tiny_pool = math.ceil(max_model_len / block_size)  # just one max_model_len request
+    num_preemptions, num_length_capped = {tiny_pool: 0, 400: 0}, 0
+    for seed, budget, max_num_seqs, caching, num_blocks, threshold in [
+            (seed, budget, seqs, caching, blocks, threshold)
+            for seed in (0, 1, 2) for budget in (1, 3, 8, 64) for seqs in (1, 3, 8)
+            for caching in (False, True) for blocks in (tiny_pool, 400) for threshold in (0, 5)]:
+        scheduler = _make_scheduler(num_blocks, block_size, budget, max_num_seqs, max_model_len, caching, threshold)
+        requests = _make_requests(seed)
+        engine = _FakeEngine(scheduler, async_overlap, check_pool=num_blocks == tiny_pool)
+        for r in requests:
+            scheduler.add(r)
+        engine.run()
+        _assert_matches_reference(requests, max_model_len)
+        num_length_capped += sum(r.num_tokens == max_model_len for r in requests)
+        _assert_no_blocks_held(scheduler)
+        assert not engine.errors
+        num_preemptions[num_blocks] += scheduler.num_preemptions
+    assert num_preemptions[tiny_pool] > 50  # the small pool really did preempt
+    assert num_preemptions[400] == 0
+    assert num_length_capped > 0  # some requests ran into max_model_len
+
+
+def test_outputs_survive_forced_hash_collisions(monkeypatch):
+    """Every block hashes to the same value: the token and parent checks keep outputs right."""
+    monkeypatch.setattr(kv_cache, "hash_block", lambda parent_hash, token_ids: b"collision")
+    for block_size in (1, 2, 4):
+        for async_overlap in (False, True):
+            scheduler = _make_scheduler(math.ceil(40 / block_size) + 2, block_size, budget=7, max_num_seqs=4)
+            requests = _make_requests(3)
+            for r in requests:
+                scheduler.add(r)
+            _FakeEngine(scheduler, async_overlap).run()
+            _assert_matches_reference(requests, 40)
+            _assert_no_blocks_held(scheduler)
+
+
+def test_async_eos_discards_the_extra_token():
+    """With two steps in flight, a request that stopped on EOS ran one token too many; that token is
+    dropped and the output equals the synchronous one."""
+    prompt = next(p for p in ([s, 7] for s in range(1, 10_000))
+                  if (lambda out, reason: reason == "stop" and len(out) >= 3)(*_reference(p, SamplingParams(max_tokens=100), 1000)))
+    outputs = {}
+    for async_overlap in (False, True):
+        scheduler = _make_scheduler(100, 4, max_model_len=1000)
+        request = Request("eos", prompt, SamplingParams(max_tokens=100))
+        scheduler.add(request)
+        engine = _FakeEngine(scheduler, async_overlap)
+        engine.run()
+        assert request.finish_reason == "stop" and request.output_token_ids[-1] == _EOS
+        outputs[async_overlap] = (request.output_token_ids, engine.num_sampled["eos"])
+        _assert_no_blocks_held(scheduler)
+    (sync_out, sync_sampled), (async_out, async_sampled) = outputs[False], outputs[True]
+    assert async_out == sync_out == _reference(prompt, SamplingParams(max_tokens=100), 1000)[0]
+    assert sync_sampled == len(sync_out) and async_sampled == len(async_out) + 1
+
+
+def test_async_skips_requests_certain_to_finish():
+    """A request whose last token (max_tokens) is in flight is not scheduled again."""
+    scheduler = _make_scheduler(100, 4)
+    request = Request("a", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+    scheduler.add(request)
+    engine = _FakeEngine(scheduler, async_overlap=True)
+    assert [e.num_new_tokens for e in engine.step().scheduled] == [3]
+    assert [e.num_new_tokens for e in engine.step().scheduled] == [1]  # the placeholder token
+    assert request.num_output_placeholders == 1  # step 1's token arrived, step 2's is in flight
+    assert engine.step().scheduled == []          # 2 tokens already scheduled = max_tokens
+    engine.run()
+    assert request.output_token_ids == _reference([5, 6, 7], request.sampling_params, 40)[0]
+    assert engine.num_sampled["a"] == 2
+
+
+def test_long_prompt_does_not_stall_running_decodes():
+    budget, num_decodes, prompt_len = 40, 32, 100
+    scheduler = _make_scheduler(2000, 4, budget=budget, max_num_seqs=64, max_model_len=1000)
+    decodes = [Request(f"d{i}", [i + 1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True)) for i in range(num_decodes)]
+    for r in decodes:
+        scheduler.add(r)
+    engine = _FakeEngine(scheduler)
+    while not all(r.output_token_ids for r in decodes):
+        engine.step()
+    long_request = Request("long", [(7 * i) % _VOCAB for i in range(prompt_len)], SamplingParams(max_tokens=3))
+    scheduler.add(long_request)
+    num_steps = 0
+    while not long_request.output_token_ids:
+        entries = {e.request.request_id: e for e in engine.step().scheduled}
+        num_steps += 1
+        assert all(entries[r.request_id].num_new_tokens == 1 and entries[r.request_id].samples for r in decodes)
+        assert entries["long"].num_new_tokens == min(budget - num_decodes, prompt_len - entries["long"].start)
+    assert num_steps == math.ceil(prompt_len / (budget - num_decodes))
+    for r in decodes:
+        scheduler.abort(r.request_id)
+    engine.run()
+    _assert_matches_reference([long_request], 1000)
+    _assert_no_blocks_held(scheduler)
+
+
+def test_exact_multiple_prompt_fully_cached_still_computes_its_last_block():
+    prompt = list(range(1, 9))  # two blocks of 4
+    scheduler = _make_scheduler(20, 4)
+    first, second = Request("first", prompt), Request("second", prompt)
+    scheduler.add(first)
+    engine = _FakeEngine(scheduler)
+    engine.run()
+    scheduler.add(second)
+    [entry] = engine.step().scheduled
+    assert (entry.start, entry.num_new_tokens, entry.samples) == (4, 4, True)
+    assert second.num_cached_tokens == 4
+    engine.run()
+    _assert_matches_reference([first, second], 40)
+
+
+def test_same_prompt_twice_shares_full_blocks_and_counts_hits():
+    prompt = [(3 * i + 1) % _VOCAB for i in range(40)]
+    scheduler = _make_scheduler(100, 4, budget=100, max_model_len=100)
+    a, b = Request("a", prompt), Request("b", prompt)
+    scheduler.add(a)
+    scheduler.add(b)
+    engine = _FakeEngine(scheduler, async_overlap=True)
+    engine.step()  # both admitted in one step: b hits the blocks a registered when allocating
+    assert b.num_cached_tokens == 36  # 9 full blocks; the 10th holds the last token, computed again
+    assert b.block_ids[:9] == a.block_ids[:9] and b.block_ids[9] != a.block_ids[9]
+    assert scheduler.kv_cache.hit_rate == pytest.approx(36 / 80)
+    engine.run()
+    _assert_matches_reference([a, b], 100)
+    c = Request("c", prompt + [1, 2, 3, 4, 5])  # after both finished: hits all 10 blocks
+    scheduler.add(c)
+    engine.run()
+    assert c.num_cached_tokens == 40
+    assert scheduler.kv_cache.hit_rate == pytest.approx((36 + 40) / (80 + 45))
+    _assert_matches_reference([c], 100)
+    _assert_no_blocks_held(scheduler)
+
+
+# ---------------------------------------------------------------- scheduler: bad input, aborts
+
+
+@pytest.mark.parametrize("async_overlap", [False, True])
+def test_bad_requests_fail_alone(async_overlap):
+    scheduler = _make_scheduler(num_blocks=4, block_size=4, max_model_len=32)  # pool: 16 tokens
+    good = [Request(f"g{i}", [i + 1, 9, 9], SamplingParams(max_tokens=8, ignore_eos=True)) for i in range(3)]
+    for r in good:
+        scheduler.add(r)
+    bad_requests = [
+        (Request("empty", []), "prompt_token_ids is empty"),
+        (Request("long", [1] * 32), "max_model_len=32"),
+        (Request("vocab", [1, _VOCAB]), "vocab_size=50"),
+        (Request("negative", [-1, 2]), "vocab_size"),
+        (Request("float", [1.0, 2]), "vocab_size"),
+        (Request("pool", [1] * 17), "gpu_memory_utilization"),
+        (Request("g0", [1, 2]), "already used"),
+    ]
+    for request, message in bad_requests:
+        with pytest.raises(ValueError, match=message):
+            scheduler.add(request)
+    # Fits at admission, outgrows the whole pool while decoding: FINISHED_ERROR, reported once.
+    grower = Request("grower", [4, 4, 4, 4, 4], SamplingParams(max_tokens=30, ignore_eos=True))
+    scheduler.add(grower)
+    engine = _FakeEngine(scheduler, async_overlap)
+    engine.run()
+    assert engine.errors == [grower] and grower.status is RequestStatus.FINISHED_ERROR
+    assert grower.finish_reason == "error"
+    assert "gpu_memory_utilization" in grower.error and "max_model_len" in grower.error
+    # 16 slots hold 12 outputs' context; with overlap the 12th was in flight when it failed
+    expected = _reference(grower.prompt_token_ids, grower.sampling_params, 32)[0][:11 if async_overlap else 12]
+    assert grower.output_token_ids == expected
+    _assert_matches_reference(good, 32)
+    _assert_no_blocks_held(scheduler)
+
+
+def test_request_outgrowing_the_pool_alone_fails():
+    scheduler = _make_scheduler(num_blocks=3, block_size=2, max_model_len=32)
+    big = Request("big", [1, 2], SamplingParams(max_tokens=20, ignore_eos=True))
+    scheduler.add(big)
+    engine = _FakeEngine(scheduler)
+    engine.run()
+    assert engine.errors == [big] and "need 4 KV blocks" in big.error and "pool has 3" in big.error
+    assert len(big.output_token_ids) == 5  # 6 slots: the 7th token's KV has no block
+    _assert_no_blocks_held(scheduler)
+
+
+def test_preempted_request_that_can_no_longer_fit_fails_at_the_head_of_the_queue():
+    """b shares a's blocks, is preempted by a, and has since grown past the pool: once a is done,
+    b is alone at the head of the queue and still does not fit, so it fails instead of waiting."""
+    scheduler = _make_scheduler(num_blocks=3, block_size=2, max_model_len=32)
+    a = Request("a", [1, 2, 3, 4], SamplingParams(max_tokens=2, ignore_eos=True))
+    b = Request("b", [1, 2, 3, 4, 5, 6], SamplingParams(max_tokens=10, ignore_eos=True))
+    c = Request("c", [7, 8], SamplingParams(max_tokens=2, ignore_eos=True))
+    scheduler.add(a)
+    scheduler.add(b)
+    engine = _FakeEngine(scheduler)
+    engine.step()  # both admitted, b on a's two blocks + one of its own
+    assert b.num_cached_tokens == 4 and scheduler.kv_cache.num_free_blocks == 0
+    scheduler.add(c)
+    engine.step()  # a needs a third block: b is preempted, back to the front of the queue
+    assert b.status is RequestStatus.PREEMPTED and scheduler.num_preemptions == 1
+    assert list(scheduler.waiting) == [b, c]
+    engine.run()
+    assert engine.errors == [b] and "7 tokens need 4 KV blocks" in b.error
+    _assert_matches_reference([a, c], 32)
+    _assert_no_blocks_held(scheduler)
+
+
+@pytest.mark.parametrize("async_overlap", [False, True])
+def test_aborts_at_random_times_free_everything(async_overlap):
+    rng = random.Random(5)
+    for trial in range(20):
+        scheduler = _make_scheduler(num_blocks=12, block_size=4, budget=rng.choice([3, 10]), max_num_seqs=5)
+        requests = _make_requests(trial)
+        for r in requests:
+            scheduler.add(r)
+        engine = _FakeEngine(scheduler, async_overlap)
+        aborted = set()
+        while scheduler.has_unfinished_requests():
+            live = list(scheduler.requests)
+            if rng.random() < 0.2:
+                victim = rng.choice(live)
+                assert scheduler.abort(victim).status is RequestStatus.FINISHED_ABORTED
+                aborted.add(victim)
+            if scheduler.has_unfinished_requests():
+                engine.step()
+        engine.finish_in_flight()
+        _assert_no_blocks_held(scheduler)
+        for r in requests:
+            expected, reason = _reference(r.prompt_token_ids, r.sampling_params, 40)
+            if r.request_id in aborted:
+                assert r.finish_reason == "abort" and r.output_token_ids == expected[:len(r.output_token_ids)]
+            else:
+                assert (r.output_token_ids, r.finish_reason) == (expected, reason)
+    with pytest.raises(KeyError, match="r0"):
+        scheduler.abort("r0")
+
+
+def test_update_checks_the_number_of_sampled_tokens():
+    scheduler = _make_scheduler(10, 4)
+    scheduler.add(Request("a", [1, 2, 3]))
+    output = scheduler.schedule()
+    with pytest.raises(ValueError, match="sampled_token_ids has 2 tokens.*1 request"):
+        scheduler.update(output, [5, 6])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -2), ("top_k", 1.5), ("max_tokens", 0), ("max_tokens", True), ("stop_token_ids", [1, "a"]),
+    ("stop_token_ids", 3), ("seed", 1.5), ("ignore_eos", 1)])
+def test_sampling_params_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_defaults():
+    p = SamplingParams()
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.ignore_eos, p.stop_token_ids, p.seed) == \
+        (1.0, 1.0, 0, 16, False, [], None)
+
+
+# ---------------------------------------------------------------- kv_cache: block pool properties
+
+
+def _snapshot(kv):
+    return ([b.block_id for b in kv.free_queue], [(b.ref_count, b.block_hash) for b in kv.blocks],
+            dict(kv.cached_blocks), kv.num_query_tokens, kv.num_hit_tokens)
+
+
+def _check_pool(kv, tables_with_tokens):
+    """The DESIGN.md invariants: free = ref 0 and queued exactly once; owned = ref count equal to
+    the tables holding it; hashes consistent with tokens."""
+    queue, previous = [], kv.free_queue.head
+    for block in kv.free_queue:
+        assert block.prev_free is previous
+        queue.append(block.block_id)
+        previous = block
+    assert kv.free_queue.tail.prev_free is previous
+    assert len(queue) == len(set(queue)) == kv.num_free_blocks
+    holders = {}
+    for table, _ in tables_with_tokens:
+        assert len(table.block_ids) == len(set(table.block_ids))
+        for block_id in table.block_ids:
+            holders[block_id] = holders.get(block_id, 0) + 1
+    for block in kv.blocks:
+        assert (block.ref_count == 0) == (block.block_id in set(queue))
+        assert block.ref_count == holders.get(block.block_id, 0)
+        if block.block_hash is not None:
+            assert kv.cached_blocks[block.block_hash] is block
+            assert hash_block(block.parent_hash, block.token_ids) == block.block_hash
+    assert all(b.block_hash == h for h, b in kv.cached_blocks.items())
+    size = kv.block_size
+    for table, tokens in tables_with_tokens:
+        parent = ROOT_HASH
+        for i, block_hash in enumerate(table.block_hashes):
+            assert block_hash == hash_block(parent, tokens[i * size:(i + 1) * size])
+            parent = block_hash
+        for i in range(table.num_registered_blocks):
+            block = kv.blocks[table.block_ids[i]]
+            if block.block_hash is not None:
+                assert block.token_ids == tuple(tokens[i * size:(i + 1) * size])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(1, 12),
+       prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=5),
+       ops=st.lists(st.tuples(st.sampled_from(["admit", "compute", "append", "finish", "preempt"]),
+                              st.integers(0, 4), st.integers(1, 6)), max_size=50))
+def test_block_pool_invariants_under_random_operations(block_size, num_blocks, prompts, ops):
+    """Random admit / compute / append / finish / preempt over prompts from a 3-token alphabet (so
+    prefixes are shared often). A fake KV per slot (the digest of the prefix its writer computed)
+    shows that every computed position of every live request still reads its own prefix."""
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
+    slots, live, parked = {}, {}, {}  # live/parked: index -> [tokens, table, num_computed]
+
+    def compute(state, num_tokens):
+        tokens, table, start = state
+        if not kv.allocate(table, tokens, num_tokens):
+            return
+        for p in range(start, num_tokens):
+            slots[table.block_ids[p // block_size] * block_size + p % block_size] = _prefix_digest(tokens[:p + 1])
+        state[2] = num_tokens
+
+    for op, which, n in ops:
+        i = which % len(prompts)
+        state = live.get(i)
+        if op == "admit" and state is None:
+            tokens, table, _ = parked.pop(i, None) or [list(prompts[i]), BlockTable(), 0]
+            hits = kv.lookup(table, tokens)
+            assert len(hits) * block_size < len(tokens)  # at least one token left to compute
+            num_tokens = len(hits) * block_size + min(n, len(tokens) - len(hits) * block_size)
+            before = _snapshot(kv)
+            can = kv.can_allocate(table, num_tokens, hits)
+            if kv.allocate(table, tokens, num_tokens, hits):
+                state = live[i] = [tokens, table, len(hits) * block_size]
+                compute(state, num_tokens)
+            else:
+                assert _snapshot(kv) == before and table.block_ids == []
+                parked[i] = [tokens, table, 0]
+            assert can == (i in live)
+        elif op == "compute" and state is not None and state[2] < len(state[0]):
+            compute(state, state[2] + min(n, len(state[0]) - state[2]))
+        elif op == "append" and state is not None and state[2] == len(state[0]):
+            state[0].append(n % 3)
+        elif op in ("finish", "preempt") and state is not None:
+            kv.free(state[1])
+            del live[i]
+            if op == "preempt":
+                parked[i] = [state[0], state[1], 0]
+        _check_pool(kv, [(s[1], s[0]) for s in live.values()])
+        for tokens, table, num_computed in live.values():
+            for p in range(num_computed):
+                slot = table.block_ids[p // block_size] * block_size + p % block_size
+                assert slots[slot] == _prefix_digest(tokens[:p + 1])
+    for tokens, table, _ in list(live.values()):
+        kv.free(table)
+    _check_pool(kv, [])
+    assert kv.num_free_blocks == num_blocks
+
+
+def test_lru_evicts_least_recently_freed_and_a_requests_tail_first():
+    kv = KVCacheManager(num_blocks=6, block_size=2)
+    a_tokens, b_tokens = [1, 2, 3, 4, 5], [6, 7, 8, 9, 5]
+    a, b = BlockTable(), BlockTable()
+    assert kv.allocate(a, a_tokens, 5) and kv.allocate(b, b_tokens, 5)  # 3 blocks each, 2 full
+    a_ids, b_ids = list(a.block_ids), list(b.block_ids)
+    kv.free(a)
+    kv.free(b)
+    assert [blk.block_id for blk in kv.free_queue] == a_ids[::-1] + b_ids[::-1]
+    c = BlockTable()
+    assert kv.allocate(c, [0] * 4, 4)
+    assert c.block_ids == [a_ids[2], a_ids[1]]  # a's partial tail block, then its second block
+    assert len(kv.lookup(BlockTable(), a_tokens)) == 1  # a's first block is still cached
+    assert len(kv.lookup(BlockTable(), b_tokens)) == 2
+    assert kv.allocate(c, [0] * 8, 8)
+    assert c.block_ids[2:] == [a_ids[0], b_ids[2]]
+    assert kv.lookup(BlockTable(), a_tokens) == [] and len(kv.lookup(BlockTable(), b_tokens)) == 2
+
+
+def test_a_hit_pulls_a_free_block_out_of_the_queue():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    a = BlockTable()
+    assert kv.allocate(a, [1, 2, 3], 3)
+    first = a.block_ids[0]
+    kv.free(a)
+    b = BlockTable()
+    hits = kv.lookup(b, [1, 2, 9])
+    assert [h.block_id for h in hits] == [first]
+    assert kv.allocate(b, [1, 2, 9], 3, hits)
+    assert first not in [blk.block_id for blk in kv.free_queue] and kv.blocks[first].ref_count == 1
+    assert kv.num_free_blocks == 2
+    assert not kv.can_allocate(BlockTable(), 5) and kv.can_allocate(BlockTable(), 4)
+
+
+def test_forced_hash_collision_is_a_miss(monkeypatch):
+    monkeypatch.setattr(kv_cache, "hash_block", lambda parent_hash, token_ids: b"collision")
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    a = BlockTable()
+    assert kv.allocate(a, [1, 2, 3, 4, 9], 5)
+    kv.free(a)
+    assert kv.lookup(BlockTable(), [3, 4, 1, 2, 9]) == []  # same hash, other tokens
+    assert len(kv.lookup(BlockTable(), [1, 2, 1, 2, 9])) == 1  # same tokens, other parent
+    assert len(kv.lookup(BlockTable(), [1, 2, 3, 4, 9])) == 1  # only one block per hash value
+
+
+def test_same_prefix_hits_with_the_real_hash():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    a = BlockTable()
+    assert kv.allocate(a, [1, 2, 3, 4, 9], 5)
+    assert [h.block_id for h in kv.lookup(BlockTable(), [1, 2, 3, 4, 7, 7])] == a.block_ids[:2]
+    assert [h.block_id for h in kv.lookup(BlockTable(), [1, 2, 3, 4])] == a.block_ids[:1]  # capped
+    assert kv.lookup(BlockTable(), [3, 4, 1, 2, 9]) == []
+
+
+def test_prefix_caching_off_hashes_nothing():
+    kv = KVCacheManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
+    a, b = BlockTable(), BlockTable()
+    assert kv.allocate(a, [1, 2, 3, 4, 9], 5)
+    assert kv.lookup(b, [1, 2, 3, 4, 9]) == [] and b.block_hashes == [] and a.block_hashes == []
+    assert kv.cached_blocks == {} and all(blk.block_hash is None for blk in kv.blocks)
+
+
+def test_pool_arguments_are_checked():
+    for block_size in (0, 3, 512, 2.0):
+        with pytest.raises(ValueError, match="block_size"):
+            KVCacheManager(4, block_size)
+    with pytest.raises(ValueError, match="num_blocks"):
+        KVCacheManager(0, 4)
+
+
+# ---------------------------------------------------------------- kv_cache: tensors and sizing
+
+
+def test_kv_tensor_layout_and_bytes_per_block():
+    kv = allocate_kv_cache(num_layers=3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8,
+                           dtype=torch.float16, device="cpu")
+    assert kv.shape == (3, 2, 5, 4, 2, 8) and kv.dtype == torch.float16 and not kv.any()
+    assert kv_cache_bytes_per_block(3, 4, 2, 8, torch.float16) * 5 == kv.numel() * kv.element_size()
+    assert kv_cache_bytes_per_block(28, 16, 8, 128, torch.bfloat16) == 28 * 2 * 16 * 8 * 128 * 2
+
+
+def test_num_blocks_from_memory(monkeypatch):
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 100 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    # in use at the peak: 25 GiB torch + (40 - 30) GiB outside torch; budget 90 - 35 = 55 GiB
+    assert num_blocks_from_memory(gib // 4, 0.9, 25 * gib, "cuda") == 220
+    assert num_blocks_from_memory(gib // 4, 0.3, 25 * gib, "cuda") == 0
+    for utilization in (0.0, 1.5):
+        with pytest.raises(ValueError, match="gpu_memory_utilization"):
+            num_blocks_from_memory(gib, utilization, 25 * gib, "cuda")
+
+
+def test_check_kv_capacity_names_the_knobs():
+    check_kv_capacity(num_blocks=4, block_size=16, max_model_len=64)
+    with pytest.raises(ValueError, match="gpu_memory_utilization.*max_model_len.*max_num_batched_tokens"):
+        check_kv_capacity(num_blocks=4, block_size=16, max_model_len=65)
+
+
+# ==================================================================================================
+# attention.py: the Triton kernels against the plain-torch reference
+# ==================================================================================================
+
+_CUDA = torch.cuda.is_available()
+_DEVICE = "cuda" if _CUDA else "cpu"
+_DTYPES = [torch.bfloat16, torch.float16] if _CUDA else [torch.float32, torch.float16]
+
+
+def _tolerance(dtype):
+    return {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def _make_batch(query_lens, seq_lens, num_kv_heads, group, head_dim, block_size, dtype, seed,
+                extra_blocks=3):
+    """Random caches and metadata; each request's blocks are scattered over a shuffled pool."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    pool = torch.randperm(num_blocks, generator=gen)
+    width = max(blocks_per_seq + [1]) + 1  # a spare column: tables are wider than the longest request
+    block_table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_table[i, :n] = pool[used:used + n]
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    q = torch.randn(sum(query_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.int64),  # unused by attention
+        query_start_loc=query_start_loc.to(_DEVICE), seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(_DEVICE),
+        block_table=block_table.to(_DEVICE), max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    return q.to(_DEVICE), k_cache.to(_DEVICE), v_cache.to(_DEVICE), meta
+
+
+def _assert_close(out, ref, dtype):
+    assert not out.isnan().any(), "NaN in kernel output"
+    error = (out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-6)
+    assert error < _tolerance(dtype), f"relative error {error:.2e}"
+
+
+def _check_attention(query_lens, seq_lens, num_kv_heads, group, head_dim, block_size, dtype, seed, config=None):
+    q, k_cache, v_cache, meta = _make_batch(query_lens, seq_lens, num_kv_heads, group, head_dim, block_size,
+                                            dtype, seed)
+    scale = head_dim ** -0.5
+    if config is None:
+        out = paged_attention(q, k_cache, v_cache, meta, scale)
+    else:
+        out = run_paged_attention(q, k_cache, v_cache, meta, scale, config)
+    ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, scale)
+    _assert_close(out, ref, dtype)
+    return out
+
+
+_SMALL = not _CUDA  # the interpreter runs every program in numpy: keep the CPU shapes tiny
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_one_token_prompt(dtype):
+    _check_attention([1], [1], num_kv_heads=2, group=2, head_dim=32, block_size=16, dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_decode_batch_gqa(dtype, group):
+    # Contexts that are exact multiples of the block size next to ones that are not.
+    seq_lens = [16, 32, 7, 45] if _SMALL else [16, 512, 1000, 4096, 33, 2048]
+    _check_attention([1] * len(seq_lens), seq_lens, num_kv_heads=2, group=group, head_dim=32 if _SMALL else 128,
+                     block_size=16, dtype=dtype, seed=group)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_mixed_decodes_and_chunks_with_prefix(dtype):
+    # 1-token decodes, a fresh prompt, chunks continuing a cached prefix; tile boundaries fall
+    # inside requests (BLOCK_Q = 128 // group query tokens by default).
+    if _SMALL:
+        query_lens, seq_lens = [1, 20, 1, 9, 70], [30, 20, 5, 40, 100]
+    else:
+        query_lens, seq_lens = [1, 700, 1, 64, 300, 1], [300, 700, 5000, 2100, 1200, 17]
+    _check_attention(query_lens, seq_lens, num_kv_heads=2, group=2, head_dim=64, block_size=16, dtype=dtype, seed=3)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 16, 64])
+def test_block_sizes_and_scattered_blocks(block_size):
+    # A long request over many non-contiguous blocks of a shuffled pool.
+    seq_lens = [150, 3] if _SMALL else [3000, 3]
+    _check_attention([1, 3], seq_lens, num_kv_heads=1, group=4, head_dim=16 if _SMALL else 128,
+                     block_size=block_size, dtype=_DTYPES[0], seed=block_size)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 256] if _SMALL else [64, 128, 256])
+def test_head_dims(head_dim):
+    _check_attention([1, 5], [20, 37], num_kv_heads=1, group=2, head_dim=head_dim, block_size=8,
+                     dtype=_DTYPES[1], seed=head_dim)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("num_splits", [2, 4, 8])
+def test_split_kv_forced(dtype, num_splits):
+    # More splits than some requests have key tiles: the empty splits must merge as neutral.
+    seq_lens = [100, 16, 1, 49]
+    config = LaunchConfig(block_m=16, block_n=16, num_splits=num_splits, num_warps=4, num_stages=2)
+    _check_attention([1] * 4, seq_lens, num_kv_heads=2, group=4, head_dim=32, block_size=4, dtype=dtype,
+                     seed=num_splits, config=config)
+
+
+def test_split_kv_with_prefill_chunks():
+    config = LaunchConfig(block_m=16, block_n=16, num_splits=4, num_warps=4, num_stages=2)
+    _check_attention([1, 12, 30], [60, 12, 90], num_kv_heads=2, group=2, head_dim=32, block_size=8,
+                     dtype=_DTYPES[0], seed=9, config=config)
+
+
+def test_padding_requests_give_zeros():
+    # CUDA-graph padding: requests with seq_len 0 own a row each and must come out as zeros.
+    q, k_cache, v_cache, meta = _make_batch([1, 1, 1], [40, 1, 1], 2, 2, 32, 16, _DTYPES[0], seed=5)
+    meta.seq_lens[1:] = 0
+    meta.block_table[1:] = 0
+    for config in (choose_launch_config(q, k_cache, meta), LaunchConfig(16, 16, 4, 4, 2)):
+        out = run_paged_attention(q, k_cache, v_cache, meta, 0.1, config)
+        assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+        _assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.1), _DTYPES[0])
+
+
+def test_decode_split_choice_uses_only_shapes():
+    # The CUDA-graph rule: with max_query_len == 1 the launch must not depend on max_seq_len.
+    q, k_cache, _, meta = _make_batch([1, 1], [1000, 3], 2, 2, 32, 16, _DTYPES[0], seed=6)
+    first = choose_launch_config(q, k_cache, meta)
+    meta.max_seq_len = 1
+    assert choose_launch_config(q, k_cache, meta) == first
+    assert first.num_splits > 1  # 4 programs for 2 x 2 heads: the split path is chosen
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_write_kv_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(7)
+    num_blocks, block_size, num_kv_heads, head_dim, num_tokens = 6, 4, 3, 32, 9
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    caches = [torch.randn(cache_shape, generator=gen).to(dtype).to(_DEVICE) for _ in range(2)]
+    # k, v as strided views into one fused projection output, as the model produces them.
+    qkv = torch.randn(num_tokens, 5 * num_kv_heads * head_dim, generator=gen).to(dtype).to(_DEVICE)
+    k = qkv[:, 3 * num_kv_heads * head_dim:4 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, 4 * num_kv_heads * head_dim:].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[[2, 5]] = -1  # padding tokens are not written
+    slots = slots.to(_DEVICE)
+    expected = [c.clone() for c in caches]
+    write_kv_reference(k, v, *expected, slots)
+    write_kv(k, v, *caches, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+def test_bad_input_raises():
+    q, k_cache, v_cache, meta = _make_batch([1], [5], 1, 2, 32, 4, _DTYPES[0], seed=8)
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_attention(q[..., :24], k_cache[..., :24], v_cache[..., :24], meta, 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_attention(q.double(), k_cache, v_cache, meta, 1.0)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv(q[:, :1], q[:, :1], k_cache, v_cache, torch.zeros(3, dtype=torch.int64, device=_DEVICE))
+
+
+@pytest.mark.skipif(not _CUDA, reason="CUDA graphs need a GPU")
+def test_decode_cuda_graph_replay_with_new_seq_lens():
+    num_seqs, group, num_kv_heads, head_dim, block_size = 8, 2, 8, 128, 16
+    q, k_cache, v_cache, meta = _make_batch([1] * num_seqs, [2000] * num_seqs, num_kv_heads, group, head_dim,
+                                            block_size, torch.bfloat16, seed=10)
+    scale = head_dim ** -0.5
+    paged_attention(q, k_cache, v_cache, meta, scale)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(q, k_cache, v_cache, meta, scale)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        new_lens = torch.randint(0, 2000, (num_seqs,), generator=gen, dtype=torch.int32)
+        meta.seq_lens.copy_(new_lens)
+        shuffled = meta.block_table[torch.randperm(num_seqs, generator=gen)]
+        meta.block_table.copy_(shuffled)
+        q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
+        graph.replay()
+        meta.max_seq_len = int(new_lens.max())
+        _assert_close(out, paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, scale),
+                      torch.bfloat16)
+
+
+@pytest.mark.skipif(not _CUDA, reason="large shapes only on the GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_large_mixed_batch_all_dtypes(dtype, head_dim):
+    _check_attention([1] * 20 + [1500, 257], [900] * 20 + [3000, 257], num_kv_heads=4, group=4,
+                     head_dim=head_dim, block_size=16, dtype=dtype, seed=head_dim)
+    _check_attention([1] * 3, [8000, 1, 70], num_kv_heads=8, group=2, head_dim=head_dim, block_size=256,
+                     dtype=dtype, seed=head_dim + 1)
+    _check_attention([700, 300], [700, 1000], num_kv_heads=2, group=8, head_dim=head_dim, block_size=32,
+                     dtype=dtype, seed=head_dim + 2)  # long chunks: the block_m 128 configuration
+
+
+# ==================================================================================================
+# engine.py and bench.py: end to end against HF generate, invariance across settings, sampling, bad input
+# ==================================================================================================
+
+
+def _assert_pool_free(llm):
+    """Invariant: once nothing runs, every block is free again (no leak)."""
+    assert not llm.has_unfinished_requests()
+    kv = llm.scheduler.kv_cache
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def _save_hf_tiny(path, arch, tie=True):
+    """A tiny random HF checkpoint with non-trivial norms, saved with save_pretrained."""
+    import transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tie, eos_token_id=7, bos_token_id=1)
+    if arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+            else:
+                parameter.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _prompts(count, vocab, seed=0, longest=40):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(1, longest))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("qwen3", True)])
+def test_greedy_matches_hf_generate(tmp_path, arch, tie):
+    hf = _save_hf_tiny(tmp_path, arch, tie)
+    prompts = _prompts(6, 300, seed=1)
+    llm = LLM(str(tmp_path), block_size=4)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                   eos_token_id=7, pad_token_id=0)[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == expected
+        assert output.outputs[0].finish_reason == ("stop" if expected[-1] == 7 else "length")
+    _assert_pool_free(llm)
+
+
+# Greedy outputs must not depend on how the engine cuts and packs the work.
+_BASE = dict(block_size=16, max_num_batched_tokens=8192, max_num_seqs=256, enable_prefix_caching=True,
+             async_scheduling=True)
+_VARIANTS = {
+    "sync": dict(async_scheduling=False),
+    "no-prefix-cache": dict(enable_prefix_caching=False),
+    "block-1": dict(block_size=1),
+    "block-4": dict(block_size=4),
+    "block-32": dict(block_size=32),
+    "budget-1": dict(max_num_batched_tokens=1),
+    "budget-7": dict(max_num_batched_tokens=7),
+    "budget-64-sync": dict(max_num_batched_tokens=64, async_scheduling=False),
+    "seqs-1": dict(max_num_seqs=1),
+    "seqs-3": dict(max_num_seqs=3),
+    "preempt": dict(block_size=4, num_blocks=24, max_model_len=64),
+    "preempt-sync": dict(block_size=4, num_blocks=24, max_model_len=64, async_scheduling=False),
+}
+
+
+def _invariance_workload():
+    prompts = _prompts(8, 512, seed=2)
+    shared = [5] * 20 + [9, 8, 7]  # a shared prefix, so the prefix cache has something to hit
+    prompts += [shared + [1], shared + [2, 3], shared]
+    params = [SamplingParams(temperature=0, max_tokens=3 + i % 9, ignore_eos=True) for i in range(len(prompts))]
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def reference_outputs():
+    prompts, params = _invariance_workload()
+    llm = LLM("tiny", **_BASE)
+    outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert llm.scheduler.kv_cache.num_hit_tokens > 0  # the shared prefix was reused
+    _assert_pool_free(llm)
+    return outputs
+
+
+@pytest.mark.parametrize("variant", sorted(_VARIANTS))
+def test_greedy_is_invariant_to_engine_settings(reference_outputs, variant):
+    prompts, params = _invariance_workload()
+    llm = LLM("tiny", **{**_BASE, **_VARIANTS[variant]})
+    outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs == reference_outputs
+    if variant.startswith("preempt"):
+        assert llm.scheduler.num_preemptions > 0  # the pool really was too small for everyone
+    _assert_pool_free(llm)
+
+
+def test_greedy_alone_equals_batched(reference_outputs):
+    prompts, params = _invariance_workload()
+    llm = LLM("tiny", **_BASE)
+    for prompt, sp, expected in zip(prompts, params, reference_outputs):
+        assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected
+    _assert_pool_free(llm)
+
+
+def test_text_prompts_with_a_real_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = _save_hf_tiny(tmp_path, "qwen3")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=299, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the cat sat on the mat", "a dog ate the hat"] * 20, trainer)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    llm = LLM(str(tmp_path))
+    [output] = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    ids = tokenizer.encode("the cat").ids
+    assert output.prompt == "the cat" and output.prompt_token_ids == ids
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=7,
+                               pad_token_id=0)[0, len(ids):].tolist()
+    assert output.outputs[0].token_ids == expected
+    specials = {tokenizer.token_to_id("<|endoftext|>")}
+    assert output.outputs[0].text == tokenizer.decode([t for t in expected if t not in specials])
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+def _frequencies(probabilities, rows=20000, **params):
+    logits = torch.tensor(probabilities).log().repeat(rows, 1)
+    n = rows
+    tensors = engine.SamplingTensors(
+        temperature=torch.full((n,), params.get("temperature", 1.0)), top_p=torch.full((n,), params.get("top_p", 1.0)),
+        top_k=torch.full((n,), params.get("top_k", 0), dtype=torch.int32), all_greedy=False,
+        needs_top_k_top_p=params.get("top_k", 0) > 0 or params.get("top_p", 1.0) < 1, seeded=[])
+    tokens = engine.sample(logits, tensors, torch.Generator().manual_seed(0))
+    return (torch.bincount(tokens, minlength=len(probabilities)).float() / rows).tolist()
+
+
+@pytest.mark.parametrize("params,expected", [
+    (dict(), [0.5, 0.25, 0.15, 0.1]),
+    (dict(temperature=0.5), [x * x / 0.345 for x in (0.5, 0.25, 0.15, 0.1)]),  # p^2 renormalised
+    (dict(top_k=2), [2 / 3, 1 / 3, 0, 0]),
+    (dict(top_p=0.7), [2 / 3, 1 / 3, 0, 0]),   # 0.5 < 0.7 so the second token is still needed
+    (dict(top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0]),
+    (dict(top_k=3, top_p=0.99), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0]),
+])
+def test_sampling_frequencies(params, expected):
+    observed = _frequencies([0.5, 0.25, 0.15, 0.1], **params)
+    assert observed == pytest.approx(expected, abs=0.015)
+    assert all(o == 0 for o, e in zip(observed, expected) if e == 0)
+
+
+def test_top_k_1_equals_greedy_and_seeds_are_batch_independent():
+    prompts = _prompts(5, 512, seed=3)
+    llm = LLM("tiny", block_size=8)
+    greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    top1 = llm.generate(prompts, SamplingParams(temperature=1.0, top_k=1, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in top1] == [o.outputs[0].token_ids for o in greedy]
+    seeded = SamplingParams(temperature=1.0, max_tokens=16, seed=1234, ignore_eos=True)
+    alone = llm.generate([prompts[0]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batch = llm.generate(prompts, [others, others, seeded, others, others], use_tqdm=False)
+    alone_2 = llm.generate([prompts[2]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert batch[2].outputs[0].token_ids == alone_2
+    again = llm.generate([prompts[0]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == alone
+    unseeded = [o.outputs[0].token_ids for o in llm.generate([prompts[0]] * 4, others, use_tqdm=False)]
+    assert len({tuple(t) for t in unseeded}) > 1  # without a seed, draws differ
+    _assert_pool_free(llm)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_engine_bad_requests_fail_alone():
+    llm = LLM("tiny", block_size=4, max_model_len=64)
+    vocab = llm.model.config.vocab_size
+    good = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    prompts = [[1, 2, 3], [], list(range(70)), [3, vocab + 5], "text without a tokenizer", [4, 5, 6]]
+    outputs = llm.generate(prompts, good, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outputs] == ["length", "error", "error", "error", "error", "length"]
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 0, 0, 0, 0, 5]
+    assert "empty" in outputs[1].error and "max_model_len" in outputs[2].error
+    assert str(vocab + 5) in outputs[3].error and "token ids" in outputs[4].error
+    _assert_pool_free(llm)
+    with pytest.raises(ValueError, match="block_size"):
+        LLM("tiny", block_size=12)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM("tiny", max_model_len=10**9)
+
+
+def test_step_api_streams_and_abort_frees_blocks():
+    llm = LLM("tiny", block_size=4)
+    llm.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    llm.add_request("b", [4, 5, 6, 7], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    seen = {"a": [], "b": []}
+    while llm.has_unfinished_requests():
+        for output in llm.step():
+            seen[output.request_id].append(len(output.outputs[0].token_ids))
+            if output.request_id == "a" and output.finished:
+                aborted = llm.abort("b")
+                assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    assert seen["a"] == [1, 2, 3, 4, 5, 6]  # one token per step, streamed
+    assert 0 < len(seen["b"]) and max(seen["b"]) < 50
+    _assert_pool_free(llm)
+    llm.add_request("c", [1], SamplingParams())
+    with pytest.raises(ValueError, match="'c'"):  # an id already in use
+        llm.add_request("c", [1], SamplingParams())
+    llm.abort("c")
+    _assert_pool_free(llm)
+
+
+def test_bench_runs_on_cpu(tmp_path, monkeypatch):
+    import json
+    import bench
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--num-seqs", "4", "--max-input-len", "120", "--max-output-len",
+                                     "8", "--json", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    _, params = bench.make_workload("default", 4, 120, 8, vocab_limit=511)
+    assert result["output_tokens"] == sum(p.max_tokens for p in params)
