@@ -13,6 +13,7 @@ overlap. Never touches: model internals, kernel internals, block bookkeeping.
 """
 import itertools
 import sys
+from array import array
 import time
 from dataclasses import dataclass, field
 
@@ -194,6 +195,7 @@ class LLM:
         # Two host buffers: while step N's copy may still be pending, step N+1 fills the other one.
         self.host_buffers = [torch.zeros(self.layout.size, dtype=torch.int32, pin_memory=self.on_cuda)
                              for _ in range(2)]
+        self.zeros = [0] * self.layout.width  # padding for block-table rows
         self.sampled_host = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda)
                              for _ in range(2)]
 
@@ -312,7 +314,10 @@ class LLM:
         return InFlight(plan, sampled, host, ready)
 
     def _prepare_inputs(self, schedule: SchedulerOutput) -> StepPlan:
-        """Lay the step's requests out as one flat batch in the host buffer, then copy it once."""
+        """Lay the step's requests out as one flat batch in the host buffer, then copy it once.
+
+        This runs on the CPU for every step, so it is written for speed: plain lists, a short path
+        for decodes (one token each), and one array -> tensor conversion per field."""
         block_size = self.block_size
         previous_rows = self.in_flight.plan.sample_row if self.in_flight is not None else {}
         input_ids, positions, slots, query_start, seq_lens, logits_indices = [], [], [], [0], [], []
@@ -322,16 +327,22 @@ class LLM:
             request, start = entry.request, entry.start
             end = start + entry.num_new_tokens
             known = request.num_tokens
-            input_ids.extend(request.all_token_ids[start:min(end, known)])
+            blocks = request.block_ids
             if end > known:
-                # The last token was sampled by the step still in flight: it is read on the device.
+                # The newest token was sampled by the step still in flight: it is read on the device.
                 assert end == known + 1, "only a request's newest token may be a placeholder"
+                input_ids += request.all_token_ids[start:known]
                 placeholder_dst.append(len(input_ids))
                 placeholder_src.append(previous_rows[request.request_id])
                 input_ids.append(0)
-            blocks = request.block_ids
-            positions.extend(range(start, end))
-            slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+            else:
+                input_ids += request.all_token_ids[start:end]
+            if end - start == 1:
+                positions.append(start)
+                slots.append(blocks[start // block_size] * block_size + start % block_size)
+            else:
+                positions += range(start, end)
+                slots += [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
             query_start.append(len(input_ids))
             seq_lens.append(end)
             tables.append(blocks[: -(-end // block_size)])
@@ -357,35 +368,40 @@ class LLM:
             seq_lens += [0] * pad
             num_tokens = rows
 
-        host = self.host_buffers[self.step_count % 2]
-        layout = self.layout
+        host, layout = self.host_buffers[self.step_count % 2], self.layout
         for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slots),
                              ("query_start_loc", query_start), ("seq_lens", seq_lens),
                              ("logits_indices", logits_indices), ("top_k", top_k),
-                             ("placeholder_dst", placeholder_dst), ("placeholder_src", placeholder_src)):
-            layout.view(host, name, len(values)).copy_(torch.tensor(values, dtype=torch.int32))
-        for name, values in (("temperature", temperature), ("top_p", top_p)):
-            layout.view(host, name, len(values)).view(torch.float32).copy_(torch.tensor(values))
-        block_table = layout.block_table_view(host, rows)
-        for row, table in enumerate(tables):
-            block_table[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+                             ("placeholder_dst", placeholder_dst), ("placeholder_src", placeholder_src),
+                             ("temperature", temperature), ("top_p", top_p)):
+            if values:
+                as_bits = array("f" if name in ("temperature", "top_p") else "i", values)
+                layout.view(host, name, len(values)).copy_(torch.frombuffer(as_bits, dtype=torch.int32))
+        # The block table: only the columns this batch uses are filled; the kernels never read past
+        # a request's own blocks, so what earlier steps left in the other columns does no harm.
+        used_width = max(map(len, tables))
+        flat = array("i")
+        for table in tables:
+            flat.extend(table)
+            flat.extend(self.zeros[: used_width - len(table)])
+        layout.block_table_view(host, rows)[:num_seqs, :used_width].copy_(
+            torch.frombuffer(flat, dtype=torch.int32).view(num_seqs, used_width))
         used = layout.block_table + rows * layout.width
         self.device_buffer[:used].copy_(host[:used], non_blocking=True)
+
+        device = self.device_buffer
         if placeholder_dst:
-            device = self.device_buffer
             dst = layout.view(device, "placeholder_dst", len(placeholder_dst)).long()
             src = layout.view(device, "placeholder_src", len(placeholder_src)).long()
             tokens = self.in_flight.sampled.index_select(0, src).to(torch.int32)
             layout.view(device, "input_ids", num_tokens).index_copy_(0, dst, tokens)
-
         num_sampling = len(logits_indices)
-        device = self.device_buffer
         sampling = SamplingTensors(
             temperature=layout.view(device, "temperature", num_sampling).view(torch.float32),
             top_p=layout.view(device, "top_p", num_sampling).view(torch.float32),
             top_k=layout.view(device, "top_k", num_sampling),
-            all_greedy=all(t == 0 for t in temperature),
-            needs_top_k_top_p=any(k > 0 for k in top_k) or any(p < 1 for p in top_p),
+            all_greedy=not any(temperature),
+            needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p),
             seeded=seeded)
         self.stats.context_tokens_read += sum(seq_lens)
         return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens),

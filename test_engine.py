@@ -1329,7 +1329,7 @@ def _prompts(count, vocab, seed=0, longest=40):
 def test_greedy_matches_hf_generate(tmp_path, arch, tie):
     hf = _save_hf_tiny(tmp_path, arch, tie)
     prompts = _prompts(6, 300, seed=1)
-    llm = LLM(str(tmp_path), block_size=4)
+    llm = LLM(str(tmp_path), dtype=torch.float32, block_size=4, max_num_seqs=16)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
         with torch.no_grad():
@@ -1341,7 +1341,7 @@ def test_greedy_matches_hf_generate(tmp_path, arch, tie):
 
 
 # Greedy outputs must not depend on how the engine cuts and packs the work.
-_BASE = dict(block_size=16, max_num_batched_tokens=8192, max_num_seqs=256, enable_prefix_caching=True,
+_BASE = dict(block_size=16, max_num_batched_tokens=8192, max_num_seqs=32, enable_prefix_caching=True,
              async_scheduling=True)
 _VARIANTS = {
     "sync": dict(async_scheduling=False),
@@ -1370,7 +1370,7 @@ def _invariance_workload():
 @pytest.fixture(scope="module")
 def reference_outputs():
     prompts, params = _invariance_workload()
-    llm = LLM("tiny", **_BASE)
+    llm = LLM("tiny", dtype=torch.float32, **_BASE)
     outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.scheduler.kv_cache.num_hit_tokens > 0  # the shared prefix was reused
     _assert_pool_free(llm)
@@ -1380,7 +1380,7 @@ def reference_outputs():
 @pytest.mark.parametrize("variant", sorted(_VARIANTS))
 def test_greedy_is_invariant_to_engine_settings(reference_outputs, variant):
     prompts, params = _invariance_workload()
-    llm = LLM("tiny", **{**_BASE, **_VARIANTS[variant]})
+    llm = LLM("tiny", dtype=torch.float32, **{**_BASE, **_VARIANTS[variant]})
     outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outputs == reference_outputs
     if variant.startswith("preempt"):
@@ -1390,7 +1390,7 @@ def test_greedy_is_invariant_to_engine_settings(reference_outputs, variant):
 
 def test_greedy_alone_equals_batched(reference_outputs):
     prompts, params = _invariance_workload()
-    llm = LLM("tiny", **_BASE)
+    llm = LLM("tiny", dtype=torch.float32, **_BASE)
     for prompt, sp, expected in zip(prompts, params, reference_outputs):
         assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected
     _assert_pool_free(llm)
@@ -1406,7 +1406,7 @@ def test_text_prompts_with_a_real_tokenizer(tmp_path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(["the cat sat on the mat", "a dog ate the hat"] * 20, trainer)
     tokenizer.save(str(tmp_path / "tokenizer.json"))
-    llm = LLM(str(tmp_path))
+    llm = LLM(str(tmp_path), dtype=torch.float32, max_num_seqs=16)
     [output] = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     ids = tokenizer.encode("the cat").ids
     assert output.prompt == "the cat" and output.prompt_token_ids == ids
@@ -1447,7 +1447,7 @@ def test_sampling_frequencies(params, expected):
 
 def test_top_k_1_equals_greedy_and_seeds_are_batch_independent():
     prompts = _prompts(5, 512, seed=3)
-    llm = LLM("tiny", block_size=8)
+    llm = LLM("tiny", dtype=torch.float32, block_size=8, max_num_seqs=16)
     greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     top1 = llm.generate(prompts, SamplingParams(temperature=1.0, top_k=1, max_tokens=8, ignore_eos=True),
                         use_tqdm=False)
@@ -1468,7 +1468,7 @@ def test_top_k_1_equals_greedy_and_seeds_are_batch_independent():
 # ---- bad input --------------------------------------------------------------------------------
 
 def test_engine_bad_requests_fail_alone():
-    llm = LLM("tiny", block_size=4, max_model_len=64)
+    llm = LLM("tiny", dtype=torch.float32, block_size=4, max_model_len=64, max_num_seqs=16)
     vocab = llm.model.config.vocab_size
     good = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     prompts = [[1, 2, 3], [], list(range(70)), [3, vocab + 5], "text without a tokenizer", [4, 5, 6]]
@@ -1479,13 +1479,13 @@ def test_engine_bad_requests_fail_alone():
     assert str(vocab + 5) in outputs[3].error and "token ids" in outputs[4].error
     _assert_pool_free(llm)
     with pytest.raises(ValueError, match="block_size"):
-        LLM("tiny", block_size=12)
+        LLM("tiny", dtype=torch.float32, block_size=12)
     with pytest.raises(ValueError, match="max_model_len"):
-        LLM("tiny", max_model_len=10**9)
+        LLM("tiny", dtype=torch.float32, max_model_len=10**9)
 
 
 def test_step_api_streams_and_abort_frees_blocks():
-    llm = LLM("tiny", block_size=4)
+    llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=16)
     llm.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     llm.add_request("b", [4, 5, 6, 7], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     seen = {"a": [], "b": []}
@@ -1509,7 +1509,7 @@ def test_bench_runs_on_cpu(tmp_path, monkeypatch):
     import json
     import bench
     out = tmp_path / "bench.json"
-    monkeypatch.setattr("sys.argv", ["bench.py", "--num-seqs", "4", "--max-input-len", "120", "--max-output-len",
+    monkeypatch.setattr("sys.argv", ["bench.py", "--arch", "tiny", "--max-num-seqs", "8", "--num-seqs", "4", "--max-input-len", "120", "--max-output-len",
                                      "8", "--json", str(out)])
     bench.main()
     result = json.loads(out.read_text())
