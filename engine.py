@@ -202,8 +202,11 @@ class LLM:
         per_block = kv_cache.kv_cache_bytes_per_block(config.num_layers, block_size, config.num_kv_heads,
                                                       config.head_dim, self.model.dtype)
         if num_blocks is None:
-            num_blocks = (self._profile_num_blocks(per_block, gpu_memory_utilization) if self.on_cuda
-                          else self._default_cpu_num_blocks(per_block))
+            # Never more than every sequence at full length can use: more blocks could only keep
+            # more finished prefixes cached, and the pool keeps a Python object per block.
+            useful = max_num_seqs * self.layout.width
+            num_blocks = min(useful, self._profile_num_blocks(per_block, gpu_memory_utilization) if self.on_cuda
+                             else (1 << 30) // per_block)  # CPU: at most 1 GiB of cache
         kv_cache.check_kv_capacity(num_blocks, block_size, self.max_model_len)
         self.kv_cache = kv_cache.allocate_kv_cache(config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                                    config.head_dim, self.model.dtype, self.device)
@@ -485,11 +488,6 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_ids:
             return list(self.tokenizer.eos_token_ids)
         return list(self.model.config.eos_token_ids)
-
-    def _default_cpu_num_blocks(self, bytes_per_block):
-        """On the CPU: room for every sequence at full length, capped at 1 GiB of cache."""
-        wanted = self.max_num_seqs * -(-self.max_model_len // self.block_size)
-        return max(1, min(wanted, (1 << 30) // bytes_per_block))
 
     def _profile_num_blocks(self, bytes_per_block, gpu_memory_utilization):
         """Run the largest step the engine can schedule and size the cache from the memory left."""
