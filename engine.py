@@ -12,12 +12,15 @@ the step's input tensors, CUDA graphs for decode-only batches, sampling on the d
 overlap. Never touches: model internals, kernel internals, block bookkeeping.
 """
 import itertools
+import random
 import sys
 from array import array
 import time
 from dataclasses import dataclass, field
 
 import torch
+import triton
+import triton.language as tl
 
 import kv_cache
 import model as models
@@ -50,7 +53,7 @@ class RequestOutput:
 class LiveRequest:
     """The engine's own state of an unfinished request (the scheduler holds the rest)."""
     prompt: str | None
-    generator: torch.Generator | None  # set when SamplingParams.seed is
+    seed: int                          # SamplingParams.seed, or a draw from the engine's seed
     stream: object | None              # the tokenizer's incremental decoder
     text: list[str] = field(default_factory=list)
 
@@ -74,9 +77,9 @@ class SamplingTensors:
     temperature: torch.Tensor  # [rows] float32; 0 = greedy
     top_p: torch.Tensor        # [rows] float32
     top_k: torch.Tensor        # [rows] int32; 0 = off
+    seeds: torch.Tensor        # [rows] int32: the noise of each row's draw (see sample)
     all_greedy: bool
     needs_top_k_top_p: bool
-    seeded: list[tuple[int, torch.Generator]]  # rows whose noise comes from their own generator
 
 
 def apply_top_k_top_p(logits, top_k, top_p):
@@ -91,21 +94,66 @@ def apply_top_k_top_p(logits, top_k, top_p):
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits, params: SamplingTensors, generator: torch.Generator):
-    """Greedy rows take the argmax; the others draw from softmax(logits / T) by the exponential race:
-    argmax(p / E) with E ~ Exp(1) is a sample of p (the Gumbel-max trick), with no cumsum or search."""
-    greedy = logits.argmax(-1)
+def sample(logits, params: SamplingTensors):
+    """One token per row: greedy rows take the argmax, the others a draw from softmax(logits / T).
+
+    The Gumbel-max trick: argmax(logits / T + G), G = -log(-log(U)) with U uniform, is a draw from
+    softmax(logits / T), so sampling is one pass over the vocabulary with no softmax, cumsum or
+    search. Each row's U comes from its own seed, derived from the request's seed and the index of
+    the token being drawn, so a seeded request draws the same tokens alone or in any batch."""
     if params.all_greedy:
-        return greedy
-    temperature = torch.where(params.temperature > 0, params.temperature, 1.0)
-    logits = logits / temperature[:, None]
-    if params.needs_top_k_top_p:
-        logits = apply_top_k_top_p(logits, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    for row, row_generator in params.seeded:  # a seeded request's draws depend on its seed alone
-        noise[row].exponential_(generator=row_generator)
-    return torch.where(params.temperature > 0, probs.div_(noise).argmax(-1), greedy)
+        return logits.argmax(-1)
+    temperature = params.temperature
+    if params.needs_top_k_top_p:  # rare: sort-based masking on logits / T, then draw at T = 1
+        sampled = temperature > 0
+        logits = apply_top_k_top_p(logits / torch.where(sampled, temperature, 1.0)[:, None],
+                                   params.top_k, params.top_p)
+        temperature = sampled.float()
+    draw = gumbel_argmax if logits.is_cuda else gumbel_argmax_reference
+    return draw(logits, temperature, params.seeds)
+
+
+@triton.jit
+def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, seeds_ptr, out_ptr, vocab_size, stride_row,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    temperature = tl.load(temperature_ptr + row)
+    seed = tl.load(seeds_ptr + row)
+    best_value = tl.full((), float("-inf"), tl.float32)
+    best_index = tl.full((), 0, tl.int32)
+    for start in range(0, vocab_size, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + row * stride_row + offsets, mask=offsets < vocab_size, other=float("-inf"))
+        x = x.to(tl.float32)
+        if temperature > 0:
+            gumbel = -tl.log(-tl.log(tl.rand(seed, offsets)))  # U = 0 gives -inf: never chosen
+            x = x / temperature + gumbel
+        block_best = tl.max(x, axis=0)
+        block_index = tl.argmax(x, axis=0) + start
+        better = block_best > best_value  # strict: ties keep the lowest index, as torch.argmax
+        best_index = tl.where(better, block_index, best_index)
+        best_value = tl.where(better, block_best, best_value)
+    tl.store(out_ptr + row, best_index)
+
+
+def gumbel_argmax(logits, temperature, seeds):
+    """argmax(logits / T + Gumbel noise) per row (T = 0: plain argmax), one read of the logits."""
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    if logits.shape[0]:
+        block = min(4096, triton.next_power_of_2(logits.shape[1]))
+        _gumbel_argmax_kernel[(logits.shape[0],)](logits, temperature, seeds, out, logits.shape[1],
+                                                  logits.stride(0), BLOCK=block, num_warps=8)
+    return out
+
+
+def gumbel_argmax_reference(logits, temperature, seeds):
+    """gumbel_argmax in plain torch (the noise comes from torch's generator, not Triton's)."""
+    out = logits.argmax(-1)
+    for row in (temperature > 0).nonzero().flatten().tolist():
+        generator = torch.Generator(logits.device).manual_seed(int(seeds[row]))
+        uniform = torch.rand(logits.shape[1], generator=generator, device=logits.device)
+        out[row] = (logits[row].float() / temperature[row] - torch.log(-torch.log(uniform))).argmax()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +171,7 @@ class InputLayout:
     def __init__(self, max_tokens, max_seqs, max_blocks_per_seq):
         sizes = dict(input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_seqs,
-                     temperature=max_seqs, top_p=max_seqs, top_k=max_seqs,
+                     temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, seeds=max_seqs,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
         self.offset, end = {}, 0
         for name, size in sizes.items():
@@ -187,7 +235,7 @@ class LLM:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.async_scheduling = async_scheduling
         self.on_cuda = self.device.type == "cuda"
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.rng = random.Random(seed)  # seeds of requests that bring none
 
         max_tokens = max(max_num_batched_tokens, max_num_seqs)
         self.layout = InputLayout(max_tokens, max_num_seqs, -(-self.max_model_len // block_size))
@@ -268,9 +316,9 @@ class LLM:
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self.scheduler.add(Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params))
-        generator = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        seed = params.seed if params.seed is not None else self.rng.getrandbits(31)
         stream = self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else None
-        self.live[request_id] = LiveRequest(text, generator, stream)
+        self.live[request_id] = LiveRequest(text, seed, stream)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns an output for every request that got a token or finished."""
@@ -304,7 +352,7 @@ class LLM:
     def _launch(self, schedule: SchedulerOutput) -> InFlight:
         plan = self._prepare_inputs(schedule)
         logits = self._run_model(plan)
-        sampled = sample(logits, plan.sampling, self.generator)
+        sampled = sample(logits, plan.sampling)
         host = self.sampled_host[self.step_count % 2][: plan.num_sampling]
         host.copy_(sampled, non_blocking=True)
         ready = None
@@ -324,7 +372,7 @@ class LLM:
         block_size = self.block_size
         previous_rows = self.in_flight.plan.sample_row if self.in_flight is not None else {}
         input_ids, positions, slots, query_start, seq_lens, logits_indices = [], [], [], [0], [], []
-        temperature, top_p, top_k, seeded, sample_row = [], [], [], [], {}
+        temperature, top_p, top_k, seeds, sample_row = [], [], [], [], {}
         placeholder_dst, placeholder_src, tables = [], [], []
         for entry in schedule.scheduled:
             request, start = entry.request, entry.start
@@ -352,8 +400,9 @@ class LLM:
             if entry.samples:
                 params = request.sampling_params
                 sample_row[request.request_id] = len(logits_indices)
-                if params.seed is not None:
-                    seeded.append((len(logits_indices), self.live[request.request_id].generator))
+                # The noise of the k-th token a request draws depends on (its seed, k) alone.
+                index = len(request.output_token_ids) + request.num_output_placeholders
+                seeds.append(hash((self.live[request.request_id].seed, index)) & 0x7FFFFFFF)
                 logits_indices.append(len(input_ids) - 1)
                 temperature.append(params.temperature)
                 top_p.append(params.top_p)
@@ -374,7 +423,7 @@ class LLM:
         host, layout = self.host_buffers[self.step_count % 2], self.layout
         for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slots),
                              ("query_start_loc", query_start), ("seq_lens", seq_lens),
-                             ("logits_indices", logits_indices), ("top_k", top_k),
+                             ("logits_indices", logits_indices), ("top_k", top_k), ("seeds", seeds),
                              ("placeholder_dst", placeholder_dst), ("placeholder_src", placeholder_src),
                              ("temperature", temperature), ("top_p", top_p)):
             if values:
@@ -403,9 +452,9 @@ class LLM:
             temperature=layout.view(device, "temperature", num_sampling).view(torch.float32),
             top_p=layout.view(device, "top_p", num_sampling).view(torch.float32),
             top_k=layout.view(device, "top_k", num_sampling),
+            seeds=layout.view(device, "seeds", num_sampling),
             all_greedy=not any(temperature),
-            needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p),
-            seeded=seeded)
+            needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p))
         self.stats.context_tokens_read += sum(seq_lens)
         return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens),
                         sample_row, sampling)
@@ -516,8 +565,8 @@ class LLM:
             logits = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions,
                                 scratch, meta, torch.arange(rows, device=self.device))
             full = torch.ones(rows, device=self.device)
-            sample(logits, SamplingTensors(full, full * 0.5, torch.full((rows,), 5, dtype=torch.int32,
-                                           device=self.device), False, True, []), self.generator)
+            ints = torch.full((rows,), 5, dtype=torch.int32, device=self.device)
+            sample(logits, SamplingTensors(full, full * 0.5, ints, ints, False, True))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
         del scratch, logits

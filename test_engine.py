@@ -1420,14 +1420,18 @@ def test_text_prompts_with_a_real_tokenizer(tmp_path):
 
 # ---- sampling -------------------------------------------------------------------------------
 
-def _frequencies(probabilities, rows=20000, **params):
-    logits = torch.tensor(probabilities).log().repeat(rows, 1)
-    n = rows
-    tensors = engine.SamplingTensors(
-        temperature=torch.full((n,), params.get("temperature", 1.0)), top_p=torch.full((n,), params.get("top_p", 1.0)),
-        top_k=torch.full((n,), params.get("top_k", 0), dtype=torch.int32), all_greedy=False,
-        needs_top_k_top_p=params.get("top_k", 0) > 0 or params.get("top_p", 1.0) < 1, seeded=[])
-    tokens = engine.sample(logits, tensors, torch.Generator().manual_seed(0))
+def _sampling_tensors(rows, temperature=1.0, top_p=1.0, top_k=0, device="cpu"):
+    return engine.SamplingTensors(
+        temperature=torch.full((rows,), float(temperature), device=device),
+        top_p=torch.full((rows,), float(top_p), device=device),
+        top_k=torch.full((rows,), top_k, dtype=torch.int32, device=device),
+        seeds=torch.arange(rows, dtype=torch.int32, device=device) * 7919 + 1,
+        all_greedy=temperature == 0, needs_top_k_top_p=top_k > 0 or top_p < 1)
+
+
+def _frequencies(probabilities, rows=20000, device="cpu", **params):
+    logits = torch.tensor(probabilities, device=device).log().repeat(rows, 1)
+    tokens = engine.sample(logits, _sampling_tensors(rows, device=device, **params))
     return (torch.bincount(tokens, minlength=len(probabilities)).float() / rows).tolist()
 
 
@@ -1440,9 +1444,33 @@ def _frequencies(probabilities, rows=20000, **params):
     (dict(top_k=3, top_p=0.99), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0]),
 ])
 def test_sampling_frequencies(params, expected):
-    observed = _frequencies([0.5, 0.25, 0.15, 0.1], **params)
+    observed = _frequencies([0.5, 0.25, 0.15, 0.1], **params)  # the plain-torch draw on the CPU
     assert observed == pytest.approx(expected, abs=0.015)
     assert all(o == 0 for o, e in zip(observed, expected) if e == 0)
+    if torch.cuda.is_available():  # the Triton draw, the one the engine uses on a GPU
+        observed = _frequencies([0.5, 0.25, 0.15, 0.1], rows=200000, device="cuda", **params)
+        assert observed == pytest.approx(expected, abs=0.005)
+        assert all(o == 0 for o, e in zip(observed, expected) if e == 0)
+
+
+def test_gumbel_argmax_kernel():
+    """The Triton draw (interpreted on a CPU, where each row costs ~15 ms: few rows, loose bound)."""
+    cuda = torch.cuda.is_available()
+    device, rows, tolerance = ("cuda", 200000, 0.005) if cuda else ("cpu", 400, 0.07)
+    probabilities = torch.tensor([0.5, 0.25, 0.15, 0.1], device=device)
+    logits = probabilities.log().repeat(rows, 1)
+    temperature = torch.ones(rows, device=device)
+    seeds = torch.arange(rows, dtype=torch.int32, device=device) * 7919 + 1
+    tokens = engine.gumbel_argmax(logits, temperature, seeds)
+    observed = torch.bincount(tokens, minlength=4).float() / rows
+    assert observed.tolist() == pytest.approx(probabilities.tolist(), abs=tolerance)
+    few = slice(0, 50)
+    assert torch.equal(engine.gumbel_argmax(logits[few], temperature[few], seeds[few]), tokens[few])  # same seeds
+    assert not torch.equal(engine.gumbel_argmax(logits[few], temperature[few], seeds[few] + 1), tokens[few])
+    # Greedy rows over a vocabulary spanning several tiles give exactly torch.argmax.
+    wide = torch.randn(5, 9000, generator=torch.Generator().manual_seed(0)).to(device)
+    greedy = engine.gumbel_argmax(wide, torch.zeros(5, device=device), seeds[:5])
+    assert torch.equal(greedy, wide.argmax(-1))
 
 
 def test_top_k_1_equals_greedy_and_seeds_are_batch_independent():
