@@ -1,12 +1,14 @@
 """Paged attention: the Triton kernels and their plain-torch reference.
 
-Owns: writing a step's new K/V into the paged cache, and attention for a flat batch of query
-tokens from many requests (prefill chunks and decodes mixed, causal, GQA), read through block
-tables. Never touches: which blocks a request owns (it reads the block tables it is given).
+Owns: turning the fused q/k/v projection into attention inputs (Qwen3's per-head q/k RMSNorm,
+RoPE, writing the new K/V into the paged cache: one fused kernel per layer), and attention for a
+flat batch of query tokens from many requests (prefill chunks and decodes mixed, causal, GQA),
+read through block tables. Never touches: which blocks a request owns (it reads the block tables
+it is given), the RoPE angles (model.rope_tables makes them).
 
 KV cache layout (per layer): k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads,
 head_dim]. Token `offset` of block `b` lives at slot b * block_size + offset. One token's K for
-all heads is one contiguous row, so write_kv stores a token with one burst, and attention reads a
+all heads is one contiguous row, so the KV write stores a token with one burst, and attention reads a
 key as head_dim contiguous elements (256 bytes in bf16 at head_dim 128): fully used memory
 transactions even though consecutive keys of a request sit in pages scattered over the pool.
 
@@ -26,6 +28,7 @@ How the attention kernel works (FlashAttention-2 + flash-decoding, over pages):
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -47,6 +50,31 @@ def write_kv_reference(k, v, k_cache, v_cache, slot_mapping):
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [T, heads, head_dim] by its positions' angles (cos, sin: [T, 1, head_dim]).
+    Llama/Qwen checkpoints pair dimension i with i + head_dim/2 (HF's rotate_half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
+
+
+def rope_and_write_kv_reference(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
+                                k_cache, v_cache, slot_mapping):
+    """From the fused projection qkv [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim] to
+    attention's inputs: with q_norm/k_norm [head_dim] (Qwen3; None elsewhere) each q and k head is
+    RMS-normalised (eps) first; q and k are rotated by their positions' angles (cos_table,
+    sin_table: [max_positions, head_dim]); k and v are written into the cache at slot_mapping (-1:
+    not written). Returns q [num_tokens, num_q_heads, head_dim]."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    heads = qkv.view(qkv.shape[0], -1, head_dim)
+    q, k, v = heads.split([heads.shape[1] - 2 * num_kv_heads, num_kv_heads, num_kv_heads], dim=1)
+    if q_norm is not None:
+        q, k = F.rms_norm(q, (head_dim,), q_norm, eps), F.rms_norm(k, (head_dim,), k_norm, eps)
+    cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    write_kv_reference(k, v, k_cache, v_cache, slot_mapping)  # this step's keys must be visible to itself
+    return q
 
 
 def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
@@ -76,50 +104,95 @@ def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scal
 
 
 # ---------------------------------------------------------------------------------------------
-# KV write: one program per new token stores that token's K and V rows for all KV heads.
+# q/k norm + RoPE + KV write: one program per token, all its heads. Done as separate torch ops this
+# is ~8 kernels per layer, each a few microseconds of launch for a few KB of data in a decode step.
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                     stride_k_token, stride_k_head, stride_v_token, stride_v_head,
-                     stride_cache_block, stride_cache_offset, stride_cache_head,
-                     NUM_KV_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    token = tl.program_id(0)
+def _norm_and_rotate(x1, x2, norm_ptr, eps, half, cos1, sin1, cos2, sin2,
+                     HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # x1, x2 [heads, HEAD_DIM / 2] fp32: the two halves that rotate_half pairs up.
+    if HAS_NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+        x1 = x1 * rstd * tl.load(norm_ptr + half).to(tl.float32)
+        x2 = x2 * rstd * tl.load(norm_ptr + HEAD_DIM // 2 + half).to(tl.float32)
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+
+@triton.jit
+def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
+                              q_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                              stride_qkv_token, stride_table, stride_cache_block, stride_cache_offset,
+                              stride_cache_head, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                              Q_HEADS_POW2: tl.constexpr, KV_HEADS_POW2: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    half = tl.arange(0, HEAD_DIM // 2)[None, :]
+    table = tl.load(positions_ptr + token) * stride_table + half
+    cos1 = tl.load(cos_ptr + table).to(tl.float32)
+    sin1 = tl.load(sin_ptr + table).to(tl.float32)
+    cos2 = tl.load(cos_ptr + table + HEAD_DIM // 2).to(tl.float32)
+    sin2 = tl.load(sin_ptr + table + HEAD_DIM // 2).to(tl.float32)
+    row = qkv_ptr + token * stride_qkv_token
+
+    q_heads = tl.arange(0, Q_HEADS_POW2)[:, None]
+    q_mask = q_heads < NUM_Q_HEADS
+    q_offsets = q_heads * HEAD_DIM + half
+    q1 = tl.load(row + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(row + q_offsets + HEAD_DIM // 2, mask=q_mask, other=0.0).to(tl.float32)
+    q1, q2 = _norm_and_rotate(q1, q2, q_norm_ptr, eps, half, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
+    q_out = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + q_offsets
+    tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(q_out + HEAD_DIM // 2, q2.to(q_out_ptr.dtype.element_ty), mask=q_mask)
+
+    kv_heads = tl.arange(0, KV_HEADS_POW2)[:, None]
+    k_offsets = (NUM_Q_HEADS + kv_heads) * HEAD_DIM + half
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token (CUDA-graph batch filler): nothing to store
-        return
-    heads = tl.arange(0, HEADS_POW2)[:, None]
+    kv_mask = kv_heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)  # slot -1: a padding token, nothing stored
+    k1 = tl.load(row + k_offsets, mask=kv_mask, other=0.0).to(tl.float32)
+    k2 = tl.load(row + k_offsets + HEAD_DIM // 2, mask=kv_mask, other=0.0).to(tl.float32)
+    k1, k2 = _norm_and_rotate(k1, k2, k_norm_ptr, eps, half, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
+    cache = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset
+             + kv_heads * stride_cache_head)
+    tl.store(k_cache_ptr + cache + half, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(k_cache_ptr + cache + HEAD_DIM // 2 + half, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
     dims = tl.arange(0, HEAD_DIM)[None, :]
-    mask = heads < NUM_KV_HEADS
-    cache_offsets = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset
-                     + heads * stride_cache_head + dims)
-    k = tl.load(k_ptr + token * stride_k_token + heads * stride_k_head + dims, mask=mask)
-    v = tl.load(v_ptr + token * stride_v_token + heads * stride_v_head + dims, mask=mask)
-    tl.store(k_cache_ptr + cache_offsets, k, mask=mask)
-    tl.store(v_cache_ptr + cache_offsets, v, mask=mask)
+    v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=kv_mask)
+    tl.store(v_cache_ptr + cache + dims, v, mask=kv_mask)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """Triton version of write_kv_reference (same arguments); one launch, CUDA-graph safe."""
+def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping):
+    """Triton version of rope_and_write_kv_reference (same arguments and result); one launch, fp32
+    math inside, CUDA-graph safe. qkv's rows may be strided; each row's elements must be contiguous."""
     _check_caches(k_cache, v_cache)
-    if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(f"k and v must both be [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}], "
-                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
-        raise ValueError(f"k/v dtype {k.dtype}/{v.dtype} must equal the cache dtype {k_cache.dtype}")
-    if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping must have shape [{k.shape[0]}], got {tuple(slot_mapping.shape)}")
-    if k.stride(2) != 1 or v.stride(2) != 1:
-        raise ValueError("k and v must be contiguous along head_dim (stride 1)")
-    if k.shape[0] == 0:
-        return
-    num_kv_heads = k.shape[1]
-    _write_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEADS_POW2=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=k.shape[2], BLOCK_SIZE=k_cache.shape[1])
+    num_tokens, width = qkv.shape if qkv.dim() == 2 else (-1, -1)
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    num_q_heads = width // head_dim - 2 * num_kv_heads
+    if (width % head_dim or num_q_heads < 1 or num_q_heads % num_kv_heads or qkv.stride(-1) != 1
+            or qkv.dtype != k_cache.dtype):
+        raise ValueError(f"qkv must be [num_tokens, (num_q_heads + 2 * {num_kv_heads}) * {head_dim}] {k_cache.dtype}, "
+                         f"num_q_heads a multiple of {num_kv_heads}, rows contiguous; got {tuple(qkv.shape)} {qkv.dtype}")
+    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"positions and slot_mapping must have shape [{num_tokens}], "
+                         f"got {tuple(positions.shape)} and {tuple(slot_mapping.shape)}")
+    if (cos_table.dim() != 2 or cos_table.shape[1] != head_dim or sin_table.shape != cos_table.shape
+            or sin_table.stride() != cos_table.stride() or cos_table.stride(1) != 1):
+        raise ValueError(f"cos_table and sin_table must be [max_positions, {head_dim}] with equal strides, contiguous "
+                         f"rows; got {tuple(cos_table.shape)} and {tuple(sin_table.shape)}")
+    has_norm = q_norm is not None
+    if (k_norm is not None) != has_norm or (has_norm and (q_norm.shape, k_norm.shape) != ((head_dim,),) * 2):
+        raise ValueError(f"q_norm and k_norm must both be None or both [{head_dim}]")
+    q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    _rope_and_write_kv_kernel[(num_tokens,)](
+        qkv, positions, cos_table, sin_table, q_norm if has_norm else qkv,  # unused norm pointers: any tensor
+        k_norm if has_norm else qkv, eps, q, k_cache, v_cache, slot_mapping,
+        qkv.stride(0), cos_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, Q_HEADS_POW2=triton.next_power_of_2(num_q_heads),
+        KV_HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        HAS_NORM=has_norm)
+    return q
 
 
 # ---------------------------------------------------------------------------------------------

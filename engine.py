@@ -221,7 +221,6 @@ class LLM:
                  num_blocks: int | None = None, long_prefill_token_threshold: int = 0):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _check_engine_args(block_size, max_num_batched_tokens, max_num_seqs, gpu_memory_utilization)
-        torch.manual_seed(seed)
         if model in models.SHAPES:  # random weights of a named shape: no tokenizer, prompts are ids
             self.model, self.tokenizer = models.random_model(model, dtype, self.device, seed=seed), None
         else:

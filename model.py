@@ -9,6 +9,13 @@ host syncs or data-dependent branches on the Triton path, so the engine can capt
 graph. The tokenizer turns an HF byte-level BPE tokenizer.json (or Llama 3's tiktoken file) into
 a tiktoken.Encoding.
 
+It also holds two small Triton kernels, residual add + RMSNorm and SiLU(gate) * up, beside the
+plain-torch functions they replace (with attention.py's q/k-norm + RoPE + KV-write kernel, the
+"fusing the small ops" step of DESIGN.md's roadmap). A graphed decode step of a small model is
+launch-bound: every kernel costs a few microseconds however little it moves, and the norms, RoPE,
+KV write, SiLU and residual adds were 16 of a layer's 21 kernels (Qwen3-0.6B). Fused they are 4,
+so a layer runs 9 kernels: four matmuls, attention and these 4.
+
 Owns: ModelConfig (from HF config.json), the forward, loading *.safetensors, random init, the
 tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
 """
@@ -19,11 +26,14 @@ import math
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import tiktoken
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from safetensors import safe_open
 from torch import nn
 
@@ -206,11 +216,100 @@ def rope_tables(config: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor
     return angles.cos().to(config.dtype), angles.sin().to(config.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by its positions' angles (cos, sin: [T, 1, head_dim]).
-    Llama/Qwen checkpoints pair dimension i with i + head_dim/2 (HF's rotate_half layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """residual += x (in place: the residual stream), then HF's RMSNorm of it: normalised in fp32,
+    rounded to the input dtype, then scaled by the weight."""
+    total = residual.add_(x).float()
+    return weight * (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: [T, 2 * intermediate] (gate, up side by side) -> silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# The kernels compute in fp32 and round to the model's dtype where the torch functions above do
+# (the residual sum, the normalised row, silu's output), so in bf16 they agree with them, and with
+# HF, up to the last bit of an fp32 sum or exp.
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, eps, hidden_size,
+                         stride_x, stride_residual, stride_out, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
+    total = (residual + x).to(residual_ptr.dtype.element_ty)
+    tl.store(residual_ptr + row * stride_residual + cols, total, mask=mask)
+    total = total.to(tl.float32)
+    normed = total * tl.rsqrt(tl.sum(total * total, 0) / hidden_size + eps)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = normed.to(out_ptr.dtype.element_ty).to(tl.float32) * weight
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton version of add_rms_norm_reference (same arguments and result): one program per row."""
+    if (x.dim() != 2 or x.shape != residual.shape or weight.shape != x.shape[1:] or x.dtype != residual.dtype
+            or x.stride(1) != 1 or residual.stride(1) != 1):
+        raise ValueError(f"x and residual must be [num_tokens, hidden] of one dtype with contiguous rows, weight "
+                         f"[hidden]; got {tuple(x.shape)} {x.dtype}, {tuple(residual.shape)} {residual.dtype}, "
+                         f"{tuple(weight.shape)}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0] > 0:
+        block = triton.next_power_of_2(x.shape[1])
+        _add_rms_norm_kernel[(x.shape[0],)](
+            x, residual, weight, out, eps, x.shape[1], x.stride(0), residual.stride(0), out.stride(0),
+            BLOCK=block, num_warps=min(8, max(1, block // 256)))
+    return out
+
+
+SILU_BLOCK = 1024  # elements of one row per program
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, stride_gate_up, stride_out,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate_size
+    gate = tl.load(gate_up_ptr + row * stride_gate_up + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_gate_up + intermediate_size + cols, mask=mask, other=0.0)
+    silu = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (silu * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Triton version of silu_and_mul_reference (same argument and result)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise ValueError(f"gate_up must be [num_tokens, 2 * intermediate] with contiguous rows, got "
+                         f"{tuple(gate_up.shape)} {gate_up.stride()}")
+    num_tokens, intermediate_size = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(num_tokens, intermediate_size, dtype=gate_up.dtype, device=gate_up.device)
+    if num_tokens > 0:
+        _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate_size, SILU_BLOCK))](
+            gate_up, out, intermediate_size, gate_up.stride(0), out.stride(0), BLOCK=SILU_BLOCK)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """The steps of a layer that have a fused Triton kernel: either all four kernels or all four
+    plain-torch references (same signatures), picked once per forward by Transformer.use_triton."""
+    add_rms_norm: Callable
+    rope_and_write_kv: Callable
+    paged_attention: Callable
+    silu_and_mul: Callable
+
+    @classmethod
+    def pick(cls, use_triton: bool) -> "LayerKernels":
+        # looked up per call, so the kernels can be swapped in at any time
+        if use_triton:
+            return cls(add_rms_norm, attention.rope_and_write_kv, attention.paged_attention, silu_and_mul)
+        return cls(add_rms_norm_reference, attention.rope_and_write_kv_reference,
+                   attention.paged_attention_reference, silu_and_mul_reference)
 
 
 def _empty(*shape, config: ModelConfig) -> nn.Parameter:
@@ -225,7 +324,6 @@ class DecoderLayer(nn.Module):
         self.config = config
         q_size, kv_size = config.num_q_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.qkv_sizes = [q_size, kv_size, kv_size]
-        self.qk_heads = [config.num_q_heads, config.num_kv_heads]
         self.input_layernorm = _empty(config.hidden_size, config=config)
         self.qkv_proj = _empty(q_size + 2 * kv_size, config.hidden_size, config=config)
         self.qkv_bias = _empty(q_size + 2 * kv_size, config=config) if config.has_qkv_bias else None
@@ -236,34 +334,27 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = _empty(2 * config.intermediate_size, config.hidden_size, config=config)
         self.down_proj = _empty(config.hidden_size, config.intermediate_size, config=config)
 
-    def norm(self, x, weight):
-        return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
-
-    def attention(self, x, cos, sin, k_cache, v_cache, meta, write_kv, paged_attention):
+    def attention(self, x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         c = self.config
-        num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
-        # q and k heads side by side, so one RoPE covers both; q, k, v stay strided views (the
-        # kernels take strides; only head_dim must be contiguous).
-        qk = qkv[:, : -self.qkv_sizes[2]].view(num_tokens, -1, c.head_dim)
-        v = qkv[:, -self.qkv_sizes[2]:].view(num_tokens, c.num_kv_heads, c.head_dim)
-        if c.has_qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
-            q, k = qk.split(self.qk_heads, dim=1)
-            qk = torch.cat((self.norm(q, self.q_norm), self.norm(k, self.k_norm)), dim=1)
-        q, k = apply_rope(qk, cos, sin).split(self.qk_heads, dim=1)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # this step's keys must be visible to itself
-        out = paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5)
-        return F.linear(out.reshape(num_tokens, -1), self.o_proj)
+        # Qwen3's q/k RMSNorm, RoPE, and this step's K/V into the cache (its keys must be visible to
+        # itself); q comes back contiguous for attention.
+        q = kernels.rope_and_write_kv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
+                                      c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5)
+        return F.linear(out.reshape(x.shape[0], -1), self.o_proj)
 
-    def mlp(self, x):
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+    def mlp(self, x, kernels):
+        return F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
 
-    def forward(self, hidden, cos, sin, k_cache, v_cache, meta, write_kv, paged_attention):
-        # in-place residual adds: `hidden` is this forward's own buffer (from F.embedding)
-        normed = self.norm(hidden, self.input_layernorm)
-        hidden.add_(self.attention(normed, cos, sin, k_cache, v_cache, meta, write_kv, paged_attention))
-        return hidden.add_(self.mlp(self.norm(hidden, self.post_attention_layernorm)))
+    def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
+        """hidden: the previous layer's output, not yet added to the residual stream: the add is
+        fused into this layer's first norm (the last layer's into the final norm). Updates
+        `residual` in place and returns this layer's output."""
+        eps = self.config.rms_norm_eps
+        x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps)
+        x = self.attention(x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels)
+        return self.mlp(kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps), kernels)
 
 
 class Transformer(nn.Module):
@@ -300,17 +391,17 @@ class Transformer(nn.Module):
         logits_indices [S] (None: every row). kv_cache: [num_layers, 2, num_blocks, block_size,
         num_kv_heads, head_dim]; this step's K/V are written into it at meta.slot_mapping."""
         self.check_kv_cache(kv_cache)
-        if self.use_triton:  # looked up per call, so the kernels can be swapped in at any time
-            write_kv, paged_attention = attention.write_kv, attention.paged_attention
-        else:
-            write_kv, paged_attention = attention.write_kv_reference, attention.paged_attention_reference
-        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        kernels = LayerKernels.pick(self.use_triton)
         hidden = F.embedding(input_ids, self.embed_tokens)
+        # The residual stream starts at zero and the embedding is the first output added to it, so
+        # every layer starts the same way (add + norm), the first one included.
+        residual = torch.zeros_like(hidden)
         for layer, layer_cache in zip(self.layers, kv_cache):
-            hidden = layer(hidden, cos, sin, layer_cache[0], layer_cache[1], meta, write_kv, paged_attention)
+            hidden = layer(hidden, residual, positions, self.rope_cos, self.rope_sin, layer_cache[0], layer_cache[1],
+                           meta, kernels)
         if logits_indices is not None:  # the final norm and lm_head only for rows that sample
-            hidden = hidden[logits_indices]
-        hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
+            hidden, residual = hidden[logits_indices], residual[logits_indices]
+        hidden = kernels.add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
         return F.linear(hidden, self.lm_head).float()
 
 

@@ -12,6 +12,7 @@ import unicodedata
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
@@ -23,11 +24,14 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import engine  # noqa: E402
 import kv_cache  # noqa: E402
 from attention import (AttentionMetadata, LaunchConfig, choose_launch_config, paged_attention,  # noqa: E402
-                       paged_attention_reference, run_paged_attention, write_kv, write_kv_reference)
+                       paged_attention_reference, rope_and_write_kv, rope_and_write_kv_reference,
+                       run_paged_attention)
 from engine import LLM  # noqa: E402
 from kv_cache import (BlockTable, KVCacheManager, allocate_kv_cache, check_kv_capacity, hash_block,  # noqa: E402
                       kv_cache_bytes_per_block, num_blocks_from_memory, ROOT_HASH)
-from model import SHAPES, Tokenizer, Transformer, load_model, load_tokenizer, random_model, read_config  # noqa: E402
+from model import (SHAPES, Llama3RopeScaling, Tokenizer, Transformer, add_rms_norm,  # noqa: E402
+                   add_rms_norm_reference, load_model, load_tokenizer, random_model, read_config, rope_tables,
+                   silu_and_mul, silu_and_mul_reference)
 from scheduler import Request, RequestStatus, SamplingParams, Scheduler  # noqa: E402
 
 
@@ -1223,33 +1227,12 @@ def test_decode_split_choice_uses_only_shapes():
     assert first.num_splits > 1  # 4 programs for 2 x 2 heads: the split path is chosen
 
 
-@pytest.mark.parametrize("dtype", _DTYPES)
-def test_write_kv_matches_reference(dtype):
-    gen = torch.Generator().manual_seed(7)
-    num_blocks, block_size, num_kv_heads, head_dim, num_tokens = 6, 4, 3, 32, 9
-    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    caches = [torch.randn(cache_shape, generator=gen).to(dtype).to(_DEVICE) for _ in range(2)]
-    # k, v as strided views into one fused projection output, as the model produces them.
-    qkv = torch.randn(num_tokens, 5 * num_kv_heads * head_dim, generator=gen).to(dtype).to(_DEVICE)
-    k = qkv[:, 3 * num_kv_heads * head_dim:4 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
-    v = qkv[:, 4 * num_kv_heads * head_dim:].view(num_tokens, num_kv_heads, head_dim)
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    slots[[2, 5]] = -1  # padding tokens are not written
-    slots = slots.to(_DEVICE)
-    expected = [c.clone() for c in caches]
-    write_kv_reference(k, v, *expected, slots)
-    write_kv(k, v, *caches, slots)
-    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
-
-
 def test_bad_input_raises():
     q, k_cache, v_cache, meta = _make_batch([1], [5], 1, 2, 32, 4, _DTYPES[0], seed=8)
     with pytest.raises(ValueError, match="head_dim"):
         paged_attention(q[..., :24], k_cache[..., :24], v_cache[..., :24], meta, 1.0)
     with pytest.raises(ValueError, match="dtype"):
         paged_attention(q.double(), k_cache, v_cache, meta, 1.0)
-    with pytest.raises(ValueError, match="slot_mapping"):
-        write_kv(q[:, :1], q[:, :1], k_cache, v_cache, torch.zeros(3, dtype=torch.int64, device=_DEVICE))
 
 
 @pytest.mark.skipif(not _CUDA, reason="CUDA graphs need a GPU")
@@ -1285,6 +1268,232 @@ def test_large_mixed_batch_all_dtypes(dtype, head_dim):
                      dtype=dtype, seed=head_dim + 1)
     _check_attention([700, 300], [700, 1000], num_kv_heads=2, group=8, head_dim=head_dim, block_size=32,
                      dtype=dtype, seed=head_dim + 2)  # long chunks: the block_m 128 configuration
+
+
+# ==================================================================================================
+# the fused small ops (model.py's add+RMSNorm and SiLU x up, attention.py's q/k-norm + RoPE + KV write)
+# against their plain-torch references, and the whole model with them against the torch path
+# ==================================================================================================
+
+_FUSED_CUDA = torch.cuda.is_available()
+_FUSED_DEVICE = "cuda" if _FUSED_CUDA else "cpu"
+_FUSED_DTYPES = [torch.bfloat16, torch.float16] if _FUSED_CUDA else [torch.float32, torch.float16]
+# (rtol, atol): one or two units in the last place of each dtype, the kernels compute in fp32
+_FUSED_TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+def _fused_randn(*shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(_FUSED_DEVICE)
+
+
+def _fused_assert_close(out, expected):
+    rtol, atol = _FUSED_TOLERANCE[out.dtype]
+    torch.testing.assert_close(out, expected.to(out.dtype), rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+@pytest.mark.parametrize("dtype", _FUSED_DTYPES)
+@pytest.mark.parametrize("num_tokens, num_kv_heads, group, head_dim, qk_norm, block_size", [
+    (1, 2, 2, 64, True, 16),
+    (7, 1, 4, 128, False, 4),
+    (13, 3, 1, 64, True, 1),
+    (5, 8, 2, 128, True, 16),
+    (9, 2, 4, 64, False, 256),
+])
+def test_rope_and_write_kv_matches_reference(dtype, num_tokens, num_kv_heads, group, head_dim, qk_norm, block_size):
+    num_q_heads = num_kv_heads * group
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    # qkv as the model would pass a view of a wider buffer: rows strided, elements contiguous
+    qkv = (3 * _fused_randn(num_tokens, width + 32, dtype=dtype, seed=1))[:, :width]
+    config = replace(SHAPES["llama3-8b"], head_dim=head_dim, max_position_embeddings=300, dtype=dtype)
+    cos_table, sin_table = rope_tables(config, _FUSED_DEVICE)
+    generator = torch.Generator().manual_seed(2)
+    positions = torch.randint(0, 300, (num_tokens,), generator=generator).to(_FUSED_DEVICE)
+    num_blocks = -(-2 * num_tokens // block_size) + 1
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
+    slot_mapping[1::3] = -1  # padding tokens: nothing written
+    slot_mapping = slot_mapping.to(_FUSED_DEVICE)
+    q_norm = 1 + 0.3 * _fused_randn(head_dim, dtype=dtype, seed=3) if qk_norm else None
+    k_norm = 1 + 0.3 * _fused_randn(head_dim, dtype=dtype, seed=4) if qk_norm else None
+    caches = [_fused_randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, seed=s) for s in (5, 6)]
+    expected_caches = [c.double() for c in caches]
+
+    q = rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, 1e-6, *caches, slot_mapping)
+    expected_q = rope_and_write_kv_reference(
+        qkv.double(), positions, cos_table.double(), sin_table.double(), None if q_norm is None else q_norm.double(),
+        None if k_norm is None else k_norm.double(), 1e-6, *expected_caches, slot_mapping)
+
+    assert q.shape == (num_tokens, num_q_heads, head_dim) and q.is_contiguous()
+    _fused_assert_close(q, expected_q)
+    _fused_assert_close(caches[0], expected_caches[0])  # untouched slots are equal exactly, as both start equal
+    assert torch.equal(caches[1], expected_caches[1].to(dtype))  # v is copied, not computed
+
+
+def test_rope_and_write_kv_without_norm_is_plain_rotation():
+    """An independent check of the reference: RoPE as a complex rotation of pairs (i, i + head_dim/2)."""
+    num_tokens, num_kv_heads, head_dim = 4, 1, 64
+    qkv = _fused_randn(num_tokens, 3 * num_kv_heads * head_dim, dtype=torch.float32, seed=7)
+    config = replace(SHAPES["tiny"], head_dim=head_dim, max_position_embeddings=64, dtype=torch.float32)
+    cos_table, sin_table = rope_tables(config, _FUSED_DEVICE)
+    positions = torch.tensor([0, 3, 17, 63], device=_FUSED_DEVICE)
+    caches = [torch.zeros(1, num_tokens, num_kv_heads, head_dim, device=_FUSED_DEVICE) for _ in range(2)]
+    slots = torch.arange(num_tokens, device=_FUSED_DEVICE)
+    q = rope_and_write_kv(qkv, positions, cos_table, sin_table, None, None, 0.0, *caches, slots)
+    pairs = torch.complex(qkv[:, :head_dim // 2], qkv[:, head_dim // 2: head_dim])
+    inv_freq = 1e4 ** -(torch.arange(0, head_dim, 2, device=_FUSED_DEVICE) / head_dim)
+    rotated = pairs * torch.polar(torch.ones_like(inv_freq), positions[:, None] * inv_freq)
+    torch.testing.assert_close(q[:, 0], torch.cat((rotated.real, rotated.imag), -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1][0], qkv[:, 2 * head_dim:].view(num_tokens, 1, head_dim))
+
+
+@pytest.mark.parametrize("dtype", _FUSED_DTYPES)
+@pytest.mark.parametrize("num_tokens, hidden", [(1, 64), (7, 96), (33, 1024)])
+def test_add_rms_norm_matches_reference(dtype, num_tokens, hidden):
+    x = _fused_randn(num_tokens, hidden + 8, dtype=dtype, seed=1)[:, :hidden]  # strided rows
+    residual = _fused_randn(num_tokens, hidden, dtype=dtype, seed=2)
+    weight = 1 + 0.3 * _fused_randn(hidden, dtype=dtype, seed=3)
+    expected_residual = residual.clone()
+    out = add_rms_norm(x, residual, weight, 1e-6)
+    expected = add_rms_norm_reference(x, expected_residual, weight, 1e-6)
+    assert torch.equal(residual, expected_residual)  # the in-place sum, rounded as torch rounds it
+    _fused_assert_close(out, expected)
+    if dtype == torch.float32:  # and torch's own RMSNorm, an independent reference
+        torch.testing.assert_close(out, F.rms_norm(residual, (hidden,), weight, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", _FUSED_DTYPES)
+@pytest.mark.parametrize("num_tokens, intermediate", [(1, 96), (5, 1064)])  # 1064: two programs, the second partial
+def test_silu_and_mul_matches_reference(dtype, num_tokens, intermediate):
+    gate_up = (4 * _fused_randn(num_tokens, 2 * intermediate + 16, dtype=dtype, seed=1))[:, :2 * intermediate]
+    out = silu_and_mul(gate_up)
+    _fused_assert_close(out, silu_and_mul_reference(gate_up))
+    gate, up = gate_up.double().chunk(2, dim=-1)  # the definition: gate * sigmoid(gate) * up
+    _fused_assert_close(out, gate * torch.sigmoid(gate) * up)
+
+
+def test_fused_kernels_reject_bad_input():
+    x = _fused_randn(3, 64, dtype=torch.float32, seed=0)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(x, x[:2], x[0], 1e-6)
+    with pytest.raises(ValueError, match="gate_up"):
+        silu_and_mul(x[:, :63])
+    caches = [torch.zeros(2, 4, 1, 16, device=_FUSED_DEVICE) for _ in range(2)]
+    tables = torch.zeros(8, 16, device=_FUSED_DEVICE)
+    positions = slots = torch.zeros(3, dtype=torch.int64, device=_FUSED_DEVICE)
+    with pytest.raises(ValueError, match="qkv"):
+        rope_and_write_kv(x[:, :40], positions, tables, tables, None, None, 0.0, *caches, slots)
+    with pytest.raises(ValueError, match="q_norm and k_norm"):
+        rope_and_write_kv(x, positions, tables, tables, tables[0], None, 0.0, *caches, slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rope_and_write_kv(x, positions, tables, tables, None, None, 0.0, *caches, slots[:2])
+
+
+# ----------------------------------------------------------------------------------- whole model
+
+def _fused_model(architecture, dtype):
+    """A tiny random model with random norm weights and biases (random_model sets them to 1 and 0)."""
+    config = SHAPES["tiny"]
+    if architecture == "llama3":
+        config = replace(config, architecture="LlamaForCausalLM", rope_theta=5e5, tie_word_embeddings=False,
+                         rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 32))
+    model = random_model(config, dtype=dtype, device=_FUSED_DEVICE)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.copy_(1 + 0.3 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def _fused_batch(starts, ends, block_tables, block_size):
+    """positions and metadata for requests whose rows are positions starts[i]..ends[i]-1."""
+    positions = [p for start, end in zip(starts, ends) for p in range(start, end)]
+    slots = [table[p // block_size] * block_size + p % block_size
+             for table, start, end in zip(block_tables, starts, ends) for p in range(start, end)]
+    query_lens = [end - start for start, end in zip(starts, ends)]
+    query_start_loc = [sum(query_lens[:i]) for i in range(len(query_lens) + 1)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=_FUSED_DEVICE),
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=_FUSED_DEVICE),
+        seq_lens=torch.tensor(ends, dtype=torch.int32, device=_FUSED_DEVICE),
+        block_table=torch.tensor(block_tables, dtype=torch.int32, device=_FUSED_DEVICE),
+        max_query_len=max(query_lens), max_seq_len=max(ends))
+    return torch.tensor(positions, device=_FUSED_DEVICE), meta
+
+
+def _fused_error(out, expected):
+    return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if _FUSED_CUDA else []))
+@pytest.mark.parametrize("architecture", ["qwen3", "llama3"])
+def test_fused_forward_matches_torch_forward(architecture, dtype):
+    """Prefills, then a mixed step (a prompt chunk on a cached prefix + decodes), each forward
+    writing its own cache. In fp32 the Triton forward's logits and cache equal the torch forward's
+    to 1e-4; in bf16, where the two round at different points, the Triton forward must be about as
+    close to the fp32 forward (same weights) as the torch forward is."""
+    model, model32 = _fused_model(architecture, dtype), _fused_model(architecture, torch.float32)
+    with torch.no_grad():
+        for parameter, parameter32 in zip(model.parameters(), model32.parameters()):
+            parameter.copy_(parameter32)
+    c, block_size = model.config, 4
+    tables = [[3, 0, 5, 9], [1, 7, 2, 0], [8, 4, 6, 0]]
+    kv_cache = torch.randn(c.num_layers, 2, 10, block_size, c.num_kv_heads, c.head_dim).to(dtype).to(_FUSED_DEVICE)
+    runs = {"torch": (model, False, kv_cache), "triton": (model, True, kv_cache.clone()),
+            "fp32": (model32, False, kv_cache.float())}
+    generator = torch.Generator().manual_seed(2)
+    steps = [([0, 0, 0], [6, 9, 3]),   # prefills
+             ([6, 9, 3], [14, 10, 4])]  # an 8-token chunk after 6 cached tokens, two decodes
+    for starts, ends in steps:
+        positions, meta = _fused_batch(starts, ends, tables, block_size)
+        input_ids = torch.randint(0, c.vocab_size, positions.shape, generator=generator).to(_FUSED_DEVICE)
+        logits = {}
+        for name, (run_model, use_triton, cache) in runs.items():
+            run_model.use_triton = use_triton
+            with torch.no_grad():
+                logits[name] = run_model(input_ids, positions, cache, meta, meta.query_start_loc[1:].long() - 1)
+        if dtype == torch.float32:
+            torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+        else:
+            assert _fused_error(logits["triton"], logits["fp32"]) < 2 * _fused_error(logits["torch"], logits["fp32"])
+    if dtype == torch.float32:
+        torch.testing.assert_close(runs["triton"][2], runs["torch"][2], rtol=1e-4, atol=1e-4)
+    else:
+        caches = {name: run[2] for name, run in runs.items()}
+        assert _fused_error(caches["triton"], caches["fp32"]) < 2 * _fused_error(caches["torch"], caches["fp32"])
+
+
+@pytest.mark.skipif(not _FUSED_CUDA, reason="CUDA graphs need a GPU")
+def test_fused_forward_replays_in_cuda_graph():
+    """A decode step captured once, replayed with other positions, slots and contexts."""
+    model = _fused_model("qwen3", torch.bfloat16)
+    c, block_size, num_seqs = model.config, 16, 8
+    kv_cache = torch.randn(c.num_layers, 2, 64, block_size, c.num_kv_heads, c.head_dim,
+                           dtype=torch.bfloat16, device="cuda")
+    tables = torch.randperm(64).view(num_seqs, 8).tolist()
+    positions, meta = _fused_batch([0] * num_seqs, [1] * num_seqs, tables, block_size)
+    input_ids = torch.zeros(num_seqs, dtype=torch.int64, device="cuda")
+    with torch.no_grad():
+        model(input_ids, positions, kv_cache, meta)  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(input_ids, positions, kv_cache, meta)
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            ends = torch.randint(1, 8 * block_size, (num_seqs,), generator=generator).tolist()
+            new_positions, new_meta = _fused_batch([e - 1 for e in ends], ends, tables, block_size)
+            for name in ("slot_mapping", "seq_lens"):
+                getattr(meta, name).copy_(getattr(new_meta, name))
+            positions.copy_(new_positions)
+            input_ids.copy_(torch.randint(0, c.vocab_size, (num_seqs,), generator=generator))
+            expected_cache = kv_cache.clone()
+            graph.replay()
+            model.use_triton = False
+            expected = model(input_ids, positions, expected_cache, new_meta)
+            model.use_triton = True
+            error = (logits - expected).norm() / expected.norm()
+            assert error < 3e-2, f"relative error {error:.2e}"
 
 
 # ==================================================================================================
