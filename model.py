@@ -98,7 +98,7 @@ SHAPES = {
         num_layers=32, num_q_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
         rms_norm_eps=1e-5, rope_theta=5e5, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192),
         tie_word_embeddings=False, eos_token_ids=[128001, 128008, 128009], bos_token_id=128000),
-    "tiny": ModelConfig(  # Qwen3-style, for CPU tests; ids 0..255 double as bytes (Tokenizer.byte_level)
+    "tiny": ModelConfig(  # Qwen3-style, for CPU tests
         architecture="Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
         num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
         rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None, tie_word_embeddings=True,
@@ -557,16 +557,6 @@ class Tokenizer:
             special_token_ids = {encoding.encode_single_token(t) for t in encoding.special_tokens_set}
         self.special_token_ids = special_token_ids
         self.vocab_size = encoding.n_vocab
-
-    @classmethod
-    def byte_level(cls, eos_token_id: int) -> "Tokenizer":
-        """Ids 0..255 are the UTF-8 bytes, eos_token_id is <|endoftext|>: for random-weight models."""
-        if eos_token_id < 256:
-            raise ValueError(f"byte-level tokenizer: eos_token_id {eos_token_id} must be >= 256 (0..255 are bytes)")
-        encoding = tiktoken.Encoding("byte-level", pat_str=GPT2_PATTERN,
-                                     mergeable_ranks={bytes([b]): b for b in range(256)},
-                                     special_tokens={"<|endoftext|>": eos_token_id})
-        return cls(encoding, None, [eos_token_id])
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids; with add_special_tokens, BOS first when the tokenizer asks for it (like HF)."""

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
 
 import pytest  # noqa: E402
+import tiktoken  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -431,7 +432,7 @@ def test_streaming_decode(gpt2_style):
         saw_partial |= any(p == "" for p in pieces)
     assert saw_partial  # some CJK/emoji characters are split over several byte tokens
 
-    byte_level = Tokenizer.byte_level(eos_token_id=511)
+    byte_level = _byte_tokenizer()
     ids = byte_level.encode("é🙂")
     assert ids == list("é🙂".encode())
     stream = byte_level.stream()
@@ -442,15 +443,19 @@ def test_streaming_decode(gpt2_style):
     assert stream.push(0xF0) == "" and stream.finish() == "\ufffd" == byte_level.decode([0xF0])
 
 
-def test_byte_level_tokenizer():
-    tokenizer = Tokenizer.byte_level(eos_token_id=511)
+def _byte_tokenizer():
+    """Ids 0..255 are the UTF-8 bytes, 511 is <|endoftext|>: every multi-byte character splits."""
+    encoding = tiktoken.Encoding("bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                                 special_tokens={"<|endoftext|>": 511})
+    return Tokenizer(encoding, None, [511])
+
+
+def test_byte_tokens_and_unknown_ids():
+    tokenizer = _byte_tokenizer()
     text = "héllo\n  wörld 中 <|endoftext|>"
     ids = tokenizer.encode(text)
     assert ids == list("héllo\n  wörld 中 ".encode()) + [511]
     assert tokenizer.decode(ids) == text and tokenizer.decode(ids, skip_special_tokens=True) == text[:-13]
-    assert tokenizer.eos_token_ids == [511] and tokenizer.bos_token_id is None and tokenizer.vocab_size == 512
-    with pytest.raises(ValueError, match="eos_token_id 100 must be >= 256"):
-        Tokenizer.byte_level(eos_token_id=100)
     with pytest.raises(ValueError, match="token id 600 is not in the vocabulary"):
         tokenizer.decode([65, 600])
 
