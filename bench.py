@@ -57,6 +57,8 @@ def bytes_read(llm, stats_before, stats_after):
     """Weights once per step plus each scheduled request's K/V context: the run's minimum traffic."""
     config = llm.model.config
     weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    if not config.tie_word_embeddings:  # the embedding is only gathered (a few rows), not streamed
+        weights -= llm.model.embed_tokens.numel() * llm.model.embed_tokens.element_size()
     per_token = kv_cache.kv_cache_bytes_per_block(config.num_layers, 1, config.num_kv_heads, config.head_dim,
                                                   llm.model.dtype)
     steps = stats_after.steps - stats_before.steps

@@ -25,7 +25,7 @@ import triton.language as tl
 import kv_cache
 import model as models
 from attention import AttentionMetadata
-from scheduler import Request, SamplingParams, Scheduler, SchedulerOutput
+from scheduler import Request, RequestStatus, SamplingParams, Scheduler, SchedulerOutput
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
@@ -89,8 +89,9 @@ def apply_top_k_top_p(logits, top_k, top_p):
     k = torch.where(top_k > 0, top_k, logits.shape[-1]).to(ranks.dtype)
     drop = ranks[None, :] >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # A token is kept while the mass *before* it is below top_p, so the first token always stays.
+    # A token is kept while the mass *before* it is below top_p; the most likely one always stays.
     drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
@@ -226,18 +227,23 @@ class LLM:
         else:
             self.model, self.tokenizer = models.load_model(model, dtype, self.device), _tokenizer_or_none(model)
         config = self.model.config
-        self.max_model_len = max_model_len or config.max_position_embeddings
-        if not 1 <= self.max_model_len <= config.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len}: must be in [1, "
+        self.max_model_len = config.max_position_embeddings if max_model_len is None else max_model_len
+        if not 2 <= self.max_model_len <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len}: must be in [2, "
                              f"{config.max_position_embeddings}] (the model's max_position_embeddings)")
         self.block_size, self.max_num_seqs = block_size, max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.async_scheduling = async_scheduling
         self.on_cuda = self.device.type == "cuda"
+        if self.on_cuda:  # streams, events and graphs below use the current device
+            torch.cuda.set_device(self.device)
         self.rng = random.Random(seed)  # seeds of requests that bring none
+        self.vocab_size = self.model.config.vocab_size
 
-        max_tokens = max(max_num_batched_tokens, max_num_seqs)
-        self.layout = InputLayout(max_tokens, max_num_seqs, -(-self.max_model_len // block_size))
+        # A decode batch padded up to its graph size can hold more tokens than the budget.
+        max_batch_tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.layout = InputLayout(max_batch_tokens, max_num_seqs, -(-self.max_model_len // block_size))
+        self.graph_sizes = [] if not self.on_cuda or enforce_eager else _graph_ladder(max_num_seqs)
         self.device_buffer = torch.zeros(self.layout.size, dtype=torch.int32, device=self.device)
         # Two host buffers: while step N's copy may still be pending, step N+1 fills the other one.
         self.host_buffers = [torch.zeros(self.layout.size, dtype=torch.int32, pin_memory=self.on_cuda)
@@ -264,7 +270,7 @@ class LLM:
                                    eos_token_ids=self._eos_token_ids(),
                                    long_prefill_token_threshold=long_prefill_token_threshold)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.on_cuda and not enforce_eager:
+        if self.graph_sizes:
             self._capture_graphs()
         self.in_flight: InFlight | None = None
         self.step_count = 0
@@ -287,32 +293,39 @@ class LLM:
         order, results = [], {}
         try:
             for prompt, params in zip(prompts, params_list):
-                request_id = str(next(self.request_ids))
+                request_id = self._new_request_id()
                 order.append(request_id)
                 try:
                     self.add_request(request_id, prompt, params)
                 except ValueError as error:
                     results[request_id] = _error_output(request_id, prompt, str(error))
-            mine = set(order)
+            pending = set(order) - set(results)
             progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
             while self.has_unfinished_requests():
                 for output in self._step(report_running=False):
-                    if output.request_id in mine:
+                    if output.request_id in pending:
                         results[output.request_id] = output
                 progress.update(len(results))
             progress.close()
         except BaseException:
             for request_id in order:  # never leave blocks owned by requests nobody will read
-                if request_id not in results:
-                    self.abort(request_id)
+                self.abort(request_id)
             raise
         return [results[request_id] for request_id in order]
+
+    def _new_request_id(self) -> str:
+        """generate()'s ids: numbers, skipping any that add_request's callers already use."""
+        request_id = str(next(self.request_ids))
+        while request_id in self.live:
+            request_id = str(next(self.request_ids))
+        return request_id
 
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None) -> None:
         """Queue one request. Raises ValueError naming what is wrong with it."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: its fields may have been changed since it was made
         text, token_ids = self._tokenize(prompt)
         self.scheduler.add(Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params))
         seed = params.seed if params.seed is not None else self.rng.getrandbits(31)
@@ -324,6 +337,17 @@ class LLM:
         return self._step(report_running=True)
 
     def _step(self, report_running: bool) -> list[RequestOutput]:
+        try:
+            return self._step_or_raise(report_running)
+        except Exception:
+            # A step that failed half-way leaves placeholders no token will fill: end every request
+            # so no block leaks and the engine stays usable, then let the caller see the error.
+            self.in_flight = None
+            for request_id in list(self.scheduler.requests):
+                self.abort(request_id)
+            raise
+
+    def _step_or_raise(self, report_running: bool) -> list[RequestOutput]:
         """With async scheduling this launches step N+1 *before* waiting for step N's tokens, so the
         CPU's scheduling and input building hide behind the GPU's forward pass."""
         schedule = self.scheduler.schedule()
@@ -339,9 +363,12 @@ class LLM:
             raise RuntimeError("the scheduler made no progress with requests waiting: this is a bug")
         return outputs
 
-    def abort(self, request_id: str) -> RequestOutput:
-        request = self.scheduler.abort(request_id)
-        return self._output(request)
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now and free its blocks; its final output, or None if it had already ended."""
+        if request_id not in self.scheduler.requests:
+            self.live.pop(request_id, None)
+            return None
+        return self._output(self.scheduler.abort(request_id))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self.in_flight is not None
@@ -403,9 +430,9 @@ class LLM:
                 index = len(request.output_token_ids) + request.num_output_placeholders
                 seeds.append(hash((self.live[request.request_id].seed, index)) & 0x7FFFFFFF)
                 logits_indices.append(len(input_ids) - 1)
-                temperature.append(params.temperature)
+                temperature.append(params.temperature if params.temperature >= 1e-5 else 0.0)  # vLLM's eps
                 top_p.append(params.top_p)
-                top_k.append(max(params.top_k, 0))
+                top_k.append(params.top_k if 0 < params.top_k < self.vocab_size else 0)
         num_tokens, num_seqs = len(input_ids), len(seq_lens)
         max_query_len = max(b - a for a, b in zip(query_start, query_start[1:]))
         rows = num_seqs
@@ -499,8 +526,10 @@ class LLM:
             for request in moved:
                 live = self.live[request.request_id]
                 token = request.output_token_ids[-1]
-                # An id past the tokenizer's vocabulary (padded embedding rows) has no text.
-                live.text.append(live.stream.push(token) if token < self.tokenizer.vocab_size else "")
+                # The token that stopped a request and ids past the tokenizer's vocabulary (padded
+                # embedding rows) have no text.
+                if request.status is not RequestStatus.FINISHED_STOPPED and token < self.tokenizer.vocab_size:
+                    live.text.append(live.stream.push(token))
         if not report_running:
             return [self._output(request) for request in finished]
         moved_ids = {request.request_id for request in moved}
@@ -568,6 +597,8 @@ class LLM:
             sample(logits, SamplingTensors(full, full * 0.5, ints, ints, False, True))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        # Each decode graph keeps its own fp32 logits alive after capture, which comes after this.
+        peak += sum(self.graph_sizes) * config.vocab_size * 4
         del scratch, logits
         torch.cuda.empty_cache()
         return kv_cache.num_blocks_from_memory(bytes_per_block, gpu_memory_utilization, peak, self.device)
@@ -576,15 +607,14 @@ class LLM:
         """One CUDA graph per decode batch size of a ladder; a batch is padded up to the next size.
 
         Without graphs a small model's decode step costs more in kernel launches than in work."""
-        sizes = sorted({*[1, 2, 4], *range(8, self.max_num_seqs + 1, 8), self.max_num_seqs})
-        sizes = [s for s in sizes if s <= min(self.max_num_seqs, self.layout.offset["positions"])]
+        sizes = self.graph_sizes
         buffer, layout = self.device_buffer, self.layout
         layout.view(buffer, "slot_mapping", sizes[-1]).fill_(-1)      # capture writes no KV
         layout.view(buffer, "query_start_loc", sizes[-1] + 1).copy_(torch.arange(sizes[-1] + 1))
         layout.view(buffer, "seq_lens", sizes[-1]).fill_(1)
         pool = None
         with torch.inference_mode():
-            for size in reversed(sizes):  # largest first: the smaller graphs reuse its memory pool
+            for size in reversed(sizes):  # largest first: smaller graphs reuse its scratch memory
                 inputs = self._model_inputs(size, size, 1, self.max_model_len, None)
                 self.model(*inputs)  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
@@ -595,6 +625,11 @@ class LLM:
                 self.graphs[size] = (graph, logits)
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
+
+
+def _graph_ladder(max_num_seqs):
+    """Decode batch sizes with a CUDA graph: 1, 2, 4, then every multiple of 8 (padding wastes < 8 rows)."""
+    return sorted({size for size in (1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs) if size <= max_num_seqs})
 
 
 def _tokenizer_or_none(path):
@@ -617,10 +652,10 @@ def _check_engine_args(block_size, max_num_batched_tokens, max_num_seqs, gpu_mem
 
 
 def _as_token_ids(ids) -> list[int]:
-    ids = list(ids)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError("prompt_token_ids: must be a list of ints")
-    return ids
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"prompt: expected a string, a list of token ids or a dict, got {type(ids).__name__} "
+                         f"{str(ids)[:40]}")
+    return list(ids)
 
 
 def _as_prompt_list(prompts) -> list:
@@ -634,8 +669,12 @@ def _as_prompt_list(prompts) -> list:
 
 
 def _error_output(request_id, prompt, message) -> RequestOutput:
+    if isinstance(prompt, dict):
+        prompt, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+    else:
+        ids = prompt
     text = prompt if isinstance(prompt, str) else None
-    ids = prompt if isinstance(prompt, list) and all(isinstance(i, int) for i in prompt) else []
+    ids = list(ids) if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids) else []
     return RequestOutput(request_id, text, ids, [CompletionOutput(0, "", [], "error")], True, 0, message)
 
 

@@ -119,11 +119,6 @@ class KVCacheManager:
         return self.free_queue.num_free
 
     @property
-    def usage(self) -> float:
-        """Fraction of blocks owned by requests (cached free blocks count as free)."""
-        return 1.0 - self.free_queue.num_free / len(self.blocks)
-
-    @property
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 

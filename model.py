@@ -182,7 +182,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
 def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA if present; bf16 on CUDA, fp32 on the CPU. dtype: torch.dtype or a name."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
+    if dtype is None or dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:

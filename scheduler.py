@@ -23,17 +23,23 @@ import math
 from kv_cache import BlockTable, KVCacheManager
 
 
+def _max_tokens(request) -> float:
+    max_tokens = request.sampling_params.max_tokens
+    return math.inf if max_tokens is None else max_tokens
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens (vLLM's names and defaults). top_k 0 or -1 disables top-k."""
+    """How to pick tokens (vLLM's names and defaults). top_k 0 or -1 disables top-k; max_tokens None
+    runs to max_model_len; a temperature below 1e-5 is greedy (as in vLLM)."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     seed: int | None = None
@@ -41,13 +47,19 @@ class SamplingParams:
     def __post_init__(self):
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        self.validate()
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    def validate(self) -> None:
+        """ValueError naming the first bad field (the engine checks again: the fields are mutable)."""
         t = self.temperature
         checks = [
             ("temperature", isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
              "a finite number >= 0 (0 = greedy)"),
             ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("top_k", _is_int(self.top_k) and self.top_k >= -1, "an int >= -1 (0 or -1 disables it)"),
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1"),
+            ("max_tokens", self.max_tokens is None or _is_int(self.max_tokens) and self.max_tokens >= 1,
+             "an int >= 1 or None"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
             ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple))
              and all(_is_int(i) for i in self.stop_token_ids), "a list of ints"),
@@ -56,7 +68,6 @@ class SamplingParams:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
-        self.stop_token_ids = list(self.stop_token_ids)
 
 
 class RequestStatus(enum.Enum):
@@ -154,14 +165,6 @@ class Scheduler:
         self.num_arrived = 0
         self.num_preemptions = 0
 
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -230,7 +233,7 @@ class Scheduler:
         if len(samplers) != len(sampled_token_ids):
             raise ValueError(f"sampled_token_ids has {len(sampled_token_ids)} tokens, but the step "
                              f"has {len(samplers)} requests that sample")
-        finished, any_running = [], False
+        finished, running_finished = [], False
         for request, token in zip(samplers, sampled_token_ids):
             if request.status.is_finished:  # stopped one step earlier, or aborted: an extra token
                 continue
@@ -240,12 +243,12 @@ class Scheduler:
             status = self._stop_status(request, token)
             if status is not None:
                 if request.status is RequestStatus.RUNNING:
-                    any_running = True
+                    running_finished = True
                 else:  # preempted while its token was in flight
                     self.waiting.remove(request)
                 self._finish(request, status)
                 finished.append(request)
-        if any_running:
+        if running_finished:
             self.running = [r for r in self.running if not r.status.is_finished]
         return finished
 
@@ -263,7 +266,7 @@ class Scheduler:
         its one pending token when decoding; 0 if it is certain to finish once that token arrives
         (a step more would compute a token that is thrown away, or a position >= max_model_len)."""
         num_tokens = request.num_tokens_with_placeholders
-        if (len(request.output_token_ids) + request.num_output_placeholders >= request.sampling_params.max_tokens
+        if (len(request.output_token_ids) + request.num_output_placeholders >= _max_tokens(request)
                 or num_tokens >= self.max_model_len):
             return 0
         return self._cap(num_tokens - request.num_computed_tokens, budget)
@@ -323,7 +326,7 @@ class Scheduler:
         params = request.sampling_params
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if len(request.output_token_ids) >= _max_tokens(request) or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

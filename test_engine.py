@@ -1507,10 +1507,11 @@ def test_fused_forward_replays_in_cuda_graph():
 
 
 def _assert_pool_free(llm):
-    """Invariant: once nothing runs, every block is free again (no leak)."""
-    assert not llm.has_unfinished_requests()
+    """Invariant: once nothing runs, every block is free again and the engine holds no request."""
+    assert not llm.has_unfinished_requests() and llm.in_flight is None and not llm.live
     kv = llm.scheduler.kv_cache
     assert kv.num_free_blocks == kv.num_blocks
+    assert all(block.ref_count == 0 for block in kv.blocks)
 
 
 def _save_hf_tiny(path, arch, tie=True):
@@ -1559,6 +1560,7 @@ _BASE = dict(block_size=16, max_num_batched_tokens=8192, max_num_seqs=32, enable
              async_scheduling=True)
 _VARIANTS = {
     "sync": dict(async_scheduling=False),
+    "eager": dict(enforce_eager=True),  # on a GPU: no CUDA graphs
     "no-prefix-cache": dict(enable_prefix_caching=False),
     "block-1": dict(block_size=1),
     "block-4": dict(block_size=4),
@@ -1610,6 +1612,23 @@ def test_greedy_alone_equals_batched(reference_outputs):
     _assert_pool_free(llm)
 
 
+def test_seeded_sampling_is_invariant_to_engine_settings():
+    """Seeded draws depend on (seed, token index) only: async, preemption and chunking change nothing."""
+    prompts, _ = _invariance_workload()
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i, max_tokens=6, ignore_eos=True)
+              for i in range(len(prompts))]
+    runs = []
+    for variant in ({}, dict(async_scheduling=False), dict(block_size=4, num_blocks=24, max_model_len=64),
+                    dict(max_num_batched_tokens=7)):
+        llm = LLM("tiny", dtype=torch.float32, **{**_BASE, **variant})
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        _assert_pool_free(llm)
+    assert all(run == runs[0] for run in runs)
+    greedy = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)]
+    assert runs[0] != greedy  # the draws really were random
+
+
 def test_text_prompts_with_a_real_tokenizer(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     hf = _save_hf_tiny(tmp_path, "qwen3")
@@ -1630,6 +1649,13 @@ def test_text_prompts_with_a_real_tokenizer(tmp_path):
     assert output.outputs[0].token_ids == expected
     specials = {tokenizer.token_to_id("<|endoftext|>")}
     assert output.outputs[0].text == tokenizer.decode([t for t in expected if t not in specials])
+    # A stop token ends the request and is returned as an id, but not as text (as vLLM does).
+    stop = expected[3]
+    k = expected.index(stop)
+    [stopped] = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop]),
+                             use_tqdm=False)
+    assert stopped.outputs[0].token_ids == expected[: k + 1] and stopped.outputs[0].finish_reason == "stop"
+    assert stopped.outputs[0].text == tokenizer.decode([t for t in expected[:k] if t not in specials])
 
 
 # ---- sampling -------------------------------------------------------------------------------
@@ -1724,6 +1750,57 @@ def test_engine_bad_requests_fail_alone():
         LLM("tiny", dtype=torch.float32, block_size=12)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM("tiny", dtype=torch.float32, max_model_len=10**9)
+
+
+def test_sampling_edge_values_behave_like_vllm():
+    llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=16, max_model_len=40)
+    prompts = _prompts(3, 512, seed=4)
+    greedy = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5,
+                                                                                 ignore_eos=True), use_tqdm=False)]
+    for params in (SamplingParams(temperature=1e-40, max_tokens=5, ignore_eos=True),   # below 1e-5: greedy
+                   SamplingParams(temperature=1.0, top_p=1e-50, max_tokens=5, ignore_eos=True),  # keeps the top
+                   SamplingParams(temperature=1.0, top_k=1, max_tokens=5, ignore_eos=True)):
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == greedy
+    wide = SamplingParams(temperature=1.0, top_k=10**9, max_tokens=5, ignore_eos=True)  # beyond the vocabulary: off
+    assert all(len(o.outputs[0].token_ids) == 5 for o in llm.generate(prompts, wide, use_tqdm=False))
+    to_the_end = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)[0]
+    assert len(to_the_end.outputs[0].token_ids) == 40 - 3 and to_the_end.outputs[0].finish_reason == "length"
+    params = SamplingParams(max_tokens=4)
+    params.top_p = 0.0  # changed after construction: add_request checks again
+    [bad] = llm.generate([[1, 2]], params, use_tqdm=False)
+    assert bad.outputs[0].finish_reason == "error" and "top_p" in bad.error
+    _assert_pool_free(llm)
+
+
+def test_a_failing_step_ends_its_requests_and_the_engine_recovers(monkeypatch):
+    llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=16)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)]
+    forward, calls = llm.model.forward, []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(llm.model, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    _assert_pool_free(llm)  # nothing leaked, nothing left half-done
+    assert [o.outputs[0].token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)] == expected
+
+
+def test_generate_ids_never_collide_with_add_request_ids():
+    llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=16)
+    llm.add_request("1", [9, 9, 9], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    outputs = llm.generate([[1, 2, 3], [4, 5, 6], 5], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                           use_tqdm=False)
+    assert [o.prompt_token_ids for o in outputs[:2]] == [[1, 2, 3], [4, 5, 6]]
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 3, 0]
+    assert outputs[2].outputs[0].finish_reason == "error" and "prompt" in outputs[2].error  # not ids: fails alone
+    assert "1" not in {o.request_id for o in outputs}
+    _assert_pool_free(llm)
+    assert llm.abort("1") is None  # already finished: nothing to do
 
 
 def test_step_api_streams_and_abort_frees_blocks():
