@@ -221,6 +221,11 @@ class LLM:
                  async_scheduling: bool = True, enforce_eager: bool = False, seed: int = 0,
                  num_blocks: int | None = None, long_prefill_token_threshold: int = 0):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.on_cuda = self.device.type == "cuda"
+        if self.on_cuda:  # streams, events and graphs below use the current device: make it ours
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
         _check_engine_args(block_size, max_num_batched_tokens, max_num_seqs, gpu_memory_utilization)
         if model in models.SHAPES:  # random weights of a named shape: no tokenizer, prompts are ids
             self.model, self.tokenizer = models.random_model(model, dtype, self.device, seed=seed), None
@@ -234,9 +239,6 @@ class LLM:
         self.block_size, self.max_num_seqs = block_size, max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.async_scheduling = async_scheduling
-        self.on_cuda = self.device.type == "cuda"
-        if self.on_cuda:  # streams, events and graphs below use the current device
-            torch.cuda.set_device(self.device)
         self.rng = random.Random(seed)  # seeds of requests that bring none
         self.vocab_size = self.model.config.vocab_size
 
