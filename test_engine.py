@@ -1776,14 +1776,14 @@ def test_a_failing_step_ends_its_requests_and_the_engine_recovers(monkeypatch):
     llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=16)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)]
-    forward, calls = llm.model.forward, []
+    sample, calls = engine.sample, []
 
-    def failing_forward(*args, **kwargs):
+    def failing_sample(*args):  # every step samples, eager or graphed
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return forward(*args, **kwargs)
-    monkeypatch.setattr(llm.model, "forward", failing_forward)
+        return sample(*args)
+    monkeypatch.setattr(engine, "sample", failing_sample)
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
     _assert_pool_free(llm)  # nothing leaked, nothing left half-done
