@@ -193,7 +193,7 @@ class StepPlan:
     """The host-side facts about one prepared step that the launch and the collect need."""
     schedule: SchedulerOutput
     num_tokens: int
-    num_seqs: int               # rows of the batch (padded up to a graph size when one is used)
+    num_rows: int               # requests in the batch, padded up to a graph size when one is used
     num_sampling: int
     max_query_len: int
     max_seq_len: int
@@ -448,28 +448,11 @@ class LLM:
             seq_lens += [0] * pad
             num_tokens = rows
 
-        host, layout = self.host_buffers[self.step_count % 2], self.layout
-        for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slots),
-                             ("query_start_loc", query_start), ("seq_lens", seq_lens),
-                             ("logits_indices", logits_indices), ("top_k", top_k), ("seeds", seeds),
-                             ("placeholder_dst", placeholder_dst), ("placeholder_src", placeholder_src),
-                             ("temperature", temperature), ("top_p", top_p)):
-            if values:
-                as_bits = array("f" if name in ("temperature", "top_p") else "i", values)
-                layout.view(host, name, len(values)).copy_(torch.frombuffer(as_bits, dtype=torch.int32))
-        # The block table: only the columns this batch uses are filled; the kernels never read past
-        # a request's own blocks, so what earlier steps left in the other columns does no harm.
-        used_width = max(map(len, tables))
-        flat = array("i")
-        for table in tables:
-            flat.extend(table)
-            flat.extend(self.zeros[: used_width - len(table)])
-        layout.block_table_view(host, rows)[:num_seqs, :used_width].copy_(
-            torch.frombuffer(flat, dtype=torch.int32).view(num_seqs, used_width))
-        used = layout.block_table + rows * layout.width
-        self.device_buffer[:used].copy_(host[:used], non_blocking=True)
-
-        device = self.device_buffer
+        self._copy_to_device(rows, tables, dict(
+            input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
+            seq_lens=seq_lens, logits_indices=logits_indices, top_k=top_k, seeds=seeds, temperature=temperature,
+            top_p=top_p, placeholder_dst=placeholder_dst, placeholder_src=placeholder_src))
+        layout, device = self.layout, self.device_buffer
         if placeholder_dst:
             dst = layout.view(device, "placeholder_dst", len(placeholder_dst)).long()
             src = layout.view(device, "placeholder_src", len(placeholder_src)).long()
@@ -487,6 +470,25 @@ class LLM:
         return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens),
                         sample_row, sampling)
 
+    def _copy_to_device(self, rows, tables, fields):
+        """Write every field into this step's pinned host buffer, then copy the used prefix once."""
+        host, layout = self.host_buffers[self.step_count % 2], self.layout
+        for name, values in fields.items():
+            if values:
+                as_bits = array("f" if name in ("temperature", "top_p") else "i", values)
+                layout.view(host, name, len(values)).copy_(torch.frombuffer(as_bits, dtype=torch.int32))
+        # The block table: only the columns this batch uses are filled; the kernels never read past
+        # a request's own blocks, so what earlier steps left in the other columns does no harm.
+        used_width = max(map(len, tables))
+        flat = array("i")
+        for table in tables:
+            flat.extend(table)
+            flat.extend(self.zeros[: used_width - len(table)])
+        layout.block_table_view(host, rows)[: len(tables), :used_width].copy_(
+            torch.frombuffer(flat, dtype=torch.int32).view(len(tables), used_width))
+        used = layout.block_table + rows * layout.width
+        self.device_buffer[:used].copy_(host[:used], non_blocking=True)
+
     def _model_inputs(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
         """Views of the device buffer as the model's arguments (static for a given shape)."""
         layout, buffer = self.layout, self.device_buffer
@@ -502,16 +504,16 @@ class LLM:
 
     def _run_model(self, plan: StepPlan) -> torch.Tensor:
         """Logits for the sampling rows: a graph replay for decode-only batches, else eager."""
-        if plan.num_seqs in self.graphs and plan.max_query_len == 1:
-            graph, logits = self.graphs[plan.num_seqs]
+        if plan.num_rows in self.graphs and plan.max_query_len == 1:
+            graph, logits = self.graphs[plan.num_rows]
             graph.replay()
             self.stats.graph_steps += 1
-            if plan.num_sampling == plan.num_seqs:
+            if plan.num_sampling == plan.num_rows:
                 return logits[: plan.num_sampling]
             indices = self.layout.view(self.device_buffer, "logits_indices", plan.num_sampling).long()
             return logits.index_select(0, indices)
         with torch.inference_mode():
-            return self.model(*self._model_inputs(plan.num_tokens, plan.num_seqs, plan.max_query_len,
+            return self.model(*self._model_inputs(plan.num_tokens, plan.num_rows, plan.max_query_len,
                                                   plan.max_seq_len, plan.num_sampling))
 
     def _collect(self, flight: InFlight, report_running: bool) -> list[RequestOutput]:
