@@ -14,8 +14,8 @@ overlap. Never touches: model internals, kernel internals, block bookkeeping.
 import itertools
 import random
 import sys
-from array import array
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +63,6 @@ class EngineStats:
     """Counters for bench.py: what each step had to read from memory."""
     steps: int = 0
     graph_steps: int = 0
-    scheduled_tokens: int = 0
     output_tokens: int = 0
     context_tokens_read: int = 0  # sum over steps of every scheduled request's context length
 
@@ -389,7 +388,6 @@ class LLM:
             ready.record()
         self.step_count += 1
         self.stats.steps += 1
-        self.stats.scheduled_tokens += schedule.num_batched_tokens
         return InFlight(plan, sampled, host, ready)
 
     def _prepare_inputs(self, schedule: SchedulerOutput) -> StepPlan:
