@@ -643,8 +643,7 @@ def _tokenizer_or_none(path):
 
 
 def _check_engine_args(block_size, max_num_batched_tokens, max_num_seqs, gpu_memory_utilization):
-    if not (isinstance(block_size, int) and 1 <= block_size <= 256 and block_size & (block_size - 1) == 0):
-        raise ValueError(f"block_size={block_size!r}: must be a power of two from 1 to 256")
+    kv_cache.check_block_size(block_size)
     if not (isinstance(max_num_batched_tokens, int) and max_num_batched_tokens >= 1):
         raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens!r}: must be an int >= 1")
     if not (isinstance(max_num_seqs, int) and max_num_seqs >= 1):

@@ -1280,15 +1280,12 @@ def test_large_mixed_batch_all_dtypes(dtype, head_dim):
 # against their plain-torch references, and the whole model with them against the torch path
 # ==================================================================================================
 
-_FUSED_CUDA = torch.cuda.is_available()
-_FUSED_DEVICE = "cuda" if _FUSED_CUDA else "cpu"
-_FUSED_DTYPES = [torch.bfloat16, torch.float16] if _FUSED_CUDA else [torch.float32, torch.float16]
 # (rtol, atol): one or two units in the last place of each dtype, the kernels compute in fp32
 _FUSED_TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
 
 
 def _fused_randn(*shape, dtype, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(_FUSED_DEVICE)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(_DEVICE)
 
 
 def _fused_assert_close(out, expected):
@@ -1298,7 +1295,7 @@ def _fused_assert_close(out, expected):
 
 # ----------------------------------------------------------------------------------- kernels
 
-@pytest.mark.parametrize("dtype", _FUSED_DTYPES)
+@pytest.mark.parametrize("dtype", _DTYPES)
 @pytest.mark.parametrize("num_tokens, num_kv_heads, group, head_dim, qk_norm, block_size", [
     (1, 2, 2, 64, True, 16),
     (7, 1, 4, 128, False, 4),
@@ -1312,13 +1309,13 @@ def test_rope_and_write_kv_matches_reference(dtype, num_tokens, num_kv_heads, gr
     # qkv as the model would pass a view of a wider buffer: rows strided, elements contiguous
     qkv = (3 * _fused_randn(num_tokens, width + 32, dtype=dtype, seed=1))[:, :width]
     config = replace(SHAPES["llama3-8b"], head_dim=head_dim, max_position_embeddings=300, dtype=dtype)
-    cos_table, sin_table = rope_tables(config, _FUSED_DEVICE)
+    cos_table, sin_table = rope_tables(config, _DEVICE)
     generator = torch.Generator().manual_seed(2)
-    positions = torch.randint(0, 300, (num_tokens,), generator=generator).to(_FUSED_DEVICE)
+    positions = torch.randint(0, 300, (num_tokens,), generator=generator).to(_DEVICE)
     num_blocks = -(-2 * num_tokens // block_size) + 1
     slot_mapping = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
     slot_mapping[1::3] = -1  # padding tokens: nothing written
-    slot_mapping = slot_mapping.to(_FUSED_DEVICE)
+    slot_mapping = slot_mapping.to(_DEVICE)
     q_norm = 1 + 0.3 * _fused_randn(head_dim, dtype=dtype, seed=3) if qk_norm else None
     k_norm = 1 + 0.3 * _fused_randn(head_dim, dtype=dtype, seed=4) if qk_norm else None
     caches = [_fused_randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, seed=s) for s in (5, 6)]
@@ -1340,19 +1337,19 @@ def test_rope_and_write_kv_without_norm_is_plain_rotation():
     num_tokens, num_kv_heads, head_dim = 4, 1, 64
     qkv = _fused_randn(num_tokens, 3 * num_kv_heads * head_dim, dtype=torch.float32, seed=7)
     config = replace(SHAPES["tiny"], head_dim=head_dim, max_position_embeddings=64, dtype=torch.float32)
-    cos_table, sin_table = rope_tables(config, _FUSED_DEVICE)
-    positions = torch.tensor([0, 3, 17, 63], device=_FUSED_DEVICE)
-    caches = [torch.zeros(1, num_tokens, num_kv_heads, head_dim, device=_FUSED_DEVICE) for _ in range(2)]
-    slots = torch.arange(num_tokens, device=_FUSED_DEVICE)
+    cos_table, sin_table = rope_tables(config, _DEVICE)
+    positions = torch.tensor([0, 3, 17, 63], device=_DEVICE)
+    caches = [torch.zeros(1, num_tokens, num_kv_heads, head_dim, device=_DEVICE) for _ in range(2)]
+    slots = torch.arange(num_tokens, device=_DEVICE)
     q = rope_and_write_kv(qkv, positions, cos_table, sin_table, None, None, 0.0, *caches, slots)
     pairs = torch.complex(qkv[:, :head_dim // 2], qkv[:, head_dim // 2: head_dim])
-    inv_freq = 1e4 ** -(torch.arange(0, head_dim, 2, device=_FUSED_DEVICE) / head_dim)
+    inv_freq = 1e4 ** -(torch.arange(0, head_dim, 2, device=_DEVICE) / head_dim)
     rotated = pairs * torch.polar(torch.ones_like(inv_freq), positions[:, None] * inv_freq)
     torch.testing.assert_close(q[:, 0], torch.cat((rotated.real, rotated.imag), -1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1][0], qkv[:, 2 * head_dim:].view(num_tokens, 1, head_dim))
 
 
-@pytest.mark.parametrize("dtype", _FUSED_DTYPES)
+@pytest.mark.parametrize("dtype", _DTYPES)
 @pytest.mark.parametrize("num_tokens, hidden", [(1, 64), (7, 96), (33, 1024)])
 def test_add_rms_norm_matches_reference(dtype, num_tokens, hidden):
     x = _fused_randn(num_tokens, hidden + 8, dtype=dtype, seed=1)[:, :hidden]  # strided rows
@@ -1367,7 +1364,7 @@ def test_add_rms_norm_matches_reference(dtype, num_tokens, hidden):
         torch.testing.assert_close(out, F.rms_norm(residual, (hidden,), weight, 1e-6), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", _FUSED_DTYPES)
+@pytest.mark.parametrize("dtype", _DTYPES)
 @pytest.mark.parametrize("num_tokens, intermediate", [(1, 96), (5, 1064)])  # 1064: two programs, the second partial
 def test_silu_and_mul_matches_reference(dtype, num_tokens, intermediate):
     gate_up = (4 * _fused_randn(num_tokens, 2 * intermediate + 16, dtype=dtype, seed=1))[:, :2 * intermediate]
@@ -1383,9 +1380,9 @@ def test_fused_kernels_reject_bad_input():
         add_rms_norm(x, x[:2], x[0], 1e-6)
     with pytest.raises(ValueError, match="gate_up"):
         silu_and_mul(x[:, :63])
-    caches = [torch.zeros(2, 4, 1, 16, device=_FUSED_DEVICE) for _ in range(2)]
-    tables = torch.zeros(8, 16, device=_FUSED_DEVICE)
-    positions = slots = torch.zeros(3, dtype=torch.int64, device=_FUSED_DEVICE)
+    caches = [torch.zeros(2, 4, 1, 16, device=_DEVICE) for _ in range(2)]
+    tables = torch.zeros(8, 16, device=_DEVICE)
+    positions = slots = torch.zeros(3, dtype=torch.int64, device=_DEVICE)
     with pytest.raises(ValueError, match="qkv"):
         rope_and_write_kv(x[:, :40], positions, tables, tables, None, None, 0.0, *caches, slots)
     with pytest.raises(ValueError, match="q_norm and k_norm"):
@@ -1402,7 +1399,7 @@ def _fused_model(architecture, dtype):
     if architecture == "llama3":
         config = replace(config, architecture="LlamaForCausalLM", rope_theta=5e5, tie_word_embeddings=False,
                          rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 32))
-    model = random_model(config, dtype=dtype, device=_FUSED_DEVICE)
+    model = random_model(config, dtype=dtype, device=_DEVICE)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -1419,19 +1416,19 @@ def _fused_batch(starts, ends, block_tables, block_size):
     query_lens = [end - start for start, end in zip(starts, ends)]
     query_start_loc = [sum(query_lens[:i]) for i in range(len(query_lens) + 1)]
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, device=_FUSED_DEVICE),
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=_FUSED_DEVICE),
-        seq_lens=torch.tensor(ends, dtype=torch.int32, device=_FUSED_DEVICE),
-        block_table=torch.tensor(block_tables, dtype=torch.int32, device=_FUSED_DEVICE),
+        slot_mapping=torch.tensor(slots, device=_DEVICE),
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=_DEVICE),
+        seq_lens=torch.tensor(ends, dtype=torch.int32, device=_DEVICE),
+        block_table=torch.tensor(block_tables, dtype=torch.int32, device=_DEVICE),
         max_query_len=max(query_lens), max_seq_len=max(ends))
-    return torch.tensor(positions, device=_FUSED_DEVICE), meta
+    return torch.tensor(positions, device=_DEVICE), meta
 
 
 def _fused_error(out, expected):
     return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if _FUSED_CUDA else []))
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if _CUDA else []))
 @pytest.mark.parametrize("architecture", ["qwen3", "llama3"])
 def test_fused_forward_matches_torch_forward(architecture, dtype):
     """Prefills, then a mixed step (a prompt chunk on a cached prefix + decodes), each forward
@@ -1444,7 +1441,7 @@ def test_fused_forward_matches_torch_forward(architecture, dtype):
             parameter.copy_(parameter32)
     c, block_size = model.config, 4
     tables = [[3, 0, 5, 9], [1, 7, 2, 0], [8, 4, 6, 0]]
-    kv_cache = torch.randn(c.num_layers, 2, 10, block_size, c.num_kv_heads, c.head_dim).to(dtype).to(_FUSED_DEVICE)
+    kv_cache = torch.randn(c.num_layers, 2, 10, block_size, c.num_kv_heads, c.head_dim).to(dtype).to(_DEVICE)
     runs = {"torch": (model, False, kv_cache), "triton": (model, True, kv_cache.clone()),
             "fp32": (model32, False, kv_cache.float())}
     generator = torch.Generator().manual_seed(2)
@@ -1452,7 +1449,7 @@ def test_fused_forward_matches_torch_forward(architecture, dtype):
              ([6, 9, 3], [14, 10, 4])]  # an 8-token chunk after 6 cached tokens, two decodes
     for starts, ends in steps:
         positions, meta = _fused_batch(starts, ends, tables, block_size)
-        input_ids = torch.randint(0, c.vocab_size, positions.shape, generator=generator).to(_FUSED_DEVICE)
+        input_ids = torch.randint(0, c.vocab_size, positions.shape, generator=generator).to(_DEVICE)
         logits = {}
         for name, (run_model, use_triton, cache) in runs.items():
             run_model.use_triton = use_triton
@@ -1469,7 +1466,7 @@ def test_fused_forward_matches_torch_forward(architecture, dtype):
         assert _fused_error(caches["triton"], caches["fp32"]) < 2 * _fused_error(caches["torch"], caches["fp32"])
 
 
-@pytest.mark.skipif(not _FUSED_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.skipif(not _CUDA, reason="CUDA graphs need a GPU")
 def test_fused_forward_replays_in_cuda_graph():
     """A decode step captured once, replayed with other positions, slots and contexts."""
     model = _fused_model("qwen3", torch.bfloat16)
