@@ -25,12 +25,18 @@ How the attention kernel works (FlashAttention-2 + flash-decoding, over pages):
   may not fill 132 SMs. Then the keys are split over several programs (flash-decoding); each
   writes its normalised partial output and log-sum-exp, and a small reduce kernel merges them.
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+
+def token_slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions start..end-1 of a request whose logical block i is block_ids[i]."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 @dataclass
@@ -42,6 +48,28 @@ class AttentionMetadata:
     block_table: torch.Tensor      # [num_seqs, max_blocks_per_seq] int32: physical block of each logical block
     max_query_len: int             # host-side; 1 means a decode-only batch
     max_seq_len: int               # host-side upper bound of seq_lens (eager launches only)
+
+    @classmethod
+    def from_lengths(cls, query_lens, seq_lens, block_tables, block_size, device=None, width=None):
+        """The metadata of a batch whose request i computes the last query_lens[i] of its seq_lens[i]
+        positions and keeps its logical block j in block_tables[i][j] (tables padded with 0 to
+        `width` columns). The engine fills the same fields into its one input buffer instead."""
+        slots = [slot for table, n, seq_len in zip(block_tables, query_lens, seq_lens)
+                 for slot in token_slots(table, seq_len - n, seq_len, block_size)]
+        width = width or max(map(len, block_tables))
+        return cls(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+                   query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32,
+                                                device=device),
+                   seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                   block_table=torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables],
+                                            dtype=torch.int32, device=device),
+                   max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+
+    def positions(self) -> torch.Tensor:
+        """[num_tokens] int64: each query token's position, the last query_len of its seq_len."""
+        query_lens = self.query_start_loc.diff()
+        offset = (self.seq_lens - query_lens - self.query_start_loc[:-1]).repeat_interleave(query_lens)
+        return torch.arange(len(offset), device=offset.device) + offset
 
 
 def write_kv_reference(k, v, k_cache, v_cache, slot_mapping):

@@ -10,6 +10,7 @@ request's context. The engine counts those contexts, so the run's bytes over the
 device-to-device copy bandwidth give the fastest the run could possibly have gone.
 """
 import argparse
+import itertools
 import json
 import math
 import random
@@ -19,6 +20,7 @@ import torch
 import triton
 
 import kv_cache
+import model
 from attention import AttentionMetadata, LaunchConfig, choose_launch_config, run_paged_attention
 from engine import LLM, SamplingParams
 
@@ -27,7 +29,8 @@ def make_workload(name, num_seqs, max_input_len, max_output_len, vocab_limit=100
     """nano-vllm's workload (`default`), exactly: seed 0, prompts first, then each max_tokens."""
     random.seed(seed)
     if name == "default":
-        prompts = [[random.randint(0, vocab_limit) for _ in range(random.randint(100, max_input_len))]
+        prompts = [[random.randint(0, vocab_limit)
+                    for _ in range(random.randint(min(100, max_input_len), max_input_len))]
                    for _ in range(num_seqs)]
     elif name == "shared-prefix":  # one long system prompt, short distinct questions: prefix-cache hits
         prefix = [random.randint(0, vocab_limit) for _ in range(max_input_len)]
@@ -55,12 +58,12 @@ def copy_bandwidth():
 
 def bytes_read(llm, stats_before, stats_after):
     """Weights once per step plus each scheduled request's K/V context: the run's minimum traffic."""
-    config = llm.model.config
-    weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    config = llm.runner.model.config
+    weights = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
     if not config.tie_word_embeddings:  # the embedding is only gathered (a few rows), not streamed
-        weights -= llm.model.embed_tokens.numel() * llm.model.embed_tokens.element_size()
+        weights -= llm.runner.model.embed_tokens.numel() * llm.runner.model.embed_tokens.element_size()
     per_token = kv_cache.kv_cache_bytes_per_block(config.num_layers, 1, config.num_kv_heads, config.head_dim,
-                                                  llm.model.dtype)
+                                                  llm.runner.model.dtype)
     steps = stats_after.steps - stats_before.steps
     context = stats_after.context_tokens_read - stats_before.context_tokens_read
     return steps * weights + context * per_token, steps
@@ -114,19 +117,13 @@ def make_batch(query_lens, seq_lens, seed=0):
     """Random q, paged caches with every request's blocks scattered over the pool, and metadata."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks = [math.ceil(s / BLOCK_SIZE) for s in seq_lens]
-    pool = torch.randperm(sum(blocks), device="cuda", generator=gen).to(torch.int32)
-    block_table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device="cuda")
-    for i, start in enumerate([0] + list(torch.tensor(blocks).cumsum(0)[:-1].tolist())):
-        block_table[i, :blocks[i]] = pool[start:start + blocks[i]]
+    pool = torch.randperm(sum(blocks), device="cuda", generator=gen).tolist()
+    tables = [pool[start:start + n] for start, n in zip(itertools.accumulate([0, *blocks]), blocks)]
     cache_shape = (sum(blocks), BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE, generator=gen)
     v_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE, generator=gen)
     q = torch.randn(sum(query_lens), NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-    query_start_loc = torch.tensor([0] + query_lens, device="cuda").cumsum(0).to(torch.int32)
-    meta = AttentionMetadata(torch.zeros(sum(query_lens), dtype=torch.int64, device="cuda"), query_start_loc,
-                             torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), block_table,
-                             max(query_lens), max(seq_lens))
-    return q, k_cache, v_cache, meta
+    return q, k_cache, v_cache, AttentionMetadata.from_lengths(query_lens, seq_lens, tables, BLOCK_SIZE, "cuda")
 
 
 def bytes_needed(query_lens, seq_lens):
@@ -249,20 +246,34 @@ def kernel_benchmark(args):
               f"{host:7.1f} {ts:8.1f} {t / ts:6.2f} {how}")
 
 
+# argparse types: a bad value is reported at parse time as "argument --flag: ...", before any setup.
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
 
 def main():
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Hugging Face checkpoint directory (default: random weights of --arch)")
-    p.add_argument("--arch", default="qwen3-0.6b" if on_gpu else "tiny", help="qwen3-0.6b, llama3-8b or tiny")
-    p.add_argument("--workload", default="default", help="default, shared-prefix or long-prompt")
-    p.add_argument("--num-seqs", type=int, default=256 if on_gpu else 16)
-    p.add_argument("--max-input-len", type=int, default=1024 if on_gpu else 128)
-    p.add_argument("--max-output-len", type=int, default=1024 if on_gpu else 128)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--arch", default="qwen3-0.6b" if on_gpu else "tiny", choices=list(model.SHAPES))
+    p.add_argument("--workload", default="default", choices=["default", "shared-prefix", "long-prompt"])
+    p.add_argument("--num-seqs", type=positive_int, default=256 if on_gpu else 16)
+    p.add_argument("--max-input-len", type=positive_int, default=1024 if on_gpu else 128)
+    p.add_argument("--max-output-len", type=positive_int, default=1024 if on_gpu else 128)
+    p.add_argument("--max-num-seqs", type=positive_int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    p.add_argument("--block-size", type=positive_int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9, help="in (0, 1]")
     p.add_argument("--no-async", action="store_true", help="schedule step N+1 only after step N's tokens")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -285,7 +296,7 @@ def main():
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
               async_scheduling=not args.no_async, enforce_eager=args.enforce_eager)
     setup_seconds = time.perf_counter() - started
-    vocab_limit = min(10000, llm.model.config.vocab_size - 1)  # nano-vllm's ids, within a tiny vocabulary
+    vocab_limit = min(10000, llm.runner.model.config.vocab_size - 1)  # nano-vllm's ids, within a tiny vocabulary
     prompts, params = make_workload(args.workload, args.num_seqs, args.max_input_len, args.max_output_len, vocab_limit)
     bandwidth = copy_bandwidth() if on_gpu else None
     # Warm-up on another draw of the same workload with short outputs: its chunked prefills have the
@@ -294,7 +305,7 @@ def main():
     warm_prompts, _ = make_workload(args.workload, args.num_seqs, args.max_input_len, args.max_output_len,
                                     vocab_limit, seed=1)
     llm.generate(warm_prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    kv = llm.scheduler.kv_cache
+    kv = llm.scheduler.kv_cache_manager
     hits_before, queries_before = kv.num_hit_tokens, kv.num_query_tokens
     stats_before = llm.stats.__class__(**vars(llm.stats))
     if on_gpu:
@@ -312,13 +323,13 @@ def main():
     prompt_tokens = sum(len(prompt) for prompt in prompts)
     queries = kv.num_query_tokens - queries_before
     result = dict(
-        arch=args.model or args.arch, workload=args.workload, num_seqs=args.num_seqs, device=str(llm.device),
+        arch=args.model or args.arch, workload=args.workload, num_seqs=args.num_seqs, device=str(llm.runner.device),
         gpu=torch.cuda.get_device_name() if on_gpu else None, async_scheduling=not args.no_async,
-        cuda_graphs=bool(llm.graphs), prefix_caching=not args.no_prefix_caching,
+        cuda_graphs=bool(llm.runner.graphs), prefix_caching=not args.no_prefix_caching,
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),
         output_tokens_per_s=round(output_tokens / seconds, 1),
         total_tokens_per_s=round((output_tokens + prompt_tokens) / seconds, 1),
-        kv_capacity_tokens=kv.num_blocks * llm.block_size,
+        kv_capacity_tokens=kv.num_blocks * llm.runner.block_size,
         prefix_cache_hit_rate=round((kv.num_hit_tokens - hits_before) / queries, 4) if queries else 0.0,
         setup_seconds=round(setup_seconds, 1))
     needed, steps = bytes_read(llm, stats_before, llm.stats)

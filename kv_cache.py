@@ -9,6 +9,12 @@ request with the same prefix reuses the block instead of recomputing it. A freed
 contents and its hash until it is evicted, least recently freed first, so finished requests go on
 serving hits.
 
+A block is entered in the cache when it is allocated for the step that computes it (so a request
+admitted in the same or a later step can already share it), and stamped with that step. Its K/V is
+trusted once that step has finished; if a step fails or is interrupted, `uncache_steps_after`
+takes every block of the unfinished steps back out, so no later request ever reads K/V that was
+never written.
+
 Hash collisions are harmless twice over: the chain hash is SHA-256 (256 bits, no collision has ever
 been found), and a hit is only taken if the cached block's tokens and parent hash are equal to the
 request's, so even a forced collision (the tests monkeypatch `hash_block`) is a miss, not a reuse.
@@ -40,6 +46,7 @@ class KVBlock:
     block_hash: bytes | None = None  # set while the block is in the prefix cache
     parent_hash: bytes = ROOT_HASH   # with token_ids: what a hit is checked against
     token_ids: tuple = ()
+    step: int = 0                    # the scheduler step that computes it (when cached)
     prev_free: "KVBlock | None" = field(default=None, repr=False)  # free-queue links
     next_free: "KVBlock | None" = field(default=None, repr=False)
 
@@ -54,9 +61,6 @@ class FreeBlockQueue:
         self.num_free = 0
         for block in blocks:
             self.append(block)
-
-    def __len__(self) -> int:
-        return self.num_free
 
     def __iter__(self):
         block = self.head.next_free
@@ -99,9 +103,6 @@ class KVCacheManager:
     and free. Every call costs O(blocks it touches); nothing scans the pool."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-        check_block_size(block_size)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
@@ -109,6 +110,7 @@ class KVCacheManager:
         self.cached_blocks: dict[bytes, KVBlock] = {}  # block hash -> the block holding that prefix
         self.num_query_tokens = 0  # tokens looked up at admissions
         self.num_hit_tokens = 0    # of which found in the prefix cache
+        self.step = 0              # the step being scheduled: stamped on the blocks it registers
 
     @property
     def num_blocks(self) -> int:
@@ -154,8 +156,8 @@ class KVCacheManager:
         """Grow `table` to cover slots 0..num_tokens-1, taking `hits` (from lookup(), only into an
         empty table) first. All or nothing: False, with no change at all, if the blocks are not
         there. token_ids are the request's known tokens; full blocks of them within num_tokens are
-        entered in the prefix cache now: the caller computes them in the step it is allocating
-        for, before any later step reads them."""
+        entered in the prefix cache now, stamped with self.step: the caller computes them in that
+        step, before any later step reads them (or calls uncache_steps_after if it fails)."""
         size = self.block_size
         if hits or -(-num_tokens // size) > len(table.block_ids):  # most decode steps need no block
             if not self.can_allocate(table, num_tokens, hits):
@@ -188,6 +190,15 @@ class KVCacheManager:
         table.block_ids = []
         table.num_registered_blocks = 0
 
+    def uncache_steps_after(self, step: int) -> None:
+        """Take every block registered by a step after `step` out of the prefix cache: that step
+        failed or was interrupted, so its K/V may never have been written. O(cached blocks), and
+        only ever called after a failure."""
+        for block_hash, block in list(self.cached_blocks.items()):
+            if block.step > step:
+                del self.cached_blocks[block_hash]
+                block.block_hash = None
+
     def _take_free_block(self) -> KVBlock:
         block = self.free_queue.popleft()
         if block.block_hash is not None:  # evict it from the prefix cache: its slots get rewritten
@@ -214,16 +225,12 @@ class KVCacheManager:
             block.block_hash = block_hash
             block.parent_hash = table.block_hashes[i - 1] if i else ROOT_HASH
             block.token_ids = tuple(token_ids[i * size:(i + 1) * size])
+            block.step = self.step
             self.cached_blocks[block_hash] = block
         table.num_registered_blocks = num_full_blocks
 
 
 # ---- the KV tensor: its size and its allocation ----
-
-def check_block_size(block_size) -> None:
-    if not isinstance(block_size, int) or block_size < 1 or block_size > 256 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two from 1 to 256, got {block_size!r}")
-
 
 def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                              dtype: torch.dtype) -> int:
@@ -235,9 +242,6 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
                       head_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The one KV tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], zeroed
     (a stale NaN in an unused slot would still poison a masked-out attention product)."""
-    check_block_size(block_size)
-    if not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
     return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
 
 
@@ -252,8 +256,6 @@ def num_blocks_from_memory(bytes_per_block: int, gpu_memory_utilization: float, 
     unavailable): (total - free) - torch.cuda.memory_reserved. Torch's cached-but-unallocated
     memory is not counted: the KV tensor can reuse it.
     """
-    if not 0.0 < gpu_memory_utilization <= 1.0:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
     free, total = torch.cuda.mem_get_info(device)
     non_torch = (total - free) - torch.cuda.memory_reserved(device)
     budget = total * gpu_memory_utilization - (peak_bytes + non_torch)

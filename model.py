@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import attention
@@ -112,7 +112,13 @@ def _read_json(path: str, required: bool = False) -> dict:
             raise FileNotFoundError(f"{path} not found")
         return {}
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            data = json.load(f)
+        except ValueError as e:  # invalid JSON, or not UTF-8 text: json's message names no file
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
 
 
 def _as_id_list(value) -> list[int]:
@@ -436,7 +442,14 @@ def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
 def _safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        return [os.path.join(path, name) for name in sorted(set(_read_json(index)["weight_map"].values()))]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a \"weight_map\" object (tensor name -> shard file)")
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"{file} not found (named in the weight_map of {index})")
+        return files
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
@@ -448,20 +461,23 @@ def load_weights(model: Transformer, path: str):
     targets, loaded = _checkpoint_targets(model), set()
     files = _safetensors_files(path)
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name not in targets:
-                    # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
-                    tied_head = name == "lm_head.weight" and model.config.tie_word_embeddings
-                    if tied_head or name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    raise ValueError(f"unexpected tensor {name!r} in {file} for {model.config.architecture}")
-                tensor, target = f.get_tensor(name), targets[name]
-                if tensor.shape != target.shape:
-                    raise ValueError(f"tensor {name!r} in {file}: shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(target.shape)} from config.json")
-                target.copy_(tensor)
-                loaded.add(name)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name not in targets:
+                        # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
+                        tied_head = name == "lm_head.weight" and model.config.tie_word_embeddings
+                        if tied_head or name.endswith("rotary_emb.inv_freq"):
+                            continue
+                        raise ValueError(f"unexpected tensor {name!r} in {file} for {model.config.architecture}")
+                    tensor, target = f.get_tensor(name), targets[name]
+                    if tensor.shape != target.shape:
+                        raise ValueError(f"tensor {name!r} in {file}: shape {tuple(tensor.shape)}, "
+                                         f"expected {tuple(target.shape)} from config.json")
+                    target.copy_(tensor)
+                    loaded.add(name)
+        except (SafetensorError, OSError) as e:  # e.g. a truncated download; safetensors names no file
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
     missing = sorted(targets.keys() - loaded)
     if missing:
         raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "

@@ -12,6 +12,10 @@ engine reads the placeholder's value from the previous step's output on the GPU)
 the real tokens and applies stop conditions. Synchronous use is update() right after schedule():
 one code path for both.
 
+A step that fails or is interrupted anywhere between schedule() and update() is undone by
+recover(): every unfinished request is preempted (it keeps its known tokens and recomputes its
+KV), and the prefix cache forgets the blocks of every step that did not finish.
+
 Owns: requests and their states, the plan of a step, preemption, stop conditions.
 Never touches: tensors, the GPU (it hands the engine positions and block tables).
 """
@@ -28,7 +32,7 @@ def _max_tokens(request) -> float:
     return math.inf if max_tokens is None else max_tokens
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -44,6 +48,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
 
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < 1e-5  # vLLM's threshold
+
     def __post_init__(self):
         if self.stop_token_ids is None:
             self.stop_token_ids = []
@@ -57,13 +65,13 @@ class SamplingParams:
             ("temperature", isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
              "a finite number >= 0 (0 = greedy)"),
             ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("top_k", _is_int(self.top_k) and self.top_k >= -1, "an int >= -1 (0 or -1 disables it)"),
-            ("max_tokens", self.max_tokens is None or _is_int(self.max_tokens) and self.max_tokens >= 1,
+            ("top_k", is_int(self.top_k) and self.top_k >= -1, "an int >= -1 (0 or -1 disables it)"),
+            ("max_tokens", self.max_tokens is None or is_int(self.max_tokens) and self.max_tokens >= 1,
              "an int >= 1 or None"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
             ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple))
-             and all(_is_int(i) for i in self.stop_token_ids), "a list of ints"),
-            ("seed", self.seed is None or _is_int(self.seed), "an int or None"),
+             and all(is_int(i) for i in self.stop_token_ids), "a list of ints"),
+            ("seed", self.seed is None or is_int(self.seed), "an int or None"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -95,7 +103,6 @@ class Request:
     num_computed_tokens: int = field(default=0, init=False)
     num_cached_tokens: int = field(default=0, init=False)        # prefix-cache hit at first admission
     num_output_placeholders: int = field(default=0, init=False)  # sampled, value not known yet
-    arrival_order: int = field(default=-1, init=False)           # set by Scheduler.add
     error: str | None = field(default=None, init=False)
     block_table: BlockTable = field(default_factory=BlockTable, init=False, repr=False)
 
@@ -113,10 +120,6 @@ class Request:
     @property
     def block_ids(self) -> list[int]:
         return self.block_table.block_ids
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status.is_finished
 
     @property
     def finish_reason(self) -> str | None:
@@ -137,6 +140,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # in batch order
     num_batched_tokens: int
     finished: list[Request]            # ended inside schedule() (FINISHED_ERROR): report them
+    step: int                          # steps are numbered from 1 and update()d in this order
 
 
 class Scheduler:
@@ -146,13 +150,7 @@ class Scheduler:
     def __init__(self, *, num_blocks: int, block_size: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, vocab_size: int, eos_token_ids,
                  enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0):
-        for name, value, low in [("max_num_batched_tokens", max_num_batched_tokens, 1),
-                                 ("max_num_seqs", max_num_seqs, 1), ("max_model_len", max_model_len, 2),
-                                 ("vocab_size", vocab_size, 1),
-                                 ("long_prefill_token_threshold", long_prefill_token_threshold, 0)]:
-            if not _is_int(value) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -162,8 +160,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # admission order: the last one is preempted first
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
-        self.num_arrived = 0
         self.num_preemptions = 0
+        self.num_scheduled_steps = 0
+        self.num_finished_steps = 0  # update() has run for every step up to this one
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -180,14 +179,12 @@ class Scheduler:
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"request {rid!r}: the prompt has {len(prompt)} tokens, but max_model_len="
                              f"{self.max_model_len} allows at most {self.max_model_len - 1} (room for 1 output token)")
-        bad = [t for t in prompt if not (_is_int(t) and 0 <= t < self.vocab_size)]
+        bad = [t for t in prompt if not (is_int(t) and 0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"request {rid!r}: prompt_token_ids holds {bad[0]!r}; token ids must be "
                              f"ints in [0, vocab_size={self.vocab_size})")
-        if -(-len(prompt) // self.kv_cache.block_size) > self.kv_cache.num_blocks:
+        if -(-len(prompt) // self.kv_cache_manager.block_size) > self.kv_cache_manager.num_blocks:
             raise ValueError(f"request {rid!r}: {self._too_big(len(prompt))}")
-        request.arrival_order = self.num_arrived
-        self.num_arrived += 1
         self.requests[rid] = request
         self.waiting.append(request)
 
@@ -195,6 +192,8 @@ class Scheduler:
         """Plan one step: running requests first (in admission order), then waiting ones (FCFS)."""
         budget = self.max_num_batched_tokens
         scheduled, finished = [], []
+        self.num_scheduled_steps += 1
+        self.kv_cache_manager.step = self.num_scheduled_steps  # blocks cached now are computed by this step
         num_preemptions_before = self.num_preemptions
         index = 0
         while index < len(self.running) and budget > 0:
@@ -224,7 +223,7 @@ class Scheduler:
                 self.running.append(request)
                 scheduled.append(self._advance(request, num_new_tokens))
                 budget -= num_new_tokens
-        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, finished)
+        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, finished, self.num_scheduled_steps)
 
     def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
         """Take a step's sampled tokens (one per scheduled entry with samples=True, in order),
@@ -250,7 +249,27 @@ class Scheduler:
                 finished.append(request)
         if running_finished:
             self.running = [r for r in self.running if not r.status.is_finished]
+        self.num_finished_steps = output.step  # its K/V is written: its cached blocks are trusted
         return finished
+
+    def recover(self) -> None:
+        """Undo every step that has not finished (failed, interrupted, or still in flight and about
+        to be dropped): its cached blocks leave the prefix cache, and every unfinished request is
+        preempted, keeping its known tokens (lost sampled tokens are drawn again, with the same
+        seeds). Rebuilt from `requests`, which is right even if an interrupt left running and
+        waiting half-updated; running requests go first, in admission order."""
+        self.kv_cache_manager.uncache_steps_after(self.num_finished_steps)
+        order = dict.fromkeys([*self.running, *self.waiting, *self.requests.values()])
+        self.running, self.waiting = [], deque()
+        for request in order:
+            if self.requests.get(request.request_id) is not request:  # finished meanwhile
+                continue
+            self.kv_cache_manager.free(request.block_table)
+            request.num_computed_tokens = request.num_output_placeholders = 0
+            if request.status is RequestStatus.RUNNING:
+                request.status = RequestStatus.PREEMPTED
+            self.waiting.append(request)
+        self.num_finished_steps = self.num_scheduled_steps
 
     def abort(self, request_id: str) -> Request:
         """End a request now, at any point, and free its blocks."""
@@ -278,7 +297,7 @@ class Scheduler:
         """Get blocks for the request's new tokens, preempting the most recently admitted running
         requests until they fit. False if the request itself was preempted or can never fit."""
         table, total = request.block_table, request.num_computed_tokens + num_new_tokens
-        while not self.kv_cache.allocate(table, request.all_token_ids, total):
+        while not self.kv_cache_manager.allocate(table, request.all_token_ids, total):
             victim = self.running.pop()
             if victim is request and not self.running:  # alone and it still does not fit: never will
                 self._finish(request, RequestStatus.FINISHED_ERROR, self._too_big(total))
@@ -293,10 +312,10 @@ class Scheduler:
         """Look the request's tokens up in the prefix cache and allocate its first chunk. Returns
         the chunk's size, or 0 (and no change) if its blocks are not free."""
         table = request.block_table
-        hits = self.kv_cache.lookup(table, request.all_token_ids)
-        num_hit_tokens = len(hits) * self.kv_cache.block_size
+        hits = self.kv_cache_manager.lookup(table, request.all_token_ids)
+        num_hit_tokens = len(hits) * self.kv_cache_manager.block_size
         num_new_tokens = self._cap(request.num_tokens - num_hit_tokens, budget)
-        if not self.kv_cache.allocate(table, request.all_token_ids, num_hit_tokens + num_new_tokens, hits):
+        if not self.kv_cache_manager.allocate(table, request.all_token_ids, num_hit_tokens + num_new_tokens, hits):
             return 0
         if request.status is RequestStatus.WAITING:
             request.num_cached_tokens = num_hit_tokens
@@ -316,7 +335,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Preemption by recompute: drop its KV; it keeps its tokens and is prefilled again later
         (the prefix cache may still hold much of it)."""
-        self.kv_cache.free(request.block_table)
+        self.kv_cache_manager.free(request.block_table)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
@@ -334,11 +353,11 @@ class Scheduler:
         """Mark it finished and free its blocks; the caller has taken it out of running/waiting."""
         request.status = status
         request.error = error
-        self.kv_cache.free(request.block_table)
+        self.kv_cache_manager.free(request.block_table)
         del self.requests[request.request_id]
 
     def _too_big(self, num_tokens: int) -> str:
-        kv = self.kv_cache
+        kv = self.kv_cache_manager
         return (f"{num_tokens} tokens need {-(-num_tokens // kv.block_size)} KV blocks of {kv.block_size}, "
                 f"but the whole pool has {kv.num_blocks}: raise gpu_memory_utilization (or num_blocks), "
                 f"or lower max_model_len / max_tokens")
