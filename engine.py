@@ -414,7 +414,7 @@ class ModelRunner:
 
         This runs on the CPU for every step, so it is written for speed: plain lists, a short path
         for decodes (one token each), and one array -> tensor conversion per field."""
-        block_size = self.block_size
+        block_size, vocab_size = self.block_size, self.model.config.vocab_size
         previous_rows = previous.plan.sample_row if previous is not None else {}
         input_ids, positions, slots, query_start, seq_lens, logits_indices = [], [], [], [0], [], []
         temperature, top_p, top_k, seeds, sample_row = [], [], [], [], {}
@@ -451,7 +451,7 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
                 temperature.append(0.0 if params.is_greedy else params.temperature)
                 top_p.append(params.top_p)
-                top_k.append(params.top_k if 0 < params.top_k < self.model.config.vocab_size else 0)
+                top_k.append(params.top_k if 0 < params.top_k < vocab_size else 0)
         num_tokens, num_seqs = len(input_ids), len(seq_lens)
         max_query_len = max(b - a for a, b in zip(query_start, query_start[1:]))
         rows = num_seqs
