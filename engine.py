@@ -103,8 +103,8 @@ class LLM:
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
                                   enforce_eager=enforce_eager)
-        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None and self.tokenizer.eos_token_ids \
-            else config.eos_token_ids
+        # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
+        eos = [*config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]
         self.scheduler = Scheduler(num_blocks=self.runner.num_blocks, block_size=block_size,
                                    enable_prefix_caching=enable_prefix_caching,
                                    max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -189,7 +189,7 @@ class LLM:
         """End a request now and free its blocks; its final output, or None if it had already ended."""
         if request_id not in self.scheduler.requests:
             return None
-        return self._output(self.scheduler.abort(request_id))
+        return self._take_output(self.scheduler.abort(request_id))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self.in_flight is not None or bool(self.undelivered)
@@ -208,7 +208,7 @@ class LLM:
         CPU's scheduling and input building hide behind the GPU's forward pass."""
         schedule = self.scheduler.schedule()
         launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
-        outputs = [self._output(request) for request in schedule.finished]
+        outputs = [self._take_output(request) for request in schedule.finished]
         if self.async_scheduling:
             previous, self.in_flight = self.in_flight, launched
             if previous is not None:
@@ -228,19 +228,20 @@ class LLM:
         self.scheduler.recover()
         for live in list(self.live.values()):
             if live.request.status.is_finished:
-                self.undelivered.append(self._output(live.request))
+                self.undelivered.append(self._take_output(live.request))
 
     def _collect(self, flight: "InFlight", report_running: bool) -> list[RequestOutput]:
         """Wait for a step's tokens, hand them to the scheduler, report who moved."""
         tokens = flight.sampled_token_ids()
-        requests = [entry.request for entry in flight.plan.schedule.scheduled if entry.samples]
+        requests = [entry.request for entry in flight.plan.schedule.scheduled if entry.samples_token]
         lengths = [len(request.output_token_ids) for request in requests]
         finished = self.scheduler.update(flight.plan.schedule, tokens)
         moved = [request for request, n in zip(requests, lengths) if len(request.output_token_ids) > n]
         self.stats.output_tokens += len(moved)
-        return [self._output(request) for request in (dict.fromkeys(moved + finished) if report_running else finished)]
+        return [self._take_output(request) for request in (dict.fromkeys(moved + finished) if report_running else finished)]
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _take_output(self, request: Request) -> RequestOutput:
+        """The request's output so far; once it is finished, the engine forgets it."""
         finished = request.status.is_finished
         live = self.live.pop(request.request_id) if finished else self.live[request.request_id]
         completion = CompletionOutput(0, self._detokenize(live), list(request.output_token_ids),
@@ -442,7 +443,7 @@ class ModelRunner:
             query_start.append(len(input_ids))
             seq_lens.append(end)
             tables.append(blocks[: -(-end // block_size)])
-            if entry.samples:
+            if entry.samples_token:
                 params = request.sampling_params
                 sample_row[request.request_id] = len(logits_indices)
                 # The noise of the k-th token a request draws depends on (its seed, k) alone.
@@ -551,7 +552,7 @@ class ModelRunner:
             num_blocks = -(-length // self.block_size)
             request.block_table.block_ids = list(range(num_scratch_blocks, num_scratch_blocks + num_blocks))
             num_scratch_blocks += num_blocks
-            entries.append(ScheduledRequest(request, 0, length, samples=True))
+            entries.append(ScheduledRequest(request, 0, length, samples_token=True))
         self.kv_caches = self._allocate_kv_caches(num_scratch_blocks)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)

@@ -384,25 +384,25 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.config.dtype
 
-    def check_kv_cache(self, kv_cache: torch.Tensor):
+    def check_kv_caches(self, kv_caches: torch.Tensor):
         c = self.config
-        if (kv_cache.dim() != 6 or kv_cache.shape[:2] != (c.num_layers, 2)
-                or kv_cache.shape[4:] != (c.num_kv_heads, c.head_dim) or kv_cache.dtype != c.dtype):
-            raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)} {kv_cache.dtype}; expected "
+        if (kv_caches.dim() != 6 or kv_caches.shape[:2] != (c.num_layers, 2)
+                or kv_caches.shape[4:] != (c.num_kv_heads, c.head_dim) or kv_caches.dtype != c.dtype):
+            raise ValueError(f"kv_caches: shape {tuple(kv_caches.shape)} {kv_caches.dtype}; expected "
                              f"[{c.num_layers}, 2, num_blocks, block_size, {c.num_kv_heads}, {c.head_dim}] {c.dtype}")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] int64 (flat batch) -> float32 logits [S, vocab] for the rows in
-        logits_indices [S] (None: every row). kv_cache: [num_layers, 2, num_blocks, block_size,
+        logits_indices [S] (None: every row). kv_caches: [num_layers, 2, num_blocks, block_size,
         num_kv_heads, head_dim]; this step's K/V are written into it at meta.slot_mapping."""
-        self.check_kv_cache(kv_cache)
+        self.check_kv_caches(kv_caches)
         kernels = LayerKernels.pick(self.use_triton)
         hidden = F.embedding(input_ids, self.embed_tokens)
         # The residual stream starts at zero and the embedding is the first output added to it, so
         # every layer starts the same way (add + norm), the first one included.
         residual = torch.zeros_like(hidden)
-        for layer, layer_cache in zip(self.layers, kv_cache):
+        for layer, layer_cache in zip(self.layers, kv_caches):
             hidden = layer(hidden, residual, positions, self.rope_cos, self.rope_sin, layer_cache[0], layer_cache[1],
                            meta, kernels)
         if logits_indices is not None:  # the final norm and lm_head only for rows that sample
@@ -641,15 +641,12 @@ def _special_id(token, added: dict[str, int]) -> int | None:
 
 def _bos_eos(path: str, added: dict[str, int], bos_default: int | None,
              eos_default: list[int]) -> tuple[int | None, list[int], dict]:
-    """BOS and EOS ids from tokenizer_config.json and generation_config.json (EOS: the union, so
-    generation stops on either; e.g. Llama 3 Instruct's <|eot_id|> and <|end_of_text|>)."""
+    """BOS and EOS ids named in tokenizer_config.json. (Generation stops on these and on the model's
+    eos_token_ids from generation_config.json: the engine takes the union, e.g. Llama 3 Instruct's
+    <|eot_id|> and <|end_of_text|>.)"""
     config = _read_json(os.path.join(path, "tokenizer_config.json"))
-    generation = _read_json(os.path.join(path, "generation_config.json"))
-    bos = _special_id(config.get("bos_token"), added)
-    bos = bos if bos is not None else generation.get("bos_token_id", bos_default)
-    eos = [_special_id(config.get("eos_token"), added)] + _as_id_list(generation.get("eos_token_id"))
-    eos = list(dict.fromkeys(i for i in eos if i is not None)) or eos_default
-    return bos, eos, config
+    bos, eos = _special_id(config.get("bos_token"), added), _special_id(config.get("eos_token"), added)
+    return bos if bos is not None else bos_default, [eos] if eos is not None else eos_default, config
 
 
 def tokenizer_from_hf_json(path: str) -> Tokenizer:

@@ -132,7 +132,7 @@ class ScheduledRequest:
     request: Request
     start: int           # its num_computed_tokens before this step
     num_new_tokens: int
-    samples: bool        # the step reaches its last token (placeholders included): sample one
+    samples_token: bool  # the step reaches its last token (placeholders included): sample one
 
 
 @dataclass
@@ -226,9 +226,9 @@ class Scheduler:
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, finished, self.num_scheduled_steps)
 
     def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
-        """Take a step's sampled tokens (one per scheduled entry with samples=True, in order),
+        """Take a step's sampled tokens (one per scheduled entry with samples_token, in order),
         apply stop conditions, free finished requests. Returns the requests that finished."""
-        samplers = [s.request for s in output.scheduled if s.samples]
+        samplers = [s.request for s in output.scheduled if s.samples_token]
         if len(samplers) != len(sampled_token_ids):
             raise ValueError(f"sampled_token_ids has {len(sampled_token_ids)} tokens, but the step "
                              f"has {len(samplers)} requests that sample")
@@ -327,10 +327,10 @@ class Scheduler:
         # Advanced now, not in update(): the next schedule() may come before this step's tokens.
         start = request.num_computed_tokens
         request.num_computed_tokens = start + num_new_tokens
-        samples = request.num_computed_tokens == request.num_tokens_with_placeholders
-        if samples:
+        samples_token = request.num_computed_tokens == request.num_tokens_with_placeholders
+        if samples_token:
             request.num_output_placeholders += 1
-        return ScheduledRequest(request, start, num_new_tokens, samples)
+        return ScheduledRequest(request, start, num_new_tokens, samples_token)
 
     def _preempt(self, request: Request) -> None:
         """Preemption by recompute: drop its KV; it keeps its tokens and is prefilled again later

@@ -324,7 +324,7 @@ def test_bad_arguments():
         random_model("gpt5")
     model = random_model("tiny", device="cpu")
     input_ids, positions, kv_cache, meta = _one_batch(model.config, [3])
-    with pytest.raises(ValueError, match=r"kv_cache: shape .*; expected \[2, 2, num_blocks, block_size, 2, 16\]"):
+    with pytest.raises(ValueError, match=r"kv_caches: shape .*; expected \[2, 2, num_blocks, block_size, 2, 16\]"):
         model(input_ids, positions, kv_cache[:, :, :, :, :1], meta)
 
 
@@ -422,7 +422,8 @@ def test_gpt2_style_tokenizer_matches_hf(gpt2_style):
     ours = load_tokenizer(path)
     _check_against_hf(hf, ours, _TEXTS, add_special_tokens=True)
     assert ours.encode("<|im_end|>") == [2] and not ours.add_bos_token
-    assert ours.eos_token_ids == [2, 0] and ours.bos_token_id is None
+    # tokenizer_config.json's EOS only: the engine adds the model's (generation_config.json's [0, 2])
+    assert ours.eos_token_ids == [2] and ours.bos_token_id is None
     assert ours.vocab_size == hf.get_vocab_size() == 501
     assert ours.decode(ours.encode("a<think><|im_end|>"), skip_special_tokens=True) == "a<think>"
     assert sum(len(ours.encode(t)) for t in _TEXTS) < sum(len(t.encode()) for t in _TEXTS) * 0.8  # merges used
@@ -649,7 +650,7 @@ class _FakeEngine:
                 digest = _digest(digest, token)
                 self.kv[table[p // block_size] * block_size + p % block_size] = digest
                 self.written.append(p)
-            if entry.samples:
+            if entry.samples_token:
                 token = _next_token(digest)
                 sampled[request] = token
                 tokens.append(token)
@@ -790,7 +791,7 @@ def test_long_prompt_does_not_stall_running_decodes():
     while not long_request.output_token_ids:
         entries = {e.request.request_id: e for e in engine.step().scheduled}
         num_steps += 1
-        assert all(entries[r.request_id].num_new_tokens == 1 and entries[r.request_id].samples for r in decodes)
+        assert all(entries[r.request_id].num_new_tokens == 1 and entries[r.request_id].samples_token for r in decodes)
         assert entries["long"].num_new_tokens == min(budget - num_decodes, prompt_len - entries["long"].start)
     assert num_steps == math.ceil(prompt_len / (budget - num_decodes))
     for r in decodes:
@@ -809,7 +810,7 @@ def test_exact_multiple_prompt_fully_cached_still_computes_its_last_block():
     engine.run()
     scheduler.add(second)
     [entry] = engine.step().scheduled
-    assert (entry.start, entry.num_new_tokens, entry.samples) == (4, 4, True)
+    assert (entry.start, entry.num_new_tokens, entry.samples_token) == (4, 4, True)
     assert second.num_cached_tokens == 4
     engine.run()
     _assert_matches_reference([first, second], 40)
@@ -1725,6 +1726,9 @@ def test_text_prompts_with_a_real_tokenizer(tmp_path):
                              use_tqdm=False)
     assert stopped.outputs[0].token_ids == expected[: k + 1] and stopped.outputs[0].finish_reason == "stop"
     assert stopped.outputs[0].text == tokenizer.decode([t for t in expected[:k] if t not in specials])
+    # Generation stops on the model's EOS (config: 7) and the tokenizer's (tokenizer_config.json).
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    assert LLM(str(tmp_path), dtype=torch.float32, max_num_seqs=4).scheduler.eos_token_ids == {7, *specials}
 
 
 # ---- sampling -------------------------------------------------------------------------------
