@@ -382,8 +382,8 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, num_splits,
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration, picked from a small table measured on an H200 (kernel_bench_part.py
-# --sweep; figures in ATTN_RESULTS.md). Not triton.autotune: autotuning would benchmark inside
+# Launch configuration, picked from a small table measured on an H200 (`bench.py --kernel --sweep`;
+# figures in BENCHMARKS.md). Not triton.autotune: autotuning would benchmark inside
 # the engine's first step and inside CUDA-graph capture, where timing runs are not allowed.
 # ---------------------------------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ ModelRunner.execute (prepare_inputs, run_model, sample) -> LLM._collect -> _outp
 
 LLM owns the requests' outputs, detokenization and the async loop. ModelRunner owns the device: the
 step's input tensors and their one copy, the forward with CUDA graphs for decode-only batches,
-sampling, and sizing the KV cache; it is what every tensor-parallel rank would run. Never touches:
-model internals, kernel internals, block bookkeeping.
+sampling (a Gumbel-max Triton kernel beside its torch reference, at the end of this file), and
+sizing the KV cache; it is what every tensor-parallel rank would run. Never touches: model
+internals, kernel internals, block bookkeeping.
 """
+import contextlib
 import itertools
 import random
 import sys
@@ -155,7 +157,6 @@ class LLM:
                     else:
                         self.undelivered.append(output)
                 progress.update(len(results))
-            progress.close()
         except BaseException:
             own = set(order)
             for request_id in order:  # never leave blocks owned by requests nobody will read
@@ -402,13 +403,10 @@ class ModelRunner:
         return InFlight(plan, sampled, host, ready)
 
     def wait_for_device(self) -> None:
-        """After a failure: let dropped steps finish reading the host buffers before they are reused.
-        A device in an error state raises again here; the original error is the one worth seeing."""
+        """After a failure: let dropped steps finish reading the host buffers before they are reused."""
         if self.on_cuda:
-            try:
+            with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
                 torch.cuda.synchronize(self.device)
-            except RuntimeError:
-                pass
 
     def prepare_inputs(self, schedule: SchedulerOutput, previous: InFlight | None) -> StepPlan:
         """Lay the step's requests out as one flat batch in the host buffer, then copy it once.
@@ -696,28 +694,18 @@ def _tokenizer_or_warn(path):
 
 
 def _check_engine_args(args: dict) -> None:
-    """ValueError naming the first bad LLM argument and what it may be: every engine argument is
-    checked here, once, where the user passes it."""
+    """ValueError naming the first bad LLM argument: each is checked here, once, where the user passes it."""
     def int_at_least(low, or_none=False):
         return lambda v: (or_none and v is None) or is_int(v) and v >= low
-
-    def is_bool(v):
-        return isinstance(v, bool)
-    checks = {
-        "block_size": (lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
-        "max_num_batched_tokens": (int_at_least(1), "an int >= 1"),
-        "max_num_seqs": (int_at_least(1), "an int >= 1"),
-        "max_model_len": (int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
-        "gpu_memory_utilization": (lambda v: isinstance(v, (int, float)) and not is_bool(v) and 0 < v <= 1,
-                                   "a number in (0, 1]"),
-        "seed": (is_int, "an int"),
-        "num_blocks": (int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
-        "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"),
-        "enable_prefix_caching": (is_bool, "a bool"),
-        "async_scheduling": (is_bool, "a bool"),
-        "enforce_eager": (is_bool, "a bool"),
-    }
-    for name, (ok, allowed) in checks.items():
+    rules = [("block_size", lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
+             ("max_num_batched_tokens", int_at_least(1), "an int >= 1"), ("max_num_seqs", int_at_least(1), "an int >= 1"),
+             ("max_model_len", int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
+             ("num_blocks", int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
+             ("long_prefill_token_threshold", int_at_least(0), "an int >= 0 (0: no cap)"), ("seed", is_int, "an int"),
+             ("gpu_memory_utilization", lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]")]
+    rules += [(name, lambda v: isinstance(v, bool), "a bool")
+              for name in ("enable_prefix_caching", "async_scheduling", "enforce_eager")]
+    for name, ok, allowed in rules:
         if not ok(args[name]):
             raise ValueError(f"{name} must be {allowed}, got {args[name]!r}")
 
@@ -753,21 +741,15 @@ def _error_output(request_id, prompt, message) -> RequestOutput:
 
 
 class _Progress:
-    """A one-line progress report on a terminal (requests done, output tokens/s)."""
+    """A one-line progress report on a terminal: requests done, output tokens/s."""
 
     def __init__(self, total, stats, enabled):
         self.total, self.stats, self.enabled = total, stats, enabled
-        self.first_tokens = stats.output_tokens
-        self.start = self.last = time.perf_counter()
+        self.first_tokens, self.start, self.last = stats.output_tokens, time.perf_counter(), 0.0
 
     def update(self, done):
         now = time.perf_counter()
         if self.enabled and (now - self.last > 0.1 or done == self.total):
-            self.last = now
-            rate = (self.stats.output_tokens - self.first_tokens) / max(now - self.start, 1e-9)
-            sys.stderr.write(f"\rProcessed {done}/{self.total} requests | {rate:,.0f} output tok/s")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
+            self.last, rate = now, (self.stats.output_tokens - self.first_tokens) / max(now - self.start, 1e-9)
+            end = "\n" if done == self.total else ""
+            sys.stderr.write(f"\rProcessed {done}/{self.total} requests | {rate:,.0f} output tok/s{end}")
