@@ -10,6 +10,7 @@ request's context. The engine counts those contexts, so the run's bytes over the
 device-to-device copy bandwidth give the fastest the run could possibly have gone.
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -277,6 +278,7 @@ def main():
     p.add_argument("--no-async", action="store_true", help="schedule step N+1 only after step N's tokens")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--kernel", action="store_true", help="benchmark the paged-attention kernel alone (GPU)")
     p.add_argument("--sweep", action="store_true", help="with --kernel: also time other launch configurations")
@@ -298,6 +300,8 @@ def main():
     setup_seconds = time.perf_counter() - started
     vocab_limit = min(10000, llm.runner.model.config.vocab_size - 1)  # nano-vllm's ids, within a tiny vocabulary
     prompts, params = make_workload(args.workload, args.num_seqs, args.max_input_len, args.max_output_len, vocab_limit)
+    if args.logprobs is not None:
+        params = [dataclasses.replace(p, logprobs=args.logprobs) for p in params]
     bandwidth = copy_bandwidth() if on_gpu else None
     # Warm-up on another draw of the same workload with short outputs: its chunked prefills have the
     # shapes of the timed run's, so the Triton kernels they need are compiled (and cached on disk)
@@ -323,7 +327,8 @@ def main():
     prompt_tokens = sum(len(prompt) for prompt in prompts)
     queries = kv.num_query_tokens - queries_before
     result = dict(
-        arch=args.model or args.arch, workload=args.workload, num_seqs=args.num_seqs, device=str(llm.runner.device),
+        arch=args.model or args.arch, workload=args.workload, logprobs=args.logprobs, num_seqs=args.num_seqs,
+        device=str(llm.runner.device),
         gpu=torch.cuda.get_device_name() if on_gpu else None, async_scheduling=not args.no_async,
         cuda_graphs=bool(llm.runner.graphs), prefix_caching=not args.no_prefix_caching,
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),

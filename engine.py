@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from array import array
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -27,7 +27,8 @@ import triton.language as tl
 
 from attention import AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
-from model import SHAPES, TokenStream, Transformer, load_model, load_tokenizer, random_model, resolve_device_and_dtype
+from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
+                   resolve_device_and_dtype)
 from scheduler import (Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput,
                        is_int)
 
@@ -35,11 +36,21 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 
 @dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None           # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort", "error"; None while running
+    cumulative_logprob: float | None  # with logprobs: the sum of the sampled tokens' logprobs
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"; None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (None: EOS)
 
 
 @dataclass
@@ -47,20 +58,34 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None  # None for the first token, then one dict each
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None  # why the request failed, when finish_reason == "error"
 
 
-@dataclass
-class LiveRequest:
-    """The engine's own state of an unfinished request (the scheduler holds the rest)."""
+@dataclass(eq=False)
+class Completion:
+    """The engine's own state of one completion being generated (the scheduler holds the rest)."""
     request: Request
-    prompt: str | None
-    stream: TokenStream | None  # the tokenizer's incremental decoder
+    index: int
+    group: "RequestGroup"
+    stream: TokenStream | None  # the incremental detokenizer; None: no text
     text: str = ""
     num_decoded: int = 0        # output tokens already pushed through `stream`
+    num_searched: int = 0       # characters of text already searched for stop strings
+    logprobs: list[dict[int, Logprob]] | None = None
+
+
+@dataclass(eq=False)
+class RequestGroup:
+    """One request of the user: its prompt and its n completions, each a request of the scheduler
+    (so the prompt's full blocks are computed once and shared through the prefix cache)."""
+    request_id: str
+    prompt: str | None
+    completions: list[Completion]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
 
 
 @dataclass
@@ -82,12 +107,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  async_scheduling: bool = True, enforce_eager: bool = False, seed: int = 0,
                  num_blocks: int | None = None, long_prefill_token_threshold: int = 0):
-        _check_engine_args(dict(
-            block_size=block_size, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-            num_blocks=num_blocks, long_prefill_token_threshold=long_prefill_token_threshold,
-            enable_prefix_caching=enable_prefix_caching, async_scheduling=async_scheduling,
-            enforce_eager=enforce_eager))
+        _check_engine_args(locals())  # every argument as the user passed it
         device, dtype = resolve_device_and_dtype(device, dtype)
         if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
             device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
@@ -101,12 +121,12 @@ class LLM:
         if max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len={max_model_len}: must be at most {config.max_position_embeddings} "
                              "(the model's max_position_embeddings)")
+        # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
+        eos = list(dict.fromkeys([*config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]))
         self.runner = ModelRunner(network, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
-                                  enforce_eager=enforce_eager)
-        # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
-        eos = [*config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]
+                                  enforce_eager=enforce_eager, eos_token_ids=eos)
         self.scheduler = Scheduler(num_blocks=self.runner.num_blocks, block_size=block_size,
                                    enable_prefix_caching=enable_prefix_caching,
                                    max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -116,7 +136,8 @@ class LLM:
         self.stats = self.runner.stats
         self.rng = random.Random(seed)  # seeds of requests that bring none
         self.in_flight: InFlight | None = None
-        self.live: dict[str, LiveRequest] = {}
+        self.groups: dict[str, RequestGroup] = {}  # unfinished requests of the user, by their id
+        self.live: dict[str, Completion] = {}      # their completions, by the scheduler's request id
         self.undelivered: list[RequestOutput] = []  # final outputs that step() has not returned yet
         self.request_ids = itertools.count()
 
@@ -124,7 +145,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prompts to completion; outputs come back in input order. One bad prompt fails alone:
-        its output has finish_reason "error" and `error` says why; the others finish.
+        its output has finish_reason "error" and `error` says why; the others finish. Without
+        sampling_params, the checkpoint's defaults (get_default_sampling_params).
 
         Requests added before with add_request() share the batches meanwhile, but generate() returns
         as soon as its own prompts are done; the next step() returns what they produced. If it
@@ -165,19 +187,52 @@ class LLM:
             raise
         return [results[request_id] for request_id in order]
 
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """generate() on conversations: one (a list of {"role": ..., "content": ...} dicts) or a list
+        of them, each rendered by the checkpoint's chat template as HF apply_chat_template does."""
+        if self.tokenizer is None:
+            raise ValueError("chat: this model has no tokenizer")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt, chat_template)
+            # The template writes BOS itself where the model wants one: encode adds no second one.
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None) -> None:
-        """Queue one request. Raises ValueError naming what is wrong with it."""
-        params = sampling_params if sampling_params is not None else SamplingParams()
+        """Queue one request (its n completions). Raises ValueError naming what is wrong with it."""
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already used by an unfinished request")
         # The request's own copy, validated again (the caller may have changed the fields since), with
         # a seed: one drawn from the engine's seed if it brings none, so every run is reproducible.
         params = replace(params, seed=self.rng.getrandbits(31) if params.seed is None else params.seed)
+        if params.stop and (self.tokenizer is None or not params.detokenize):
+            raise ValueError("SamplingParams.stop: stop strings are found in the text; this needs a tokenizer "
+                             "and detokenize=True (stop_token_ids work on ids)")
         text, token_ids = self._tokenize(prompt)
-        request = Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params)
-        self.scheduler.add(request)
-        stream = self.tokenizer.stream(skip_special_tokens=True) if self.tokenizer else None
-        self.live[request_id] = LiveRequest(request, text, stream)
+        group = RequestGroup(request_id, text, [], [None] if params.prompt_logprobs is not None else None)
+        try:
+            for index in range(params.n):
+                own = params if params.n == 1 else replace(params, n=1, seed=hash((params.seed, index)) & 0x7FFFFFFF)
+                request = Request(request_id if params.n == 1 else f"{index}_{request_id}", token_ids, own)
+                self.scheduler.add(request)
+                stream = self.tokenizer.stream(params.skip_special_tokens) if self.tokenizer and params.detokenize \
+                    else None
+                completion = Completion(request, index, group, stream,
+                                        logprobs=[] if params.logprobs is not None else None)
+                group.completions.append(completion)
+                self.live[request.request_id] = completion
+        except ValueError:
+            for completion in group.completions:
+                self.scheduler.abort(completion.request.request_id)
+                del self.live[completion.request.request_id]
+            raise
+        self.groups[request_id] = group
 
     def step(self) -> list[RequestOutput]:
         """One engine step: an output for every request that got a token or finished, and the final
@@ -187,13 +242,39 @@ class LLM:
         return delivered + outputs
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """End a request now and free its blocks; its final output, or None if it had already ended."""
-        if request_id not in self.scheduler.requests:
+        """End a request (all its completions) now and free its blocks; its final output, or None if
+        it had already ended."""
+        group = self.groups.get(request_id)
+        if group is None:
             return None
-        return self._take_output(self.scheduler.abort(request_id))
+        for completion in group.completions:
+            if not completion.request.status.is_finished:
+                self.scheduler.abort(completion.request.request_id)
+        return self._group_output(group)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self.in_flight is not None or bool(self.undelivered)
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        """encode / decode / apply_chat_template; None for random weights of a named shape."""
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's generation_config.json sampling fields, else vLLM's defaults."""
+        return SamplingParams(**self.runner.model.config.sampling_defaults)
+
+    def load_weights(self, weights) -> None:
+        """Update weights in place from (Hugging Face name, tensor) pairs, through the same name
+        mapping as loading (fused q/k/v and gate/up slices, tied embeddings): for RL loops. The
+        prefix cache is reset (its K/V came from the old weights); CUDA graphs read the same tensors."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("load_weights: requests are still running; finish or abort them first")
+        load_tensors(self.runner.model, weights, "load_weights")
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: no later request reuses a block computed before now."""
+        self.scheduler.kv_cache_manager.forget_cached_blocks()
 
     # ---- the step loop ------------------------------------------------------------------------
 
@@ -209,7 +290,7 @@ class LLM:
         CPU's scheduling and input building hide behind the GPU's forward pass."""
         schedule = self.scheduler.schedule()
         launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
-        outputs = [self._take_output(request) for request in schedule.finished]
+        outputs = self._outputs_of(schedule.finished)
         if self.async_scheduling:
             previous, self.in_flight = self.in_flight, launched
             if previous is not None:
@@ -225,52 +306,129 @@ class LLM:
         every unfinished step (their requests recompute, their cached blocks are forgotten), and
         keep the final outputs of requests that finished before the failure for step()."""
         self.in_flight = None
-        self.runner.wait_for_device()
+        if self.runner.on_cuda:  # dropped steps may still read the host buffers: let them finish first
+            with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
+                torch.cuda.synchronize(self.runner.device)
         self.scheduler.recover()
-        for live in list(self.live.values()):
-            if live.request.status.is_finished:
-                self.undelivered.append(self._take_output(live.request))
+        done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
+        self.undelivered += [self._group_output(group) for group in done]
 
     def _collect(self, flight: "InFlight", report_running: bool) -> list[RequestOutput]:
-        """Wait for a step's tokens, hand them to the scheduler, report who moved."""
+        """Wait for a step's tokens, hand them to the scheduler, add logprobs, look for stop strings,
+        report who moved."""
         tokens = flight.sampled_token_ids()
         requests = [entry.request for entry in flight.plan.schedule.scheduled if entry.samples_token]
         lengths = [len(request.output_token_ids) for request in requests]
         finished = self.scheduler.update(flight.plan.schedule, tokens)
-        moved = [request for request, n in zip(requests, lengths) if len(request.output_token_ids) > n]
+        moved = [(row, request) for row, (request, n) in enumerate(zip(requests, lengths))
+                 if len(request.output_token_ids) > n]
         self.stats.output_tokens += len(moved)
-        return [self._take_output(request) for request in (dict.fromkeys(moved + finished) if report_running else finished)]
+        logprobs = [(ints.tolist(), floats.tolist()) for ints, floats in flight.logprobs_host]
+        if flight.plan.num_logprobs is not None:
+            ids, values = logprobs.pop(0)
+            for row, request in moved:
+                if request.sampling_params.logprobs is not None:
+                    self.live[request.request_id].logprobs.append(self._logprob_dict(
+                        request.output_token_ids[-1], ids[row], values[row], request.sampling_params.logprobs))
+        if logprobs:
+            self._add_prompt_logprobs(flight.plan.prompt_positions, *logprobs[0])
+        for _, request in moved:  # stop strings are found in the text as it grows, token by token
+            if request.sampling_params.stop and request.status is not RequestStatus.FINISHED_STOPPED:
+                was_finished = request.status.is_finished  # by length: a stop string still cuts its text
+                if self._found_stop_string(self.live[request.request_id]) and not was_finished:
+                    finished.append(request)
+        return self._outputs_of([request for _, request in moved] + finished if report_running else finished)
 
-    def _take_output(self, request: Request) -> RequestOutput:
-        """The request's output so far; once it is finished, the engine forgets it."""
-        finished = request.status.is_finished
-        live = self.live.pop(request.request_id) if finished else self.live[request.request_id]
-        completion = CompletionOutput(0, self._detokenize(live), list(request.output_token_ids),
-                                      request.finish_reason)
-        return RequestOutput(request.request_id, live.prompt, request.prompt_token_ids, [completion], finished,
-                             request.num_cached_tokens, request.error)
+    def _logprob_dict(self, token: int, ids: list[int], values: list[float], k: int) -> dict[int, Logprob]:
+        """The chosen token's logprob and rank (ids[0], values[0]), then the top k."""
+        entries = {token: Logprob(values[0], ids[0], self._decode_one(token))}
+        for rank, (top_id, value) in enumerate(zip(ids[1:k + 1], values[1:k + 1]), 1):
+            entries.setdefault(top_id, Logprob(value, rank, self._decode_one(top_id)))
+        return entries
 
-    def _detokenize(self, live: LiveRequest) -> str:
+    def _add_prompt_logprobs(self, positions, ids, values) -> None:
+        """Each prompt position's logprobs once, recorded by the group's first completion (a
+        preempted request computes its prompt again: what is recorded already is skipped)."""
+        for row, (request, position) in enumerate(positions):
+            completion = self.live.get(request.request_id)
+            if completion is not None and completion.index == 0 and position == len(completion.group.prompt_logprobs):
+                completion.group.prompt_logprobs.append(self._logprob_dict(
+                    request.prompt_token_ids[position], ids[row], values[row], request.sampling_params.prompt_logprobs))
+
+    def _decode_one(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer and token < self.tokenizer.vocab_size else None
+
+    def _found_stop_string(self, completion: Completion) -> bool:
+        """Search the text the newest token added (a stop string may span tokens) once min_tokens
+        are out; on a hit cut the text before the string (after it with include_stop_str_in_output)
+        and stop the request, with the string as its stop_reason."""
+        request, params = completion.request, completion.request.sampling_params
+        text = self._detokenize(completion)
+        if len(request.output_token_ids) > params.min_tokens:
+            start = max(0, completion.num_searched - max(map(len, params.stop)) + 1)
+            hits = [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]
+            if hits:
+                at, stop = min(hits)
+                completion.text = text[:at + len(stop) if params.include_stop_str_in_output else at]
+                request.stop_reason = stop
+                if request.status.is_finished:
+                    request.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.abort(request.request_id, RequestStatus.FINISHED_STOPPED)
+                return True
+        completion.num_searched = len(text)
+        return False
+
+    def _outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
+        groups = dict.fromkeys(self.live[request.request_id].group for request in requests)
+        return [self._group_output(group) for group in groups]
+
+    def _group_output(self, group: RequestGroup) -> RequestOutput:
+        """A request's output so far; once all its completions are finished, the engine forgets it."""
+        finished = all(completion.request.status.is_finished for completion in group.completions)
+        outputs = [self._completion_output(completion, finished) for completion in group.completions]
+        if finished:
+            del self.groups[group.request_id]
+            for completion in group.completions:
+                del self.live[completion.request.request_id]
+        first = group.completions[0].request
+        error = next((c.request.error for c in group.completions if c.request.error), None)
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, group.prompt_logprobs, outputs,
+                             finished, first.num_cached_tokens, error)
+
+    def _completion_output(self, completion: Completion, finished: bool) -> CompletionOutput:
+        request, params = completion.request, completion.request.sampling_params
+        text = self._detokenize(completion)
+        if not request.status.is_finished and params.stop:  # hold back what may still become a stop string
+            text = text[:len(text) - _stop_string_prefix(text, params.stop)]
+        logprobs = None if completion.logprobs is None else list(completion.logprobs)
+        cumulative = None if logprobs is None else sum(entry[t].logprob for t, entry in zip(request.output_token_ids,
+                                                                                             logprobs))
+        return CompletionOutput(completion.index, text, list(request.output_token_ids), cumulative, logprobs,
+                                request.finish_reason, request.stop_reason)
+
+    def _detokenize(self, completion: Completion) -> str:
         """The output's text so far, decoding only the tokens not decoded before (O(1) a token). The
         token that stopped a request and ids past the tokenizer's vocabulary (padded embedding rows)
-        have no text."""
-        if live.stream is None:
-            return ""
-        request = live.request
+        have no text; a stop string has fixed the text for good."""
+        request = completion.request
+        if completion.stream is None or isinstance(request.stop_reason, str):
+            return completion.text
         tokens = request.output_token_ids
         end = len(tokens) - (request.status is RequestStatus.FINISHED_STOPPED)
-        for token in tokens[live.num_decoded:end]:
+        for token in tokens[completion.num_decoded:end]:
             if token < self.tokenizer.vocab_size:
-                live.text += live.stream.push(token)
-        live.num_decoded = max(end, live.num_decoded)
+                completion.text += completion.stream.push(token)
+        completion.num_decoded = max(end, completion.num_decoded)
         if request.status.is_finished:
-            live.text += live.stream.finish()
-        return live.text
+            completion.text += completion.stream.finish()
+            completion.stream = None
+        return completion.text
 
     def _new_request_id(self) -> str:
         """generate()'s ids: numbers, skipping any that add_request's callers already use."""
         request_id = str(next(self.request_ids))
-        while request_id in self.live:
+        while request_id in self.groups:
             request_id = str(next(self.request_ids))
         return request_id
 
@@ -304,8 +462,8 @@ class InputLayout:
 
     def __init__(self, max_tokens, max_seqs, max_blocks_per_seq):
         sizes = dict(input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
-                     query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_seqs,
-                     temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, seeds=max_seqs,
+                     query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
+                     temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
         self.offset, end = {}, 0
         for name, size in sizes.items():
@@ -332,15 +490,22 @@ class StepPlan:
     max_seq_len: int
     sample_row: dict[str, int]  # request_id -> row of this step's sampled tokens
     sampling: "SamplingTensors"
+    num_logprobs: int | None = None  # top-k logprobs for the sampled tokens (the most any row asks)
+    # Prompt logprobs: logits rows after the sampling ones, each for (request, the prompt position
+    # whose token's logprob it gives), the prompt tokens there, and the most any row asks.
+    prompt_positions: list[tuple[Request, int]] = field(default_factory=list)
+    prompt_targets: torch.Tensor | None = None
+    num_prompt_logprobs: int = 0
 
 
 @dataclass
 class InFlight:
-    """A launched step whose sampled tokens may still be on their way to the host."""
+    """A launched step whose sampled tokens (and logprobs) may still be on their way to the host."""
     plan: StepPlan
     sampled: torch.Tensor       # [num_sampling] int64 on the device
     sampled_host: torch.Tensor  # pinned host copy
     ready: torch.cuda.Event | None
+    logprobs_host: list[tuple[torch.Tensor, torch.Tensor]]  # logprobs_of's (ints, floats): sampled, prompt
 
     def sampled_token_ids(self) -> list[int]:
         """Wait for the step, then its tokens (one per scheduled entry that samples, in order)."""
@@ -353,8 +518,10 @@ class ModelRunner:
     """Runs steps of a Transformer on its device: execute(schedule) launches one and returns at once."""
 
     def __init__(self, model: Transformer, *, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, gpu_memory_utilization: float, num_blocks: int | None, enforce_eager: bool):
+                 max_model_len: int, gpu_memory_utilization: float, num_blocks: int | None, enforce_eager: bool,
+                 eos_token_ids: list[int]):
         self.model, config = model, model.config
+        self.eos_token_ids = eos_token_ids  # banned until a request's min_tokens
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -392,21 +559,24 @@ class ModelRunner:
         does not wait for the device. `previous` is the step still in flight, whose sampled tokens
         this step's placeholders read on the device."""
         plan = self.prepare_inputs(schedule, previous)
-        sampled = sample(self.run_model(plan), plan.sampling)
+        logits = self.run_model(plan)
+        sampling_logits = logits[: plan.num_sampling]
+        sampled = sample(sampling_logits, plan.sampling)
         host = self.sampled_host[self.stats.steps % 2][: plan.num_sampling]
         host.copy_(sampled, non_blocking=True)
+        logprobs = []  # only steps that ask for them pay for log_softmax and the copies
+        if plan.num_logprobs is not None:
+            logprobs.append(logprobs_of(sampling_logits, sampled, plan.num_logprobs))
+        if plan.prompt_positions:
+            logprobs.append(logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs))
+        logprobs_host = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
+                               for t in pair) for pair in logprobs]
         ready = None
         if self.on_cuda:
             ready = torch.cuda.Event()
             ready.record()
         self.stats.steps += 1
-        return InFlight(plan, sampled, host, ready)
-
-    def wait_for_device(self) -> None:
-        """After a failure: let dropped steps finish reading the host buffers before they are reused."""
-        if self.on_cuda:
-            with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
-                torch.cuda.synchronize(self.device)
+        return InFlight(plan, sampled, host, ready, logprobs_host)
 
     def prepare_inputs(self, schedule: SchedulerOutput, previous: InFlight | None) -> StepPlan:
         """Lay the step's requests out as one flat batch in the host buffer, then copy it once.
@@ -416,19 +586,22 @@ class ModelRunner:
         block_size, vocab_size = self.block_size, self.model.config.vocab_size
         previous_rows = previous.plan.sample_row if previous is not None else {}
         input_ids, positions, slots, query_start, seq_lens, logits_indices = [], [], [], [0], [], []
-        temperature, top_p, top_k, seeds, sample_row = [], [], [], [], {}
+        temperature, top_p, top_k, min_p, seeds, sample_row = [], [], [], [], [], {}
         placeholder_dst, placeholder_src, tables = [], [], []
+        num_logprobs, adjusted, prompt_rows, prompt_positions, prompt_targets = None, [], [], [], []
         for entry in schedule.scheduled:
             request, start = entry.request, entry.start
             end = start + entry.num_new_tokens
             known = request.num_tokens
             blocks = request.block_ids
+            params = request.sampling_params
+            pending = None  # the newest token, sampled by the step still in flight: read on the device
             if end > known:
-                # The newest token was sampled by the step still in flight: it is read on the device.
                 assert end == known + 1, "only a request's newest token may be a placeholder"
                 input_ids += request.all_token_ids[start:known]
+                pending = previous_rows[request.request_id]
                 placeholder_dst.append(len(input_ids))
-                placeholder_src.append(previous_rows[request.request_id])
+                placeholder_src.append(pending)
                 input_ids.append(0)
             else:
                 input_ids += request.all_token_ids[start:end]
@@ -438,12 +611,17 @@ class ModelRunner:
             else:
                 positions += range(start, end)
                 slots += token_slots(blocks, start, end, block_size)
+            if params.prompt_logprobs is not None and start < len(request.prompt_token_ids) - 1:
+                # Row of position p: the logprob of prompt token p + 1 (up to the prompt's last).
+                last = min(end, len(request.prompt_token_ids) - 1)
+                prompt_rows += range(len(input_ids) - (end - start), len(input_ids) - (end - last))
+                prompt_positions += [(request, p + 1) for p in range(start, last)]
+                prompt_targets += request.prompt_token_ids[start + 1:last + 1]
             query_start.append(len(input_ids))
             seq_lens.append(end)
             tables.append(blocks[: -(-end // block_size)])
             if entry.samples_token:
-                params = request.sampling_params
-                sample_row[request.request_id] = len(logits_indices)
+                row = sample_row[request.request_id] = len(logits_indices)
                 # The noise of the k-th token a request draws depends on (its seed, k) alone.
                 index = len(request.output_token_ids) + request.num_output_placeholders
                 seeds.append(hash((params.seed, index)) & 0x7FFFFFFF)
@@ -451,7 +629,12 @@ class ModelRunner:
                 temperature.append(0.0 if params.is_greedy else params.temperature)
                 top_p.append(params.top_p)
                 top_k.append(params.top_k if 0 < params.top_k < vocab_size else 0)
-        num_tokens, num_seqs = len(input_ids), len(seq_lens)
+                min_p.append(params.min_p)
+                if params.logprobs is not None:
+                    num_logprobs = max(num_logprobs or 0, params.logprobs)
+                if params.has_penalties or index < params.min_tokens:
+                    adjusted.append((row, request, pending, index < params.min_tokens))
+        num_tokens, num_seqs, num_sampling = len(input_ids), len(seq_lens), len(logits_indices)
         max_query_len = max(b - a for a, b in zip(query_start, query_start[1:]))
         rows = num_seqs
         if max_query_len == 1 and self.graphs:
@@ -466,31 +649,73 @@ class ModelRunner:
 
         self._copy_to_device(rows, tables, dict(
             input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
-            seq_lens=seq_lens, logits_indices=logits_indices, top_k=top_k, seeds=seeds, temperature=temperature,
-            top_p=top_p, placeholder_dst=placeholder_dst, placeholder_src=placeholder_src))
+            seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows, top_k=top_k, seeds=seeds,
+            temperature=temperature, top_p=top_p, min_p=min_p, placeholder_dst=placeholder_dst,
+            placeholder_src=placeholder_src))
         layout, device = self.layout, self.device_buffer
         if placeholder_dst:
             dst = layout.view(device, "placeholder_dst", len(placeholder_dst)).long()
             src = layout.view(device, "placeholder_src", len(placeholder_src)).long()
             tokens = previous.sampled.index_select(0, src).to(torch.int32)
             layout.view(device, "input_ids", num_tokens).index_copy_(0, dst, tokens)
-        num_sampling = len(logits_indices)
         sampling = SamplingTensors(
             temperature=layout.view(device, "temperature", num_sampling).view(torch.float32),
             top_p=layout.view(device, "top_p", num_sampling).view(torch.float32),
             top_k=layout.view(device, "top_k", num_sampling),
             seeds=layout.view(device, "seeds", num_sampling),
             all_greedy=not any(temperature),
-            needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p))
+            needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p) or any(min_p),
+            min_p=layout.view(device, "min_p", num_sampling).view(torch.float32) if any(min_p) else None,
+            adjust=self._logits_adjustment(adjusted, num_sampling, previous) if adjusted else None)
         self.stats.context_tokens_read += sum(seq_lens)
-        return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens), sample_row, sampling)
+        return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens), sample_row, sampling,
+                        num_logprobs, prompt_positions, self._to_device(prompt_targets) if prompt_rows else None,
+                        max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
+
+    def _to_device(self, values: list, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _logits_adjustment(self, adjusted, num_rows, previous) -> "LogitsAdjustment":
+        """The penalties' token counts and min_tokens' bans of the rows that need them; only steps
+        with such rows build this. A token still in flight is counted on the device."""
+        vocab_size = self.model.config.vocab_size
+        factors = [[1.0, 0.0, 0.0] for _ in range(num_rows)]  # repetition, frequency, presence
+        counted, prompt, pending, banned = ([], []), ([], []), ([], []), ([], [])
+        for row, request, pending_src, under_min_tokens in adjusted:
+            params = request.sampling_params
+            if params.has_penalties:
+                factors[row] = [params.repetition_penalty, params.frequency_penalty, params.presence_penalty]
+                counted[0].extend([row] * len(request.output_token_ids))
+                counted[1].extend(request.output_token_ids)
+                prompt[0].extend([row] * len(request.prompt_token_ids))
+                prompt[1].extend(request.prompt_token_ids)
+                if pending_src is not None:
+                    pending[0].append(row)
+                    pending[1].append(pending_src)
+            if under_min_tokens:  # EOS (unless ignored) and stop tokens may not come yet
+                stops = [*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)]
+                stops = [token for token in stops if 0 <= token < vocab_size]
+                banned[0].extend([row] * len(stops))
+                banned[1].extend(stops)
+        counts = torch.zeros(num_rows, vocab_size, device=self.device)
+        counts.index_put_(tuple(map(self._to_device, counted)), torch.ones(len(counted[0]), device=self.device),
+                          accumulate=True)
+        if pending[0]:
+            tokens = previous.sampled.index_select(0, self._to_device(pending[1]))
+            counts.index_put_((self._to_device(pending[0]), tokens), torch.ones(len(pending[0]), device=self.device),
+                              accumulate=True)
+        prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=self.device)
+        prompt_mask[tuple(map(self._to_device, prompt))] = True
+        factors = self._to_device(factors, torch.float32)
+        return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2],
+                                *map(self._to_device, banned))
 
     def _copy_to_device(self, rows, tables, fields):
         """Write every field into this step's pinned host buffer, then copy the used prefix once."""
         host, layout = self.host_buffers[self.stats.steps % 2], self.layout
         for name, values in fields.items():
             if values:
-                as_bits = array("f" if name in ("temperature", "top_p") else "i", values)
+                as_bits = array("f" if name in ("temperature", "top_p", "min_p") else "i", values)
                 layout.view(host, name, len(values)).copy_(torch.frombuffer(as_bits, dtype=torch.int32))
         # The block table: only the columns this batch uses are filled; the kernels never read past
         # a request's own blocks, so what earlier steps left in the other columns does no harm.
@@ -518,18 +743,19 @@ class ModelRunner:
                 layout.view(buffer, "positions", num_tokens).long(), self.kv_caches, meta, logits_indices)
 
     def run_model(self, plan: StepPlan) -> torch.Tensor:
-        """Logits for the sampling rows: a graph replay for decode-only batches, else eager."""
+        """Logits of the sampling rows, then of the prompt-logprobs rows: a graph replay for
+        decode-only batches, else eager."""
+        num_logits = plan.num_sampling + len(plan.prompt_positions)
         if plan.num_rows in self.graphs and plan.max_query_len == 1:
             graph, logits = self.graphs[plan.num_rows]
             graph.replay()
             self.stats.graph_steps += 1
-            if plan.num_sampling == plan.num_rows:
-                return logits[: plan.num_sampling]
-            indices = self.layout.view(self.device_buffer, "logits_indices", plan.num_sampling).long()
-            return logits.index_select(0, indices)
+            if num_logits == plan.num_sampling == plan.num_rows:
+                return logits[:num_logits]
+            return logits.index_select(0, self.layout.view(self.device_buffer, "logits_indices", num_logits).long())
         with torch.inference_mode():
             return self.model(*self._model_inputs(plan.num_tokens, plan.num_rows, plan.max_query_len,
-                                                  plan.max_seq_len, plan.num_sampling))
+                                                  plan.max_seq_len, num_logits))
 
     def _allocate_kv_caches(self, num_blocks: int) -> torch.Tensor:
         c = self.model.config
@@ -556,8 +782,9 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute(SchedulerOutput(entries, num_tokens, [], step=0), None).sampled_token_ids()
         peak = torch.cuda.max_memory_allocated(self.device) - self.kv_caches.numel() * self.kv_caches.element_size()
-        # Each decode graph keeps its own fp32 logits alive after capture, which comes after this.
-        peak += sum(self.graph_sizes) * self.model.config.vocab_size * 4
+        # Each decode graph keeps its own fp32 logits alive after capture, which comes after this; a
+        # step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
+        peak += (sum(self.graph_sizes) + 4 * len(lengths)) * self.model.config.vocab_size * 4
         del self.kv_caches
         self.stats = EngineStats()
         torch.cuda.empty_cache()
@@ -600,15 +827,44 @@ class SamplingTensors:
     top_k: torch.Tensor        # [rows] int32; 0 = off
     seeds: torch.Tensor        # [rows] int32: the noise of each row's draw (see sample)
     all_greedy: bool
-    needs_top_k_top_p: bool
+    needs_top_k_top_p: bool    # some row has top_k, top_p or min_p on
+    min_p: torch.Tensor | None = None          # [rows] float32
+    adjust: "LogitsAdjustment | None" = None  # penalties, min_tokens: None for most steps
 
 
-def apply_top_k_top_p(logits, top_k, top_p):
-    """Mask everything outside each row's top-k, then outside the smallest set whose mass reaches top_p."""
+@dataclass
+class LogitsAdjustment:
+    """What a step changes in its rows' logits before the draw (and after logprobs, which are of the
+    raw logits): the penalties, and min_tokens' ban on EOS and stop tokens."""
+    output_counts: torch.Tensor  # [rows, vocab] float32: how often each token is in the row's output
+    prompt_mask: torch.Tensor    # [rows, vocab] bool: tokens of the row's prompt
+    repetition: torch.Tensor     # [rows] float32 (1 = off)
+    frequency: torch.Tensor      # [rows] float32 (0 = off)
+    presence: torch.Tensor       # [rows] float32 (0 = off)
+    banned_rows: torch.Tensor    # [n] int64, with banned_tokens: (row, token) pairs set to -inf
+    banned_tokens: torch.Tensor
+
+
+def adjust_logits(logits, adjust: LogitsAdjustment):
+    """vLLM's order: repetition penalty (HF: over prompt and output, a positive logit divided by it,
+    a negative one multiplied), then frequency and presence (OpenAI: output tokens only), then bans."""
+    seen = adjust.prompt_mask | (adjust.output_counts > 0)
+    penalty = torch.where(seen, adjust.repetition[:, None], 1.0)
+    logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits = logits - adjust.frequency[:, None] * adjust.output_counts
+    logits = logits - adjust.presence[:, None] * (adjust.output_counts > 0)
+    return logits.index_put((adjust.banned_rows, adjust.banned_tokens), torch.tensor(float("-inf"), device=logits.device))
+
+
+def apply_top_k_top_p(logits, top_k, top_p, min_p=None):
+    """Mask every token outside each row's top-k or less likely than min_p times the most likely
+    one, then outside the smallest set of the rest whose mass reaches top_p."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)
     k = torch.where(top_k > 0, top_k, logits.shape[-1]).to(ranks.dtype)
     drop = ranks[None, :] >= k[:, None]
+    if min_p is not None:  # vLLM's order: min_p and top-k cut the tail, top-p what is left of it
+        drop |= sorted_logits < sorted_logits[:, :1] + min_p.log()[:, None]  # p < min_p * p_max
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # A token is kept while the mass *before* it is below top_p; the most likely one always stays.
     drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
@@ -623,16 +879,29 @@ def sample(logits, params: SamplingTensors):
     softmax(logits / T), so sampling is one pass over the vocabulary with no softmax, cumsum or
     search. Each row's U comes from its own seed, derived from the request's seed and the index of
     the token being drawn, so a seeded request draws the same tokens alone or in any batch."""
+    if params.adjust is not None:
+        logits = adjust_logits(logits, params.adjust)
     if params.all_greedy:
         return logits.argmax(-1)
     temperature = params.temperature
     if params.needs_top_k_top_p:  # rare: sort-based masking on logits / T, then draw at T = 1
         sampled = temperature > 0
         logits = apply_top_k_top_p(logits / torch.where(sampled, temperature, 1.0)[:, None],
-                                   params.top_k, params.top_p)
+                                   params.top_k, params.top_p, params.min_p)
         temperature = sampled.float()
     draw = gumbel_argmax if logits.is_cuda else gumbel_argmax_reference
     return draw(logits, temperature, params.seeds)
+
+
+def logprobs_of(logits, token_ids, k: int):
+    """vLLM's raw logprobs (log_softmax of the logits as the model gave them): per row the logprob and
+    rank of token_ids[row] (rank 1 = most likely), then the top k ids and logprobs. Two tensors, so
+    the host gets them in two copies: ints [rows, 1 + k] (rank, ids), floats [rows, 1 + k]."""
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    ranks = (logprobs > chosen).sum(-1, keepdim=True) + 1
+    return torch.cat([ranks, top_ids], 1), torch.cat([chosen, top_values], 1)
 
 
 @triton.jit
@@ -737,7 +1006,14 @@ def _error_output(request_id, prompt, message) -> RequestOutput:
         ids = prompt
     text = prompt if isinstance(prompt, str) else None
     ids = list(ids) if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids) else []
-    return RequestOutput(request_id, text, ids, [CompletionOutput(0, "", [], "error")], True, 0, message)
+    return RequestOutput(request_id, text, ids, None, [CompletionOutput(0, "", [], None, None, "error")], True, 0,
+                         message)
+
+
+def _stop_string_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that is the start of a stop string."""
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])),
+               default=0)
 
 
 class _Progress:

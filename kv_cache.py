@@ -11,7 +11,7 @@ serving hits.
 
 A block is entered in the cache when it is allocated for the step that computes it (so a request
 admitted in the same or a later step can already share it), and stamped with that step. Its K/V is
-trusted once that step has finished; if a step fails or is interrupted, `uncache_steps_after`
+trusted once that step has finished; if a step fails or is interrupted, `forget_cached_blocks`
 takes every block of the unfinished steps back out, so no later request ever reads K/V that was
 never written.
 
@@ -157,7 +157,7 @@ class KVCacheManager:
         empty table) first. All or nothing: False, with no change at all, if the blocks are not
         there. token_ids are the request's known tokens; full blocks of them within num_tokens are
         entered in the prefix cache now, stamped with self.step: the caller computes them in that
-        step, before any later step reads them (or calls uncache_steps_after if it fails)."""
+        step, before any later step reads them (or calls forget_cached_blocks if it fails)."""
         size = self.block_size
         if hits or -(-num_tokens // size) > len(table.block_ids):  # most decode steps need no block
             if not self.can_allocate(table, num_tokens, hits):
@@ -190,12 +190,12 @@ class KVCacheManager:
         table.block_ids = []
         table.num_registered_blocks = 0
 
-    def uncache_steps_after(self, step: int) -> None:
-        """Take every block registered by a step after `step` out of the prefix cache: that step
-        failed or was interrupted, so its K/V may never have been written. O(cached blocks), and
-        only ever called after a failure."""
+    def forget_cached_blocks(self, after_step: int = -1) -> None:
+        """Take every block registered by a step after `after_step` (all by default) out of the prefix
+        cache: after a failed step, whose K/V may never have been written, or new weights. O(cached
+        blocks), and never called in a normal step."""
         for block_hash, block in list(self.cached_blocks.items()):
-            if block.step > step:
+            if block.step > after_step:
                 del self.cached_blocks[block_hash]
                 block.block_hash = None
 

@@ -28,12 +28,16 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 import tiktoken
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -77,6 +81,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     dtype: torch.dtype = torch.float32  # the dtype the model runs in; load_model/random_model set it
+    sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, as SamplingParams fields
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -182,7 +187,19 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
-        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")))
+        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
+        sampling_defaults=_sampling_defaults(generation))
+
+
+def _sampling_defaults(generation: dict) -> dict:
+    """generation_config.json's sampling fields under SamplingParams' names, which vLLM uses when no
+    SamplingParams are given; do_sample false means greedy, as in HF."""
+    names = dict(temperature="temperature", top_p="top_p", top_k="top_k", min_p="min_p",
+                 repetition_penalty="repetition_penalty", max_new_tokens="max_tokens")
+    defaults = {ours: generation[theirs] for theirs, ours in names.items() if generation.get(theirs) is not None}
+    if generation.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -456,29 +473,41 @@ def _safetensors_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_weights(model: Transformer, path: str):
-    """Copy each checkpoint tensor straight into its place; host memory holds one tensor at a time."""
+def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
+    """Copy (HF name, tensor) pairs straight into their places (slices of the fused weights);
+    returns the names loaded. `source` names where they come from, for the errors."""
     targets, loaded = _checkpoint_targets(model), set()
+    for name, tensor in tensors:
+        if name not in targets:
+            # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
+            if (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
+        target = targets[name]
+        if tensor.shape != target.shape:
+            raise ValueError(f"tensor {name!r} in {source}: shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(target.shape)} from config.json")
+        with torch.no_grad():
+            target.copy_(tensor)
+        loaded.add(name)
+    return loaded
+
+
+def _read_safetensors(file: str):
+    """A file's (name, tensor) pairs; host memory holds one tensor at a time."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:  # e.g. a truncated download; safetensors names no file
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def load_weights(model: Transformer, path: str):
+    """Every weight of a checkpoint directory into the model; a missing one is an error."""
     files = _safetensors_files(path)
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    if name not in targets:
-                        # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
-                        tied_head = name == "lm_head.weight" and model.config.tie_word_embeddings
-                        if tied_head or name.endswith("rotary_emb.inv_freq"):
-                            continue
-                        raise ValueError(f"unexpected tensor {name!r} in {file} for {model.config.architecture}")
-                    tensor, target = f.get_tensor(name), targets[name]
-                    if tensor.shape != target.shape:
-                        raise ValueError(f"tensor {name!r} in {file}: shape {tuple(tensor.shape)}, "
-                                         f"expected {tuple(target.shape)} from config.json")
-                    target.copy_(tensor)
-                    loaded.add(name)
-        except (SafetensorError, OSError) as e:  # e.g. a truncated download; safetensors names no file
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-    missing = sorted(targets.keys() - loaded)
+    loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
+    missing = sorted(_checkpoint_targets(model).keys() - loaded)
     if missing:
         raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                          f"in {', '.join(files)}")
@@ -561,7 +590,8 @@ class Tokenizer:
     special_token_ids (default: all of them; HF's added tokens marked special, e.g. not Qwen3's <think>)."""
 
     def __init__(self, encoding: tiktoken.Encoding, bos_token_id: int | None, eos_token_ids: list[int],
-                 add_bos_token: bool = False, nfc_normalize: bool = False, special_token_ids: set[int] | None = None):
+                 add_bos_token: bool = False, nfc_normalize: bool = False, special_token_ids: set[int] | None = None,
+                 chat_template: str | None = None, template_tokens: dict[str, str] | None = None):
         if add_bos_token and bos_token_id is None:
             raise ValueError("tokenizer: add_bos_token is set but there is no bos_token_id")
         self.encoding = encoding
@@ -573,6 +603,8 @@ class Tokenizer:
             special_token_ids = {encoding.encode_single_token(t) for t in encoding.special_tokens_set}
         self.special_token_ids = special_token_ids
         self.vocab_size = encoding.n_vocab
+        self.chat_template = chat_template
+        self.template_tokens = template_tokens or {}  # bos_token, eos_token, ... as the template sees them
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids; with add_special_tokens, BOS first when the tokenizer asks for it (like HF)."""
@@ -598,6 +630,42 @@ class Tokenizer:
 
     def stream(self, skip_special_tokens: bool = False) -> TokenStream:
         return TokenStream(self, skip_special_tokens)
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None) -> str:
+        """HF apply_chat_template(..., tokenize=False): the conversation through the checkpoint's
+        jinja2 template, in HF's environment (sandboxed, trim_blocks, lstrip_blocks, loop controls,
+        tojson, raise_exception, strftime_now)."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("chat: the checkpoint has no chat template (tokenizer_config.json's chat_template or "
+                             "chat_template.jinja); pass chat_template=")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        env.globals.update(raise_exception=_raise_template_error, strftime_now=lambda f: datetime.now().strftime(f))
+        try:
+            return env.from_string(template).render(messages=conversation, add_generation_prompt=add_generation_prompt,
+                                                    **self.template_tokens)
+        except TemplateError as e:
+            raise ValueError(f"chat: the chat template rejected the conversation: {e}") from e
+
+
+def _raise_template_error(message: str):
+    raise TemplateError(message)
+
+
+def _chat_template(path: str, config: dict) -> tuple[str | None, dict[str, str]]:
+    """The chat template (chat_template.jinja, else tokenizer_config.json's: a string, or named ones
+    of which "default") and the special tokens it may print, from tokenizer_config.json."""
+    template, file = config.get("chat_template"), os.path.join(path, "chat_template.jinja")
+    if os.path.exists(file):
+        with open(file, encoding="utf-8") as f:
+            template = f.read()
+    elif isinstance(template, list):
+        template = next((entry["template"] for entry in template if entry.get("name") == "default"), None)
+    tokens = {name: value.get("content") if isinstance(value, dict) else value
+              for name in ("bos_token", "eos_token", "unk_token", "pad_token") if (value := config.get(name))}
+    return template, tokens
 
 
 def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str:
@@ -688,7 +756,8 @@ def tokenizer_from_hf_json(path: str) -> Tokenizer:
     bos_token = next((token for token, i in added.items() if i == bos), None)
     add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
     special_ids = {token["id"] for token in spec.get("added_tokens", []) if token.get("special", True)}
-    return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids)
+    return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids,
+                     *_chat_template(path, config))
 
 
 def tokenizer_from_tiktoken_file(path: str, file: str) -> Tokenizer:
@@ -713,7 +782,8 @@ def tokenizer_from_tiktoken_file(path: str, file: str) -> Tokenizer:
     encoding = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     default_eos = [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in specials]
     bos, eos, config = _bos_eos(path, specials, specials.get("<|begin_of_text|>"), default_eos)
-    return Tokenizer(encoding, bos, eos, add_bos_token=bos is not None and bool(config.get("add_bos_token", True)))
+    add_bos = bos is not None and bool(config.get("add_bos_token", True))
+    return Tokenizer(encoding, bos, eos, add_bos, False, None, *_chat_template(path, config))
 
 
 def load_tokenizer(path: str) -> Tokenizer:

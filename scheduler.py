@@ -27,9 +27,8 @@ import math
 from kv_cache import BlockTable, KVCacheManager
 
 
-def _max_tokens(request) -> float:
-    max_tokens = request.sampling_params.max_tokens
-    return math.inf if max_tokens is None else max_tokens
+def _max_tokens(params) -> float:
+    return math.inf if params.max_tokens is None else params.max_tokens
 
 
 def is_int(value) -> bool:
@@ -38,43 +37,70 @@ def is_int(value) -> bool:
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens (vLLM's names and defaults). top_k 0 or -1 disables top-k; max_tokens None
-    runs to max_model_len; a temperature below 1e-5 is greedy (as in vLLM)."""
+    """How to pick tokens: vLLM's names, defaults and ranges. top_k 0 or -1 disables top-k;
+    max_tokens None runs to max_model_len; a temperature below 1e-5 is greedy (as in vLLM). The
+    penalties follow vLLM: repetition_penalty (HF's: over prompt and output tokens, a positive logit
+    divided by it, a negative one multiplied), presence and frequency (OpenAI's: output tokens only)."""
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_tokens: int | None = 16
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    min_p: float = 0.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None         # top-k logprobs per output token (the sampled one always)
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    skip_special_tokens: bool = True
+    detokenize: bool = True
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5  # vLLM's threshold
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
     def __post_init__(self):
-        if self.stop_token_ids is None:
-            self.stop_token_ids = []
+        self.stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
+        self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
         self.validate()
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)  # our own copies
 
     def validate(self) -> None:
         """ValueError naming the first bad field (the engine checks again: the fields are mutable)."""
-        t = self.temperature
-        checks = [
-            ("temperature", isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
-             "a finite number >= 0 (0 = greedy)"),
-            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("top_k", is_int(self.top_k) and self.top_k >= -1, "an int >= -1 (0 or -1 disables it)"),
-            ("max_tokens", self.max_tokens is None or is_int(self.max_tokens) and self.max_tokens >= 1,
-             "an int >= 1 or None"),
-            ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
-            ("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple))
-             and all(is_int(i) for i in self.stop_token_ids), "a list of ints"),
-            ("seed", self.seed is None or is_int(self.seed), "an int or None"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
+        def number(v, low=-math.inf, high=math.inf):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+        optional_count = (lambda v: v is None or is_int(v) and v >= 0, "an int >= 0 or None")
+        checks = {
+            "n": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
+            "temperature": (lambda v: number(v, 0), "a finite number >= 0 (0 = greedy)"),
+            "top_p": (lambda v: number(v, 0, 1) and v > 0, "a number in (0, 1]"),
+            "top_k": (lambda v: is_int(v) and v >= -1, "an int >= -1 (0 or -1 disables it)"),
+            "min_p": (lambda v: number(v, 0, 1), "a number in [0, 1]"),
+            "seed": (lambda v: v is None or is_int(v), "an int or None"),
+            "presence_penalty": (lambda v: number(v, -2, 2), "a number in [-2, 2]"),
+            "frequency_penalty": (lambda v: number(v, -2, 2), "a number in [-2, 2]"),
+            "repetition_penalty": (lambda v: number(v, 0) and v > 0, "a finite number > 0"),
+            "max_tokens": (lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 or None"),
+            "min_tokens": (lambda v: is_int(v) and 0 <= v <= _max_tokens(self), "an int in [0, max_tokens]"),
+            "stop": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v),
+                     "a non-empty string or a list of them"),
+            "stop_token_ids": (lambda v: isinstance(v, (list, tuple)) and all(is_int(i) for i in v), "a list of ints"),
+            "logprobs": optional_count, "prompt_logprobs": optional_count,
+        }
+        checks.update({name: (lambda v: isinstance(v, bool), "a bool") for name in (
+            "include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize")})
+        for name, (ok, allowed) in checks.items():
+            if not ok(getattr(self, name)):
                 raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
 
 
@@ -104,6 +130,7 @@ class Request:
     num_cached_tokens: int = field(default=0, init=False)        # prefix-cache hit at first admission
     num_output_placeholders: int = field(default=0, init=False)  # sampled, value not known yet
     error: str | None = field(default=None, init=False)
+    stop_reason: int | str | None = field(default=None, init=False)  # the stop token id or string, not EOS
     block_table: BlockTable = field(default_factory=BlockTable, init=False, repr=False)
 
     def __post_init__(self):
@@ -163,6 +190,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_scheduled_steps = 0
         self.num_finished_steps = 0  # update() has run for every step up to this one
+        self.prompt_logprob_rows_left = max_num_seqs  # per step: see _cap
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -193,6 +221,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled, finished = [], []
         self.num_scheduled_steps += 1
+        self.prompt_logprob_rows_left = self.max_num_seqs
         self.kv_cache_manager.step = self.num_scheduled_steps  # blocks cached now are computed by this step
         num_preemptions_before = self.num_preemptions
         index = 0
@@ -258,7 +287,7 @@ class Scheduler:
         preempted, keeping its known tokens (lost sampled tokens are drawn again, with the same
         seeds). Rebuilt from `requests`, which is right even if an interrupt left running and
         waiting half-updated; running requests go first, in admission order."""
-        self.kv_cache_manager.uncache_steps_after(self.num_finished_steps)
+        self.kv_cache_manager.forget_cached_blocks(after_step=self.num_finished_steps)
         order = dict.fromkeys([*self.running, *self.waiting, *self.requests.values()])
         self.running, self.waiting = [], deque()
         for request in order:
@@ -271,13 +300,14 @@ class Scheduler:
             self.waiting.append(request)
         self.num_finished_steps = self.num_scheduled_steps
 
-    def abort(self, request_id: str) -> Request:
-        """End a request now, at any point, and free its blocks."""
+    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request:
+        """End a request now, at any point, and free its blocks (FINISHED_STOPPED: the engine found
+        a stop string in its text)."""
         request = self.requests.get(request_id)
         if request is None:
             raise KeyError(f"abort: no unfinished request has request_id {request_id!r}")
         (self.running if request.status is RequestStatus.RUNNING else self.waiting).remove(request)
-        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        self._finish(request, status)
         return request
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
@@ -285,13 +315,17 @@ class Scheduler:
         its one pending token when decoding; 0 if it is certain to finish once that token arrives
         (a step more would compute a token that is thrown away, or a position >= max_model_len)."""
         num_tokens = request.num_tokens_with_placeholders
-        if (len(request.output_token_ids) + request.num_output_placeholders >= _max_tokens(request)
+        if (len(request.output_token_ids) + request.num_output_placeholders >= _max_tokens(request.sampling_params)
                 or num_tokens >= self.max_model_len):
             return 0
-        return self._cap(num_tokens - request.num_computed_tokens, budget)
+        return self._cap(request, num_tokens - request.num_computed_tokens, budget)
 
-    def _cap(self, num_tokens: int, budget: int) -> int:
-        return min(num_tokens, budget, self.long_prefill_token_threshold or budget)
+    def _cap(self, request: Request, num_tokens: int, budget: int) -> int:
+        cap = min(num_tokens, budget, self.long_prefill_token_threshold or budget)
+        if request.sampling_params.prompt_logprobs is not None and request.num_computed_tokens < request.num_tokens:
+            # Each prompt row it computes comes out as a row of fp32 logits: about max_num_seqs a step.
+            cap = min(cap, max(self.prompt_logprob_rows_left, 1))
+        return cap
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, finished: list[Request]) -> bool:
         """Get blocks for the request's new tokens, preempting the most recently admitted running
@@ -312,9 +346,11 @@ class Scheduler:
         """Look the request's tokens up in the prefix cache and allocate its first chunk. Returns
         the chunk's size, or 0 (and no change) if its blocks are not free."""
         table = request.block_table
-        hits = self.kv_cache_manager.lookup(table, request.all_token_ids)
+        # A request asking for prompt logprobs computes every prompt position: a hit would skip some.
+        wants_every_position = request.sampling_params.prompt_logprobs is not None
+        hits = [] if wants_every_position else self.kv_cache_manager.lookup(table, request.all_token_ids)
         num_hit_tokens = len(hits) * self.kv_cache_manager.block_size
-        num_new_tokens = self._cap(request.num_tokens - num_hit_tokens, budget)
+        num_new_tokens = self._cap(request, request.num_tokens - num_hit_tokens, budget)
         if not self.kv_cache_manager.allocate(table, request.all_token_ids, num_hit_tokens + num_new_tokens, hits):
             return 0
         if request.status is RequestStatus.WAITING:
@@ -327,6 +363,8 @@ class Scheduler:
         # Advanced now, not in update(): the next schedule() may come before this step's tokens.
         start = request.num_computed_tokens
         request.num_computed_tokens = start + num_new_tokens
+        if request.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprob_rows_left -= num_new_tokens
         samples_token = request.num_computed_tokens == request.num_tokens_with_placeholders
         if samples_token:
             request.num_output_placeholders += 1
@@ -343,9 +381,13 @@ class Scheduler:
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= _max_tokens(request) or request.num_tokens >= self.max_model_len:
+        if len(request.output_token_ids) > params.min_tokens:  # before that the sampler masks them
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if token in self.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= _max_tokens(request.sampling_params) or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
