@@ -1,29 +1,25 @@
-"""Paged attention: the Triton kernels and their plain-torch reference.
+"""Paged attention: the Triton kernels and their plain-torch references.
 
 Owns: turning the fused q/k/v projection into attention inputs (Qwen3's per-head q/k RMSNorm,
 RoPE, writing the new K/V into the paged cache: one fused kernel per layer), and attention for a
 flat batch of query tokens from many requests (prefill chunks and decodes mixed, causal, GQA),
-read through block tables. Never touches: which blocks a request owns (it reads the block tables
-it is given), the RoPE angles (model.rope_tables makes them).
+read through block tables. Never touches: which blocks a request owns, the RoPE angles.
 
 KV cache layout (per layer): k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads,
-head_dim]. Token `offset` of block `b` lives at slot b * block_size + offset. One token's K for
-all heads is one contiguous row, so the KV write stores a token with one burst, and attention reads a
-key as head_dim contiguous elements (256 bytes in bf16 at head_dim 128): fully used memory
-transactions even though consecutive keys of a request sit in pages scattered over the pool.
+head_dim]; token `offset` of block `b` lives at slot b * block_size + offset. A key is head_dim
+contiguous elements (256 bytes in bf16 at head_dim 128): full memory transactions even though a
+request's pages are scattered over the pool.
 
 How the attention kernel works (FlashAttention-2 + flash-decoding, over pages):
-- One program owns a tile of query rows of one request and one KV head. Its rows are
-  (query token, query head) pairs for all query heads sharing that KV head (GQA packing), so each
-  K/V tile is loaded once for the whole group instead of once per query head.
+- One program owns a tile of query rows of one request and one KV head: (query token, query head)
+  pairs for all query heads sharing that KV head (GQA packing), so each K/V tile is loaded once.
 - It walks the request's keys in tiles of BLOCK_N, finding each key's page in the block table,
-  and keeps an online softmax in fp32: a running max m, running sum l and an unnormalised
-  output acc, rescaled by exp(m_old - m_new) whenever the max grows. No score matrix is stored.
-- Causality: a tile with all keys at or before every row's position needs no mask, so the key
-  loop runs in two parts, unmasked tiles first and the few diagonal tiles with the mask.
-- Decode (one query row per request) has little work per program, and batch x kv_heads programs
-  may not fill 132 SMs. Then the keys are split over several programs (flash-decoding); each
-  writes its normalised partial output and log-sum-exp, and a small reduce kernel merges them.
+  with an online softmax in fp32: running max m, running sum l and an unnormalised output acc,
+  rescaled by exp(m_old - m_new) whenever the max grows. No score matrix is stored.
+- Causality: tiles whose keys every row may see run unmasked, then the few diagonal tiles masked.
+- Decode has little work per program, and batch x kv_heads programs may not fill 132 SMs: then
+  the keys are split over several programs (flash-decoding), each writing its normalised partial
+  output and log-sum-exp, and a small reduce kernel merges them.
 """
 import itertools
 from dataclasses import dataclass
@@ -453,16 +449,11 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
     return LaunchConfig(block_m, block_n, num_splits, num_warps, num_stages)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-    """Triton version of paged_attention_reference (same arguments and result).
-
-    Rows of q owned by no request (at or after query_start_loc[-1]) are left unwritten.
-    """
-    return run_paged_attention(q, k_cache, v_cache, meta, scale, choose_launch_config(q, k_cache, meta))
-
-
-def run_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, config: LaunchConfig):
-    """paged_attention with an explicit launch configuration (tests force splits; benchmarks sweep)."""
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, config: LaunchConfig | None = None):
+    """Triton version of paged_attention_reference (same arguments and result); `config` overrides
+    choose_launch_config (tests force splits; benchmarks sweep). Rows of q owned by no request (at or
+    after query_start_loc[-1]) are left unwritten."""
+    config = config or choose_launch_config(q, k_cache, meta)
     _check_caches(k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

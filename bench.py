@@ -22,7 +22,7 @@ import triton
 
 import kv_cache
 import model
-from attention import AttentionMetadata, LaunchConfig, choose_launch_config, run_paged_attention
+from attention import AttentionMetadata, LaunchConfig, choose_launch_config
 from engine import LLM, SamplingParams
 
 
@@ -172,7 +172,7 @@ def sdpa_us(query_lens, seq_lens, q, k_cache, v_cache, meta):
 
 def _time_config(q, k_cache, v_cache, meta, config):
     try:
-        return _median_us(lambda: run_paged_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, config))
+        return _median_us(lambda: paged_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, config))
     except Exception as error:  # e.g. out of shared memory for a large tile: report and go on
         print(f"    {config}: failed ({type(error).__name__})")
         return float("inf")
@@ -228,7 +228,7 @@ def kernel_benchmark(args):
         q, kc, vc, meta = make_batch(query_lens, seq_lens)
         config = choose_launch_config(q, kc, meta)
         t = _time_config(q, kc, vc, meta, config)
-        host = host_us(lambda: run_paged_attention(q, kc, vc, meta, HEAD_DIM ** -0.5, config))
+        host = host_us(lambda: paged_attention(q, kc, vc, meta, HEAD_DIM ** -0.5, config))
         ts, how = sdpa_us(query_lens, seq_lens, q, kc, vc, meta)
         moved = bytes_needed(query_lens, seq_lens)
         print(f"{batch:>11} x {context:<8} {config.num_splits:>6} {t:8.1f} {moved / 1e6:8.1f} "
@@ -241,7 +241,7 @@ def kernel_benchmark(args):
         q, kc, vc, meta = make_batch(query_lens, seq_lens)
         config = choose_launch_config(q, kc, meta)
         t = _time_config(q, kc, vc, meta, config)
-        host = host_us(lambda: run_paged_attention(q, kc, vc, meta, HEAD_DIM ** -0.5, config), calls=50)
+        host = host_us(lambda: paged_attention(q, kc, vc, meta, HEAD_DIM ** -0.5, config), calls=50)
         ts, how = sdpa_us(query_lens, seq_lens, q, kc, vc, meta)
         print(f"{name:>32} {config.block_m:>7} {t:8.1f} {causal_flops(query_lens, seq_lens) / t / 1e6:8.1f} "
               f"{host:7.1f} {ts:8.1f} {t / ts:6.2f} {how}")

@@ -30,7 +30,7 @@ from kv_cache import allocate_kv_cache, check_kv_capacity, kv_cache_bytes_per_bl
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
                    resolve_device_and_dtype)
 from scheduler import (Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput,
-                       is_int)
+                       check_fields, int_at_least, is_int, number_in)
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
@@ -964,19 +964,16 @@ def _tokenizer_or_warn(path):
 
 def _check_engine_args(args: dict) -> None:
     """ValueError naming the first bad LLM argument: each is checked here, once, where the user passes it."""
-    def int_at_least(low, or_none=False):
-        return lambda v: (or_none and v is None) or is_int(v) and v >= low
-    rules = [("block_size", lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
-             ("max_num_batched_tokens", int_at_least(1), "an int >= 1"), ("max_num_seqs", int_at_least(1), "an int >= 1"),
-             ("max_model_len", int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
-             ("num_blocks", int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
-             ("long_prefill_token_threshold", int_at_least(0), "an int >= 0 (0: no cap)"), ("seed", is_int, "an int"),
-             ("gpu_memory_utilization", lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]")]
-    rules += [(name, lambda v: isinstance(v, bool), "a bool")
-              for name in ("enable_prefix_caching", "async_scheduling", "enforce_eager")]
-    for name, ok, allowed in rules:
-        if not ok(args[name]):
-            raise ValueError(f"{name} must be {allowed}, got {args[name]!r}")
+    flag = (lambda v: isinstance(v, bool), "a bool")
+    check_fields("", args, {
+        "block_size": (lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
+        "max_num_batched_tokens": (int_at_least(1), "an int >= 1"), "max_num_seqs": (int_at_least(1), "an int >= 1"),
+        "max_model_len": (int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
+        "num_blocks": (int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
+        "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"),
+        "seed": (is_int, "an int"),
+        "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
+        "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag})
 
 
 def _as_token_ids(ids) -> list[int]:
@@ -1027,5 +1024,5 @@ class _Progress:
         now = time.perf_counter()
         if self.enabled and (now - self.last > 0.1 or done == self.total):
             self.last, rate = now, (self.stats.output_tokens - self.first_tokens) / max(now - self.start, 1e-9)
-            end = "\n" if done == self.total else ""
-            sys.stderr.write(f"\rProcessed {done}/{self.total} requests | {rate:,.0f} output tok/s{end}")
+            sys.stderr.write(f"\rProcessed {done}/{self.total} requests | {rate:,.0f} output tok/s"
+                             + "\n" * (done == self.total))

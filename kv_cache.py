@@ -120,10 +120,6 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.free_queue.num_free
 
-    @property
-    def hit_rate(self) -> float:
-        return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
-
     def lookup(self, table: BlockTable, token_ids: list[int]) -> list[KVBlock]:
         """The longest chain of cached blocks equal to the start of token_ids. Capped so that at
         least one token is left to compute: a fully cached prompt must still produce logits.
@@ -246,16 +242,11 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
 
 
 def num_blocks_from_memory(bytes_per_block: int, gpu_memory_utilization: float, peak_bytes: int, device) -> int:
-    """How many KV blocks fit in gpu_memory_utilization x the GPU's total memory.
-
-    peak_bytes: torch's peak allocation during the engine's profiling forward at
-    max_num_batched_tokens (torch.cuda.max_memory_allocated: weights + activations, less anything
-    allocated only for the profiling). Call it afterwards, with no KV cache allocated. This
-    process's memory at its peak is peak_bytes plus the memory outside torch's allocator (CUDA
-    context, cuBLAS/Triton workspaces; other processes on the GPU too, which are just as
-    unavailable): (total - free) - torch.cuda.memory_reserved. Torch's cached-but-unallocated
-    memory is not counted: the KV tensor can reuse it.
-    """
+    """How many KV blocks fit in gpu_memory_utilization x the GPU's total memory, given torch's peak
+    allocation in the engine's profiling step (weights + activations, without the scratch cache).
+    At that peak the process also holds what torch's allocator does not (CUDA context, workspaces;
+    other processes on the GPU count the same): (total - free) - memory_reserved. Cached but
+    unallocated torch memory is not counted: the KV tensor can reuse it."""
     free, total = torch.cuda.mem_get_info(device)
     non_torch = (total - free) - torch.cuda.memory_reserved(device)
     budget = total * gpu_memory_utilization - (peak_bytes + non_torch)

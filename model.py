@@ -1,4 +1,4 @@
-"""The Llama-family transformer, its weights, and its tokenizer.
+"""The Llama-family transformer, its weights, and what else is read from a checkpoint directory.
 
 Idea: one plain-torch model covers Llama 2/3, Mistral, Qwen2 and Qwen3; they differ only in a few
 switches (Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm, Llama 3's RoPE frequency scaling,
@@ -6,20 +6,16 @@ tied embeddings). The forward takes one flat batch of tokens from many requests 
 and decodes mixed) and leaves attention to attention.py, which reads the paged KV cache through
 the AttentionMetadata it is given. Q/K/V and gate/up are each one fused matmul; the forward has no
 host syncs or data-dependent branches on the Triton path, so the engine can capture it in a CUDA
-graph. The tokenizer turns an HF byte-level BPE tokenizer.json (or Llama 3's tiktoken file) into
-a tiktoken.Encoding.
+graph. Two small Triton kernels, residual add + RMSNorm and SiLU(gate) * up, sit beside the torch
+functions they replace: a graphed decode step of a small model is launch-bound, and with
+attention.py's fused RoPE + KV write a layer runs 9 kernels instead of 21 (Qwen3-0.6B).
 
-It also holds two small Triton kernels, residual add + RMSNorm and SiLU(gate) * up, beside the
-plain-torch functions they replace (with attention.py's q/k-norm + RoPE + KV-write kernel, the
-"fusing the small ops" step of DESIGN.md's roadmap). A graphed decode step of a small model is
-launch-bound: every kernel costs a few microseconds however little it moves, and the norms, RoPE,
-KV write, SiLU and residual adds were 16 of a layer's 21 kernels (Qwen3-0.6B). Fused they are 4,
-so a layer runs 9 kernels: four matmuls, attention and these 4.
+The tokenizer (its own section) turns an HF byte-level BPE tokenizer.json into a tiktoken.Encoding
+and renders chat templates.
 
 Owns: ModelConfig (from HF config.json), the forward, loading *.safetensors, random init, the
 tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
 """
-import base64
 import codecs
 import json
 import math
@@ -319,20 +315,15 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerKernels:
-    """The steps of a layer that have a fused Triton kernel: either all four kernels or all four
-    plain-torch references (same signatures), picked once per forward by Transformer.use_triton."""
-    add_rms_norm: Callable
-    rope_and_write_kv: Callable
-    paged_attention: Callable
-    silu_and_mul: Callable
+    """A layer's steps that have a fused Triton kernel: all four kernels, or all four plain-torch
+    references (same signatures), picked per forward by Transformer.use_triton."""
+    add_rms_norm: Callable = add_rms_norm_reference
+    rope_and_write_kv: Callable = attention.rope_and_write_kv_reference
+    paged_attention: Callable = attention.paged_attention_reference
+    silu_and_mul: Callable = silu_and_mul_reference
 
-    @classmethod
-    def pick(cls, use_triton: bool) -> "LayerKernels":
-        # looked up per call, so the kernels can be swapped in at any time
-        if use_triton:
-            return cls(add_rms_norm, attention.rope_and_write_kv, attention.paged_attention, silu_and_mul)
-        return cls(add_rms_norm_reference, attention.rope_and_write_kv_reference,
-                   attention.paged_attention_reference, silu_and_mul_reference)
+
+TRITON_KERNELS = LayerKernels(add_rms_norm, attention.rope_and_write_kv, attention.paged_attention, silu_and_mul)
 
 
 def _empty(*shape, config: ModelConfig) -> nn.Parameter:
@@ -414,7 +405,7 @@ class Transformer(nn.Module):
         logits_indices [S] (None: every row). kv_caches: [num_layers, 2, num_blocks, block_size,
         num_kv_heads, head_dim]; this step's K/V are written into it at meta.slot_mapping."""
         self.check_kv_caches(kv_caches)
-        kernels = LayerKernels.pick(self.use_triton)
+        kernels = TRITON_KERNELS if self.use_triton else LayerKernels()
         hidden = F.embedding(input_ids, self.embed_tokens)
         # The residual stream starts at zero and the embedding is the first output added to it, so
         # every layer starts the same way (add + norm), the first one included.
@@ -549,13 +540,6 @@ def random_model(name: str | ModelConfig, dtype=None, device=None, seed: int = 0
 # ----------------------------------------------------------------------------------- tokenizer
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-
-
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level BPE writes each byte as a printable character: printable Latin-1 bytes
     stand for themselves, the other 68 bytes become chr(256 + n) in byte order. char -> byte."""
@@ -760,37 +744,9 @@ def tokenizer_from_hf_json(path: str) -> Tokenizer:
                      *_chat_template(path, config))
 
 
-def tokenizer_from_tiktoken_file(path: str, file: str) -> Tokenizer:
-    """Llama 3's original/tokenizer.model: lines "base64(token bytes) rank", Llama 3's regex, and
-    special tokens after the ranks (named in tokenizer_config.json, else Meta's 256 defaults)."""
-    ranks = {}
-    with open(file, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError:
-                raise ValueError(f"{file} line {number}: expected 'base64token rank' (a tiktoken file; "
-                                 "SentencePiece models are not supported)") from None
-    config = _read_json(os.path.join(path, "tokenizer_config.json"))
-    specials = {token["content"]: int(i) for i, token in config.get("added_tokens_decoder", {}).items()}
-    if not specials:
-        names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
-        specials = {name: len(ranks) + i for i, name in enumerate(names)}
-    encoding = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-    default_eos = [specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in specials]
-    bos, eos, config = _bos_eos(path, specials, specials.get("<|begin_of_text|>"), default_eos)
-    add_bos = bos is not None and bool(config.get("add_bos_token", True))
-    return Tokenizer(encoding, bos, eos, add_bos, False, None, *_chat_template(path, config))
-
-
 def load_tokenizer(path: str) -> Tokenizer:
-    """A checkpoint directory's tokenizer.json, else its (original/)tokenizer.model in tiktoken format."""
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return tokenizer_from_hf_json(path)
-    for file in (os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model")):
-        if os.path.exists(file):
-            return tokenizer_from_tiktoken_file(path, file)
-    raise FileNotFoundError(f"{path}: no tokenizer.json or tiktoken tokenizer.model")
+    """A checkpoint directory's tokenizer.json (every HF Llama 3, Qwen2/3 and Mistral-Nemo repo has
+    one; Meta's original/tokenizer.model is not read)."""
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"{path}: no tokenizer.json")
+    return tokenizer_from_hf_json(path)

@@ -35,6 +35,21 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def int_at_least(low: int, or_none: bool = False):
+    return lambda v: (or_none and v is None) or is_int(v) and v >= low
+
+
+def number_in(low: float = -math.inf, high: float = math.inf):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+
+
+def check_fields(prefix: str, values: dict, rules: dict) -> None:
+    """ValueError naming the first value that breaks its rule (name -> (test, what it may be))."""
+    for name, (ok, allowed) in rules.items():
+        if not ok(values[name]):
+            raise ValueError(f"{prefix}{name} must be {allowed}, got {values[name]!r}")
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens: vLLM's names, defaults and ranges. top_k 0 or -1 disables top-k;
@@ -77,31 +92,23 @@ class SamplingParams:
 
     def validate(self) -> None:
         """ValueError naming the first bad field (the engine checks again: the fields are mutable)."""
-        def number(v, low=-math.inf, high=math.inf):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-        optional_count = (lambda v: v is None or is_int(v) and v >= 0, "an int >= 0 or None")
-        checks = {
-            "n": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
-            "temperature": (lambda v: number(v, 0), "a finite number >= 0 (0 = greedy)"),
-            "top_p": (lambda v: number(v, 0, 1) and v > 0, "a number in (0, 1]"),
-            "top_k": (lambda v: is_int(v) and v >= -1, "an int >= -1 (0 or -1 disables it)"),
-            "min_p": (lambda v: number(v, 0, 1), "a number in [0, 1]"),
-            "seed": (lambda v: v is None or is_int(v), "an int or None"),
-            "presence_penalty": (lambda v: number(v, -2, 2), "a number in [-2, 2]"),
-            "frequency_penalty": (lambda v: number(v, -2, 2), "a number in [-2, 2]"),
-            "repetition_penalty": (lambda v: number(v, 0) and v > 0, "a finite number > 0"),
-            "max_tokens": (lambda v: v is None or is_int(v) and v >= 1, "an int >= 1 or None"),
+        flag = (lambda v: isinstance(v, bool), "a bool")
+        check_fields("SamplingParams.", vars(self), {
+            "n": (int_at_least(1), "an int >= 1"), "top_k": (int_at_least(-1), "an int >= -1 (0 or -1 disables it)"),
+            "temperature": (number_in(0), "a finite number >= 0 (0 = greedy)"),
+            "top_p": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
+            "min_p": (number_in(0, 1), "a number in [0, 1]"), "seed": (lambda v: v is None or is_int(v), "an int or None"),
+            "presence_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
+            "frequency_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
+            "repetition_penalty": (lambda v: number_in(0)(v) and v > 0, "a finite number > 0"),
+            "max_tokens": (int_at_least(1, or_none=True), "an int >= 1 or None"),
             "min_tokens": (lambda v: is_int(v) and 0 <= v <= _max_tokens(self), "an int in [0, max_tokens]"),
             "stop": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v),
                      "a non-empty string or a list of them"),
             "stop_token_ids": (lambda v: isinstance(v, (list, tuple)) and all(is_int(i) for i in v), "a list of ints"),
-            "logprobs": optional_count, "prompt_logprobs": optional_count,
-        }
-        checks.update({name: (lambda v: isinstance(v, bool), "a bool") for name in (
-            "include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize")})
-        for name, (ok, allowed) in checks.items():
-            if not ok(getattr(self, name)):
-                raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+            "logprobs": (int_at_least(0, or_none=True), "an int >= 0 or None"),
+            "prompt_logprobs": (int_at_least(0, or_none=True), "an int >= 0 or None"),
+            "include_stop_str_in_output": flag, "ignore_eos": flag, "skip_special_tokens": flag, "detokenize": flag})
 
 
 class RequestStatus(enum.Enum):
