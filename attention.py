@@ -127,10 +127,8 @@ def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scal
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# q/k norm + RoPE + KV write: one program per token, all its heads. Done as separate torch ops this
+# ---- q/k norm + RoPE + KV write: one program per token, all its heads. Done as separate torch ops this
 # is ~8 kernels per layer, each a few microseconds of launch for a few KB of data in a decode step.
-# ---------------------------------------------------------------------------------------------
 
 @triton.jit
 def _norm_and_rotate(x1, x2, norm_ptr, eps, half, cos1, sin1, cos2, sin2,
@@ -219,9 +217,7 @@ def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
     return q
 
 
-# ---------------------------------------------------------------------------------------------
-# Paged attention kernel.
-# ---------------------------------------------------------------------------------------------
+# ---- Paged attention kernel. ----------------------------------------------------------------------------------------
 
 @triton.jit
 def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
@@ -377,11 +373,9 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, num_splits,
     tl.store(out_ptr + token * stride_out_token + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty))
 
 
-# ---------------------------------------------------------------------------------------------
-# Launch configuration, picked from a small table measured on an H200 (`bench.py --kernel --sweep`;
-# figures in BENCHMARKS.md). Not triton.autotune: autotuning would benchmark inside
-# the engine's first step and inside CUDA-graph capture, where timing runs are not allowed.
-# ---------------------------------------------------------------------------------------------
+# ---- Launch configuration, picked from a small table measured on an H200 (`bench.py --kernel
+# --sweep`; figures in BENCHMARKS.md). Not triton.autotune: autotuning would benchmark inside the
+# engine's first step and inside CUDA-graph capture, where timing runs are not allowed.
 
 @dataclass(frozen=True)
 class LaunchConfig:

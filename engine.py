@@ -3,16 +3,18 @@
 The idea (vLLM V1): each step the scheduler hands a token budget to requests; the runner lays the
 scheduled tokens of every request out as ONE flat batch (prefill chunks and decodes mixed), runs
 the model once and samples a token for each request that reached the end of its known tokens; the
-scheduler takes the tokens back. Read top to bottom: LLM.generate -> add_request -> _step ->
-ModelRunner.execute (prepare_inputs, run_model, sample) -> LLM._collect -> _output.
+scheduler takes the tokens back. A request's path: LLM.generate -> add_request -> _step ->
+ModelRunner.execute (prepare_inputs, run_model, sample) -> LLM._collect -> OutputProcessor.process_step.
 
-LLM owns the requests' outputs, detokenization and the async loop. ModelRunner owns the device: the
+LLM owns the requests and the async loop; its OutputProcessor, what the user sees of them (n
+completions, text, stop strings, logprobs). ModelRunner owns the device: the
 step's input tensors and their one copy, the forward with CUDA graphs for decode-only batches,
 sampling (a Gumbel-max Triton kernel beside its torch reference, at the end of this file), and
 sizing the KV cache; it is what every tensor-parallel rank would run. Never touches: model
 internals, kernel internals, block bookkeeping.
 """
 import contextlib
+import functools
 import itertools
 import random
 import sys
@@ -97,9 +99,7 @@ class EngineStats:
     context_tokens_read: int = 0  # sum over steps of every scheduled request's context length
 
 
-# ----------------------------------------------------------------------------------------------
-# LLM: requests in, outputs out.
-# ----------------------------------------------------------------------------------------------
+# ---- LLM: requests in, outputs out. ---------------------------------------------------------------------------------
 
 class LLM:
     def __init__(self, model: str, *, dtype=None, device=None, block_size: int = 16,
@@ -136,8 +136,7 @@ class LLM:
         self.stats = self.runner.stats
         self.rng = random.Random(seed)  # seeds of requests that bring none
         self.in_flight: InFlight | None = None
-        self.groups: dict[str, RequestGroup] = {}  # unfinished requests of the user, by their id
-        self.live: dict[str, Completion] = {}      # their completions, by the scheduler's request id
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self.undelivered: list[RequestOutput] = []  # final outputs that step() has not returned yet
         self.request_ids = itertools.count()
 
@@ -206,7 +205,7 @@ class LLM:
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
-        if request_id in self.groups:
+        if request_id in self.output_processor.groups:
             raise ValueError(f"request_id {request_id!r} is already used by an unfinished request")
         # The request's own copy, validated again (the caller may have changed the fields since), with
         # a seed: one drawn from the engine's seed if it brings none, so every run is reproducible.
@@ -215,24 +214,7 @@ class LLM:
             raise ValueError("SamplingParams.stop: stop strings are found in the text; this needs a tokenizer "
                              "and detokenize=True (stop_token_ids work on ids)")
         text, token_ids = self._tokenize(prompt)
-        group = RequestGroup(request_id, text, [], [None] if params.prompt_logprobs is not None else None)
-        try:
-            for index in range(params.n):
-                own = params if params.n == 1 else replace(params, n=1, seed=hash((params.seed, index)) & 0x7FFFFFFF)
-                request = Request(request_id if params.n == 1 else f"{index}_{request_id}", token_ids, own)
-                self.scheduler.add(request)
-                stream = self.tokenizer.stream(params.skip_special_tokens) if self.tokenizer and params.detokenize \
-                    else None
-                completion = Completion(request, index, group, stream,
-                                        logprobs=[] if params.logprobs is not None else None)
-                group.completions.append(completion)
-                self.live[request.request_id] = completion
-        except ValueError:
-            for completion in group.completions:
-                self.scheduler.abort(completion.request.request_id)
-                del self.live[completion.request.request_id]
-            raise
-        self.groups[request_id] = group
+        self.output_processor.add_request(request_id, text, token_ids, params)
 
     def step(self) -> list[RequestOutput]:
         """One engine step: an output for every request that got a token or finished, and the final
@@ -244,13 +226,7 @@ class LLM:
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request (all its completions) now and free its blocks; its final output, or None if
         it had already ended."""
-        group = self.groups.get(request_id)
-        if group is None:
-            return None
-        for completion in group.completions:
-            if not completion.request.status.is_finished:
-                self.scheduler.abort(completion.request.request_id)
-        return self._group_output(group)
+        return self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self.in_flight is not None or bool(self.undelivered)
@@ -290,7 +266,7 @@ class LLM:
         CPU's scheduling and input building hide behind the GPU's forward pass."""
         schedule = self.scheduler.schedule()
         launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
-        outputs = self._outputs_of(schedule.finished)
+        outputs = self.output_processor.outputs_of(schedule.finished)
         if self.async_scheduling:
             previous, self.in_flight = self.in_flight, launched
             if previous is not None:
@@ -310,12 +286,10 @@ class LLM:
             with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
                 torch.cuda.synchronize(self.runner.device)
         self.scheduler.recover()
-        done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
-        self.undelivered += [self._group_output(group) for group in done]
+        self.undelivered += self.output_processor.finished_outputs()
 
     def _collect(self, flight: "InFlight", report_running: bool) -> list[RequestOutput]:
-        """Wait for a step's tokens, hand them to the scheduler, add logprobs, look for stop strings,
-        report who moved."""
+        """Wait for a step's tokens, hand them to the scheduler, report who moved."""
         tokens = flight.sampled_token_ids()
         requests = [entry.request for entry in flight.plan.schedule.scheduled if entry.samples_token]
         lengths = [len(request.output_token_ids) for request in requests]
@@ -323,6 +297,82 @@ class LLM:
         moved = [(row, request) for row, (request, n) in enumerate(zip(requests, lengths))
                  if len(request.output_token_ids) > n]
         self.stats.output_tokens += len(moved)
+        return self.output_processor.process_step(flight, moved, finished, report_running)
+
+    def _new_request_id(self) -> str:
+        """generate()'s ids: numbers, skipping any that add_request's callers already use."""
+        request_id = str(next(self.request_ids))
+        while request_id in self.output_processor.groups:
+            request_id = str(next(self.request_ids))
+        return request_id
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), _as_token_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids "
+                                 "(a list of ints or {'prompt_token_ids': [...]})")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, _as_token_ids(prompt)
+
+
+# ---- OutputProcessor: what the user sees of the requests. -----------------------------------------------------------
+
+class OutputProcessor:
+    """Each request of the user as n completions (requests of the scheduler), their text
+    (incremental detokenization, stop strings), logprobs, and the RequestOutputs made of them. It
+    stops a request in the scheduler when a stop string appears; it never touches the device."""
+
+    def __init__(self, tokenizer: Tokenizer | None, scheduler: Scheduler):
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.groups: dict[str, RequestGroup] = {}  # unfinished requests of the user, by their id
+        self.live: dict[str, Completion] = {}      # their completions, by the scheduler's request id
+
+    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
+        """Queue the request's n completions in the scheduler (ValueError, and nothing queued, if one is bad)."""
+        group = RequestGroup(request_id, prompt, [], [None] if params.prompt_logprobs is not None else None)
+        try:
+            for index in range(params.n):
+                own = params if params.n == 1 else replace(params, n=1, seed=hash((params.seed, index)) & 0x7FFFFFFF)
+                request = Request(request_id if params.n == 1 else f"{index}_{request_id}", token_ids, own)
+                self.scheduler.add(request)
+                stream = self.tokenizer.stream(params.skip_special_tokens) if self.tokenizer and params.detokenize \
+                    else None
+                completion = Completion(request, index, group, stream,
+                                        logprobs=[] if params.logprobs is not None else None)
+                group.completions.append(completion)
+                self.live[request.request_id] = completion
+        except ValueError:
+            for completion in group.completions:
+                self.scheduler.abort(completion.request.request_id)
+                del self.live[completion.request.request_id]
+            raise
+        self.groups[request_id] = group
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        for completion in group.completions:
+            if not completion.request.status.is_finished:
+                self.scheduler.abort(completion.request.request_id)
+        return self._group_output(group)
+
+    def finished_outputs(self) -> list[RequestOutput]:
+        """The outputs of requests whose completions have all finished (after a failed step)."""
+        done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
+        return [self._group_output(group) for group in done]
+
+    def process_step(self, flight: "InFlight", moved: list[tuple[int, Request]], finished: list[Request],
+                     report_running: bool) -> list[RequestOutput]:
+        """A step's tokens are in the scheduler: add their logprobs, look for stop strings, and make
+        the outputs of the requests that moved (`moved`: row of the step's sampled tokens, request)."""
         logprobs = [(ints.tolist(), floats.tolist()) for ints, floats in flight.logprobs_host]
         if flight.plan.num_logprobs is not None:
             ids, values = logprobs.pop(0)
@@ -337,7 +387,7 @@ class LLM:
                 was_finished = request.status.is_finished  # by length: a stop string still cuts its text
                 if self._found_stop_string(self.live[request.request_id]) and not was_finished:
                     finished.append(request)
-        return self._outputs_of([request for _, request in moved] + finished if report_running else finished)
+        return self.outputs_of([request for _, request in moved] + finished if report_running else finished)
 
     def _logprob_dict(self, token: int, ids: list[int], values: list[float], k: int) -> dict[int, Logprob]:
         """The chosen token's logprob and rank (ids[0], values[0]), then the top k."""
@@ -379,7 +429,8 @@ class LLM:
         completion.num_searched = len(text)
         return False
 
-    def _outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
+    def outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
+        """The outputs of the requests these scheduler requests are completions of."""
         groups = dict.fromkeys(self.live[request.request_id].group for request in requests)
         return [self._group_output(group) for group in groups]
 
@@ -425,32 +476,8 @@ class LLM:
             completion.stream = None
         return completion.text
 
-    def _new_request_id(self) -> str:
-        """generate()'s ids: numbers, skipping any that add_request's callers already use."""
-        request_id = str(next(self.request_ids))
-        while request_id in self.groups:
-            request_id = str(next(self.request_ids))
-        return request_id
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _as_token_ids(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("prompt: a dict prompt needs 'prompt_token_ids' or 'prompt'")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; pass token ids "
-                                 "(a list of ints or {'prompt_token_ids': [...]})")
-            return prompt, self.tokenizer.encode(prompt)
-        return None, _as_token_ids(prompt)
-
-
-# ----------------------------------------------------------------------------------------------
-# ModelRunner: one step on the device. Every step's integers go to the device in ONE copy.
-# ----------------------------------------------------------------------------------------------
+# ---- ModelRunner: one step on the device. Every step's integers go to the device in ONE copy. -----------------------
 
 class InputLayout:
     """Fixed offsets of each field in one int32 buffer (floats are stored bit-cast).
@@ -666,49 +693,12 @@ class ModelRunner:
             all_greedy=not any(temperature),
             needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p) or any(min_p),
             min_p=layout.view(device, "min_p", num_sampling).view(torch.float32) if any(min_p) else None,
-            adjust=self._logits_adjustment(adjusted, num_sampling, previous) if adjusted else None)
+            adjust=logits_adjustment(adjusted, num_sampling, vocab_size, self.eos_token_ids, previous, self.device)
+            if adjusted else None)
         self.stats.context_tokens_read += sum(seq_lens)
         return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens), sample_row, sampling,
-                        num_logprobs, prompt_positions, self._to_device(prompt_targets) if prompt_rows else None,
+                        num_logprobs, prompt_positions, _to_device(prompt_targets, self.device) if prompt_rows else None,
                         max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
-
-    def _to_device(self, values: list, dtype=torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-    def _logits_adjustment(self, adjusted, num_rows, previous) -> "LogitsAdjustment":
-        """The penalties' token counts and min_tokens' bans of the rows that need them; only steps
-        with such rows build this. A token still in flight is counted on the device."""
-        vocab_size = self.model.config.vocab_size
-        factors = [[1.0, 0.0, 0.0] for _ in range(num_rows)]  # repetition, frequency, presence
-        counted, prompt, pending, banned = ([], []), ([], []), ([], []), ([], [])
-        for row, request, pending_src, under_min_tokens in adjusted:
-            params = request.sampling_params
-            if params.has_penalties:
-                factors[row] = [params.repetition_penalty, params.frequency_penalty, params.presence_penalty]
-                counted[0].extend([row] * len(request.output_token_ids))
-                counted[1].extend(request.output_token_ids)
-                prompt[0].extend([row] * len(request.prompt_token_ids))
-                prompt[1].extend(request.prompt_token_ids)
-                if pending_src is not None:
-                    pending[0].append(row)
-                    pending[1].append(pending_src)
-            if under_min_tokens:  # EOS (unless ignored) and stop tokens may not come yet
-                stops = [*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)]
-                stops = [token for token in stops if 0 <= token < vocab_size]
-                banned[0].extend([row] * len(stops))
-                banned[1].extend(stops)
-        counts = torch.zeros(num_rows, vocab_size, device=self.device)
-        counts.index_put_(tuple(map(self._to_device, counted)), torch.ones(len(counted[0]), device=self.device),
-                          accumulate=True)
-        if pending[0]:
-            tokens = previous.sampled.index_select(0, self._to_device(pending[1]))
-            counts.index_put_((self._to_device(pending[0]), tokens), torch.ones(len(pending[0]), device=self.device),
-                              accumulate=True)
-        prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=self.device)
-        prompt_mask[tuple(map(self._to_device, prompt))] = True
-        factors = self._to_device(factors, torch.float32)
-        return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2],
-                                *map(self._to_device, banned))
 
     def _copy_to_device(self, rows, tables, fields):
         """Write every field into this step's pinned host buffer, then copy the used prefix once."""
@@ -816,9 +806,7 @@ class ModelRunner:
         torch.cuda.synchronize()
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling: one pass over the batch on the device, no host sync.
-# ----------------------------------------------------------------------------------------------
+# ---- Sampling: one pass over the batch on the device, no host sync. -------------------------------------------------
 
 @dataclass
 class SamplingTensors:
@@ -854,6 +842,44 @@ def adjust_logits(logits, adjust: LogitsAdjustment):
     logits = logits - adjust.frequency[:, None] * adjust.output_counts
     logits = logits - adjust.presence[:, None] * (adjust.output_counts > 0)
     return logits.index_put((adjust.banned_rows, adjust.banned_tokens), torch.tensor(float("-inf"), device=logits.device))
+
+
+def logits_adjustment(adjusted, num_rows: int, vocab_size: int, eos_token_ids: list[int],
+                      previous: "InFlight | None", device) -> LogitsAdjustment:
+    """The penalties' token counts and min_tokens' bans of the rows that need them ((row, request, the
+    row of its token in flight or None, under min_tokens) each); only steps with such rows build this.
+    A token still in flight is counted on the device, from the previous step's sampled tokens."""
+    to_device = functools.partial(_to_device, device=device)
+    factors = [[1.0, 0.0, 0.0] for _ in range(num_rows)]  # repetition, frequency, presence
+    counted, prompt, pending, banned = ([], []), ([], []), ([], []), ([], [])
+    for row, request, pending_src, under_min_tokens in adjusted:
+        params = request.sampling_params
+        if params.has_penalties:
+            factors[row] = [params.repetition_penalty, params.frequency_penalty, params.presence_penalty]
+            counted[0].extend([row] * len(request.output_token_ids))
+            counted[1].extend(request.output_token_ids)
+            prompt[0].extend([row] * len(request.prompt_token_ids))
+            prompt[1].extend(request.prompt_token_ids)
+            if pending_src is not None:
+                pending[0].append(row)
+                pending[1].append(pending_src)
+        if under_min_tokens:  # EOS (unless ignored) and stop tokens may not come yet
+            stops = [*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids)]
+            stops = [token for token in stops if 0 <= token < vocab_size]
+            banned[0].extend([row] * len(stops))
+            banned[1].extend(stops)
+    counts = torch.zeros(num_rows, vocab_size, device=device)
+    counts.index_put_(tuple(map(to_device, counted)), torch.ones(len(counted[0]), device=device),
+                      accumulate=True)
+    if pending[0]:
+        tokens = previous.sampled.index_select(0, to_device(pending[1]))
+        counts.index_put_((to_device(pending[0]), tokens), torch.ones(len(pending[0]), device=device),
+                          accumulate=True)
+    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+    prompt_mask[tuple(map(to_device, prompt))] = True
+    factors = to_device(factors, dtype=torch.float32)
+    return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2],
+                            *map(to_device, banned))
 
 
 def apply_top_k_top_p(logits, top_k, top_p, min_p=None):
@@ -946,6 +972,10 @@ def gumbel_argmax_reference(logits, temperature, seeds):
         out[row] = (logits[row].float() / temperature[row] - torch.log(-torch.log(uniform))).argmax()
     return out
 
+
+
+def _to_device(values: list, device, dtype=torch.int64) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _graph_ladder(max_num_seqs):

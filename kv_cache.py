@@ -62,12 +62,6 @@ class FreeBlockQueue:
         for block in blocks:
             self.append(block)
 
-    def __iter__(self):
-        block = self.head.next_free
-        while block is not self.tail:
-            yield block
-            block = block.next_free
-
     def append(self, block: KVBlock) -> None:
         last = self.tail.prev_free
         last.next_free, block.prev_free = block, last
@@ -115,10 +109,6 @@ class KVCacheManager:
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.free_queue.num_free
 
     def lookup(self, table: BlockTable, token_ids: list[int]) -> list[KVBlock]:
         """The longest chain of cached blocks equal to the start of token_ids. Capped so that at

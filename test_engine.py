@@ -517,8 +517,16 @@ def _prefix_digest(tokens) -> int:
     return d
 
 
+def _free_blocks(kv):
+    """The free queue, head (evicted first) to tail, by walking its links."""
+    block = kv.free_queue.head.next_free
+    while block is not kv.free_queue.tail:
+        yield block
+        block = block.next_free
+
+
 def _snapshot(kv):
-    return ([b.block_id for b in kv.free_queue], [(b.ref_count, b.block_hash) for b in kv.blocks],
+    return ([b.block_id for b in _free_blocks(kv)], [(b.ref_count, b.block_hash) for b in kv.blocks],
             dict(kv.cached_blocks), kv.num_query_tokens, kv.num_hit_tokens)
 
 
@@ -526,12 +534,12 @@ def _check_pool(kv, tables_with_tokens):
     """The DESIGN.md invariants: free = ref 0 and queued exactly once; owned = ref count equal to
     the tables holding it; hashes consistent with tokens."""
     queue, previous = [], kv.free_queue.head
-    for block in kv.free_queue:
+    for block in _free_blocks(kv):
         assert block.prev_free is previous
         queue.append(block.block_id)
         previous = block
     assert kv.free_queue.tail.prev_free is previous
-    assert len(queue) == len(set(queue)) == kv.num_free_blocks
+    assert len(queue) == len(set(queue)) == kv.free_queue.num_free
     holders = {}
     for table, _ in tables_with_tokens:
         assert len(table.block_ids) == len(set(table.block_ids))
@@ -613,7 +621,7 @@ class TestKVCache:
         for tokens, table, _ in list(live.values()):
             kv.free(table)
         _check_pool(kv, [])
-        assert kv.num_free_blocks == num_blocks
+        assert kv.free_queue.num_free == num_blocks
 
     def test_lru_evicts_least_recently_freed_and_a_requests_tail_first(self):
         kv = KVCacheManager(num_blocks=6, block_size=2)
@@ -623,7 +631,7 @@ class TestKVCache:
         a_ids, b_ids = list(a.block_ids), list(b.block_ids)
         kv.free(a)
         kv.free(b)
-        assert [blk.block_id for blk in kv.free_queue] == a_ids[::-1] + b_ids[::-1]
+        assert [blk.block_id for blk in _free_blocks(kv)] == a_ids[::-1] + b_ids[::-1]
         c = BlockTable()
         assert kv.allocate(c, [0] * 4, 4)
         assert c.block_ids == [a_ids[2], a_ids[1]]  # a's partial tail block, then its second block
@@ -643,8 +651,8 @@ class TestKVCache:
         hits = kv.lookup(b, [1, 2, 9])
         assert [h.block_id for h in hits] == [first]
         assert kv.allocate(b, [1, 2, 9], 3, hits)
-        assert first not in [blk.block_id for blk in kv.free_queue] and kv.blocks[first].ref_count == 1
-        assert kv.num_free_blocks == 2
+        assert first not in [blk.block_id for blk in _free_blocks(kv)] and kv.blocks[first].ref_count == 1
+        assert kv.free_queue.num_free == 2
         assert not kv.can_allocate(BlockTable(), 5) and kv.can_allocate(BlockTable(), 4)
 
     def test_forced_hash_collision_is_a_miss(self, monkeypatch):
@@ -832,7 +840,7 @@ def _make_requests(seed, num_requests=8, max_prompt=24):
 
 def _assert_no_blocks_held(scheduler):
     kv = scheduler.kv_cache_manager
-    assert kv.num_free_blocks == kv.num_blocks
+    assert kv.free_queue.num_free == kv.num_blocks
     assert all(block.ref_count == 0 for block in kv.blocks)
     assert not scheduler.requests and not scheduler.running and not scheduler.waiting
 
@@ -1048,7 +1056,7 @@ class TestScheduler:
         scheduler.add(b)
         engine = _FakeEngine(scheduler)
         engine.step()  # both admitted, b on a's two blocks + one of its own
-        assert b.num_cached_tokens == 4 and scheduler.kv_cache_manager.num_free_blocks == 0
+        assert b.num_cached_tokens == 4 and scheduler.kv_cache_manager.free_queue.num_free == 0
         scheduler.add(c)
         engine.step()  # a needs a third block: b is preempted, back to the front of the queue
         assert b.status is RequestStatus.PREEMPTED and scheduler.num_preemptions == 1
@@ -1468,9 +1476,9 @@ class TestAttention:
 
 def _assert_pool_free(llm):
     """Invariant: once nothing runs, every block is free again and the engine holds no request."""
-    assert not llm.has_unfinished_requests() and llm.in_flight is None and not llm.live
+    assert not llm.has_unfinished_requests() and llm.in_flight is None and not llm.output_processor.live
     kv = llm.scheduler.kv_cache_manager
-    assert kv.num_free_blocks == kv.num_blocks
+    assert kv.free_queue.num_free == kv.num_blocks
     assert all(block.ref_count == 0 for block in kv.blocks)
 
 
