@@ -6,12 +6,11 @@ the model once and samples a token for each request that reached the end of its 
 scheduler takes the tokens back. A request's path: LLM.generate -> add_request -> _step ->
 ModelRunner.execute (prepare_inputs, run_model, sample) -> LLM._collect -> OutputProcessor.process_step.
 
-LLM owns the requests and the async loop; its OutputProcessor, what the user sees of them (n
-completions, text, stop strings, logprobs). ModelRunner owns the device: the
-step's input tensors and their one copy, the forward with CUDA graphs for decode-only batches,
-sampling (a Gumbel-max Triton kernel beside its torch reference, at the end of this file), and
-sizing the KV cache; it is what every tensor-parallel rank would run. Never touches: model
-internals, kernel internals, block bookkeeping.
+LLM owns the requests and the async loop; OutputProcessor what the user sees (n completions,
+text, stop strings, logprobs); ModelRunner the device: the step's inputs and their one copy, the
+forward (CUDA graphs for decode-only batches), sampling (a Gumbel-max Triton kernel beside its
+torch reference) and KV-cache sizing: what every tensor-parallel rank would run. Never touches:
+model internals, kernel internals, block bookkeeping.
 """
 import contextlib
 import functools
@@ -52,7 +51,7 @@ class CompletionOutput:
     cumulative_logprob: float | None  # with logprobs: the sum of the sampled tokens' logprobs
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None  # "stop", "length", "abort", "error"; None while running
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (None: EOS)
+    stop_reason: int | str | None = None  # the stop token id or string that ended it (None: EOS, length, abort)
 
 
 @dataclass
@@ -82,8 +81,8 @@ class Completion:
 
 @dataclass(eq=False)
 class RequestGroup:
-    """One request of the user: its prompt and its n completions, each a request of the scheduler
-    (so the prompt's full blocks are computed once and shared through the prefix cache)."""
+    """A request of the user: its prompt and n completions, each a scheduler request (sharing the
+    prompt's full blocks through the prefix cache)."""
     request_id: str
     prompt: str | None
     completions: list[Completion]
@@ -143,13 +142,10 @@ class LLM:
     # ---- public API ---------------------------------------------------------------------------
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run prompts to completion; outputs come back in input order. One bad prompt fails alone:
-        its output has finish_reason "error" and `error` says why; the others finish. Without
-        sampling_params, the checkpoint's defaults (get_default_sampling_params).
-
-        Requests added before with add_request() share the batches meanwhile, but generate() returns
-        as soon as its own prompts are done; the next step() returns what they produced. If it
-        raises (Ctrl-C included), its own requests are aborted and the others are kept."""
+        """Run prompts to completion (default sampling_params: the checkpoint's); outputs in input
+        order. A bad prompt fails alone (finish_reason "error", `error` says why). Requests added
+        with add_request() share the batches, but generate() returns once its own are done; the next
+        step() returns what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
         prompts = _as_prompt_list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
@@ -171,7 +167,7 @@ class LLM:
             # Once nothing else runs, one more step collects the step still in flight (it holds only
             # extra tokens of finished requests), so the engine is idle when generate() returns.
             while pending or (self.in_flight is not None and not self.scheduler.has_unfinished_requests()):
-                for output in self._step(report_running=False):
+                for output in self._step(report_running=False):  # finished requests only
                     if output.request_id in pending:
                         pending.discard(output.request_id)
                         results[output.request_id] = output
@@ -193,11 +189,9 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("chat: this model has no tokenizer")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conversation in conversations:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt, chat_template)
-            # The template writes BOS itself where the model wants one: encode adds no second one.
-            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        # The template writes BOS itself where the model wants one: encode adds no second one.
+        prompts = [{"prompt": t, "prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None) -> None:
@@ -245,8 +239,10 @@ class LLM:
         prefix cache is reset (its K/V came from the old weights); CUDA graphs read the same tensors."""
         if self.has_unfinished_requests():
             raise RuntimeError("load_weights: requests are still running; finish or abort them first")
-        load_tensors(self.runner.model, weights, "load_weights")
-        self.reset_prefix_cache()
+        try:
+            load_tensors(self.runner.model, weights, "load_weights")
+        finally:  # even a load that failed half-way has changed weights
+            self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix: no later request reuses a block computed before now."""
@@ -286,18 +282,18 @@ class LLM:
             with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
                 torch.cuda.synchronize(self.runner.device)
         self.scheduler.recover()
-        self.undelivered += self.output_processor.finished_outputs()
+        self.undelivered += self.output_processor.trim_after_failure()
 
     def _collect(self, flight: "InFlight", report_running: bool) -> list[RequestOutput]:
         """Wait for a step's tokens, hand them to the scheduler, report who moved."""
         tokens = flight.sampled_token_ids()
         requests = [entry.request for entry in flight.plan.schedule.scheduled if entry.samples_token]
         lengths = [len(request.output_token_ids) for request in requests]
+        self.output_processor.add_logprobs(flight, requests, tokens)
         finished = self.scheduler.update(flight.plan.schedule, tokens)
-        moved = [(row, request) for row, (request, n) in enumerate(zip(requests, lengths))
-                 if len(request.output_token_ids) > n]
+        moved = [request for request, n in zip(requests, lengths) if len(request.output_token_ids) > n]
         self.stats.output_tokens += len(moved)
-        return self.output_processor.process_step(flight, moved, finished, report_running)
+        return self.output_processor.process_step(moved, finished, report_running)
 
     def _new_request_id(self) -> str:
         """generate()'s ids: numbers, skipping any that add_request's callers already use."""
@@ -335,23 +331,25 @@ class OutputProcessor:
         self.live: dict[str, Completion] = {}      # their completions, by the scheduler's request id
 
     def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
-        """Queue the request's n completions in the scheduler (ValueError, and nothing queued, if one is bad)."""
+        """Queue its n completions in the scheduler; on an error, none."""
         group = RequestGroup(request_id, prompt, [], [None] if params.prompt_logprobs is not None else None)
+        requests = [Request(request_id, token_ids, params)] if params.n == 1 else [
+            Request(f"{index}_{request_id}", token_ids, replace(params, n=1, seed=_seed_for(params.seed, index)))
+            for index in range(params.n)]
         try:
-            for index in range(params.n):
-                own = params if params.n == 1 else replace(params, n=1, seed=hash((params.seed, index)) & 0x7FFFFFFF)
-                request = Request(request_id if params.n == 1 else f"{index}_{request_id}", token_ids, own)
+            for index, request in enumerate(requests):
                 self.scheduler.add(request)
-                stream = self.tokenizer.stream(params.skip_special_tokens) if self.tokenizer and params.detokenize \
-                    else None
-                completion = Completion(request, index, group, stream,
-                                        logprobs=[] if params.logprobs is not None else None)
+                wants_text = self.tokenizer is not None and params.detokenize
+                stream = self.tokenizer.stream(params.skip_special_tokens) if wants_text else None
+                self.live[request.request_id] = completion = Completion(
+                    request, index, group, stream, logprobs=None if params.logprobs is None else [])
                 group.completions.append(completion)
-                self.live[request.request_id] = completion
-        except ValueError:
-            for completion in group.completions:
-                self.scheduler.abort(completion.request.request_id)
-                del self.live[completion.request.request_id]
+        except BaseException:  # Ctrl-C too: nothing of this request stays queued
+            for request in requests:
+                if self.scheduler.requests.get(request.request_id) is request:
+                    self.scheduler.abort(request.request_id)
+                if request.request_id in self.live and self.live[request.request_id].request is request:
+                    del self.live[request.request_id]
             raise
         self.groups[request_id] = group
 
@@ -362,32 +360,40 @@ class OutputProcessor:
         for completion in group.completions:
             if not completion.request.status.is_finished:
                 self.scheduler.abort(completion.request.request_id)
-        return self._group_output(group)
+        return self._outputs_of_groups([group])[0]
 
-    def finished_outputs(self) -> list[RequestOutput]:
-        """The outputs of requests whose completions have all finished (after a failed step)."""
-        done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
-        return [self._group_output(group) for group in done]
-
-    def process_step(self, flight: "InFlight", moved: list[tuple[int, Request]], finished: list[Request],
-                     report_running: bool) -> list[RequestOutput]:
-        """A step's tokens are in the scheduler: add their logprobs, look for stop strings, and make
-        the outputs of the requests that moved (`moved`: row of the step's sampled tokens, request)."""
+    def add_logprobs(self, flight: "InFlight", requests: list[Request], tokens: list[int]) -> None:
+        """A step's logprobs, added before update() appends its tokens: an interrupt in between
+        leaves an entry too many (trim_after_failure drops it), never one too few."""
         logprobs = [(ints.tolist(), floats.tolist()) for ints, floats in flight.logprobs_host]
         if flight.plan.num_logprobs is not None:
             ids, values = logprobs.pop(0)
-            for row, request in moved:
-                if request.sampling_params.logprobs is not None:
-                    self.live[request.request_id].logprobs.append(self._logprob_dict(
-                        request.output_token_ids[-1], ids[row], values[row], request.sampling_params.logprobs))
+            for row, (request, token) in enumerate(zip(requests, tokens)):
+                if request.sampling_params.logprobs is not None and not request.status.is_finished:
+                    self.live[request.request_id].logprobs.append(
+                        self._logprob_dict(token, ids[row], values[row], request.sampling_params.logprobs))
         if logprobs:
             self._add_prompt_logprobs(flight.plan.prompt_positions, *logprobs[0])
-        for _, request in moved:  # stop strings are found in the text as it grows, token by token
+
+    def trim_after_failure(self) -> list[RequestOutput]:
+        """After a failed step: drop logprobs of tokens that never came; the finished requests' outputs."""
+        for completion in self.live.values():
+            if completion.logprobs is not None:
+                del completion.logprobs[len(completion.request.output_token_ids):]
+        done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
+        return self._outputs_of_groups(done)
+
+    def process_step(self, moved: list[Request], finished: list[Request], report_running: bool) -> list[RequestOutput]:
+        """After update(): stop strings in the moved requests' text; outputs (of finished requests
+        only, unless report_running)."""
+        for request in moved:  # stop strings are found in the text as it grows, token by token
             if request.sampling_params.stop and request.status is not RequestStatus.FINISHED_STOPPED:
                 was_finished = request.status.is_finished  # by length: a stop string still cuts its text
                 if self._found_stop_string(self.live[request.request_id]) and not was_finished:
                     finished.append(request)
-        return self.outputs_of([request for _, request in moved] + finished if report_running else finished)
+        if report_running:
+            return self.outputs_of(moved + finished)
+        return [output for output in self.outputs_of(finished) if output.finished]  # n > 1: all of them
 
     def _logprob_dict(self, token: int, ids: list[int], values: list[float], k: int) -> dict[int, Logprob]:
         """The chosen token's logprob and rank (ids[0], values[0]), then the top k."""
@@ -409,9 +415,8 @@ class OutputProcessor:
         return self.tokenizer.decode([token]) if self.tokenizer and token < self.tokenizer.vocab_size else None
 
     def _found_stop_string(self, completion: Completion) -> bool:
-        """Search the text the newest token added (a stop string may span tokens) once min_tokens
-        are out; on a hit cut the text before the string (after it with include_stop_str_in_output)
-        and stop the request, with the string as its stop_reason."""
+        """Search the newest text (a stop string may span tokens) once min_tokens are out; on a hit,
+        cut the text before it (after, with include_stop_str_in_output) and stop the request."""
         request, params = completion.request, completion.request.sampling_params
         text = self._detokenize(completion)
         if len(request.output_token_ids) > params.min_tokens:
@@ -431,26 +436,32 @@ class OutputProcessor:
 
     def outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
         """The outputs of the requests these scheduler requests are completions of."""
-        groups = dict.fromkeys(self.live[request.request_id].group for request in requests)
-        return [self._group_output(group) for group in groups]
+        return self._outputs_of_groups(dict.fromkeys(self.live[request.request_id].group for request in requests))
+
+    def _outputs_of_groups(self, groups) -> list[RequestOutput]:
+        """Every output is made before any finished request is forgotten: an interrupt loses none."""
+        outputs = [self._group_output(group) for group in groups]
+        for group, output in zip(groups, outputs):
+            if output.finished:
+                del self.groups[group.request_id]
+                for completion in group.completions:
+                    del self.live[completion.request.request_id]
+        return outputs
 
     def _group_output(self, group: RequestGroup) -> RequestOutput:
-        """A request's output so far; once all its completions are finished, the engine forgets it."""
         finished = all(completion.request.status.is_finished for completion in group.completions)
-        outputs = [self._completion_output(completion, finished) for completion in group.completions]
-        if finished:
-            del self.groups[group.request_id]
-            for completion in group.completions:
-                del self.live[completion.request.request_id]
+        outputs = [self._completion_output(completion) for completion in group.completions]
         first = group.completions[0].request
         error = next((c.request.error for c in group.completions if c.request.error), None)
-        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, group.prompt_logprobs, outputs,
+        prompt_logprobs = None if group.prompt_logprobs is None else list(group.prompt_logprobs)
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, prompt_logprobs, outputs,
                              finished, first.num_cached_tokens, error)
 
-    def _completion_output(self, completion: Completion, finished: bool) -> CompletionOutput:
+    def _completion_output(self, completion: Completion) -> CompletionOutput:
         request, params = completion.request, completion.request.sampling_params
         text = self._detokenize(completion)
-        if not request.status.is_finished and params.stop:  # hold back what may still become a stop string
+        if not request.status.is_finished and params.stop and not params.include_stop_str_in_output:
+            # hold back what may still become a stop string, which would be cut
             text = text[:len(text) - _stop_string_prefix(text, params.stop)]
         logprobs = None if completion.logprobs is None else list(completion.logprobs)
         cumulative = None if logprobs is None else sum(entry[t].logprob for t, entry in zip(request.output_token_ids,
@@ -518,8 +529,7 @@ class StepPlan:
     sample_row: dict[str, int]  # request_id -> row of this step's sampled tokens
     sampling: "SamplingTensors"
     num_logprobs: int | None = None  # top-k logprobs for the sampled tokens (the most any row asks)
-    # Prompt logprobs: logits rows after the sampling ones, each for (request, the prompt position
-    # whose token's logprob it gives), the prompt tokens there, and the most any row asks.
+    # Prompt logprobs: logits rows after the sampling ones, each (request, prompt position it scores).
     prompt_positions: list[tuple[Request, int]] = field(default_factory=list)
     prompt_targets: torch.Tensor | None = None
     num_prompt_logprobs: int = 0
@@ -651,7 +661,7 @@ class ModelRunner:
                 row = sample_row[request.request_id] = len(logits_indices)
                 # The noise of the k-th token a request draws depends on (its seed, k) alone.
                 index = len(request.output_token_ids) + request.num_output_placeholders
-                seeds.append(hash((params.seed, index)) & 0x7FFFFFFF)
+                seeds.append(_seed_for(params.seed, index))
                 logits_indices.append(len(input_ids) - 1)
                 temperature.append(0.0 if params.is_greedy else params.temperature)
                 top_p.append(params.top_p)
@@ -659,8 +669,9 @@ class ModelRunner:
                 min_p.append(params.min_p)
                 if params.logprobs is not None:
                     num_logprobs = max(num_logprobs or 0, params.logprobs)
-                if params.has_penalties or index < params.min_tokens:
-                    adjusted.append((row, request, pending, index < params.min_tokens))
+                under_min_tokens = index <= params.min_tokens  # index counts this step's token already
+                if params.has_penalties or under_min_tokens:
+                    adjusted.append((row, request, pending, under_min_tokens))
         num_tokens, num_seqs, num_sampling = len(input_ids), len(seq_lens), len(logits_indices)
         max_query_len = max(b - a for a, b in zip(query_start, query_start[1:]))
         rows = num_seqs
@@ -697,7 +708,8 @@ class ModelRunner:
             if adjusted else None)
         self.stats.context_tokens_read += sum(seq_lens)
         return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens), sample_row, sampling,
-                        num_logprobs, prompt_positions, _to_device(prompt_targets, self.device) if prompt_rows else None,
+                        num_logprobs, prompt_positions,
+                        _to_device(prompt_targets, self.device) if prompt_rows else None,
                         max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
 
     def _copy_to_device(self, rows, tables, fields):
@@ -822,8 +834,7 @@ class SamplingTensors:
 
 @dataclass
 class LogitsAdjustment:
-    """What a step changes in its rows' logits before the draw (and after logprobs, which are of the
-    raw logits): the penalties, and min_tokens' ban on EOS and stop tokens."""
+    """A step's changes to its rows' logits before the draw (after logprobs): penalties, min_tokens' bans."""
     output_counts: torch.Tensor  # [rows, vocab] float32: how often each token is in the row's output
     prompt_mask: torch.Tensor    # [rows, vocab] bool: tokens of the row's prompt
     repetition: torch.Tensor     # [rows] float32 (1 = off)
@@ -841,14 +852,13 @@ def adjust_logits(logits, adjust: LogitsAdjustment):
     logits = torch.where(logits > 0, logits / penalty, logits * penalty)
     logits = logits - adjust.frequency[:, None] * adjust.output_counts
     logits = logits - adjust.presence[:, None] * (adjust.output_counts > 0)
-    return logits.index_put((adjust.banned_rows, adjust.banned_tokens), torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put((adjust.banned_rows, adjust.banned_tokens), logits.new_tensor(float("-inf")))
 
 
 def logits_adjustment(adjusted, num_rows: int, vocab_size: int, eos_token_ids: list[int],
                       previous: "InFlight | None", device) -> LogitsAdjustment:
-    """The penalties' token counts and min_tokens' bans of the rows that need them ((row, request, the
-    row of its token in flight or None, under min_tokens) each); only steps with such rows build this.
-    A token still in flight is counted on the device, from the previous step's sampled tokens."""
+    """Penalties' token counts and min_tokens' bans for `adjusted`: (row, request, row of its token
+    in flight or None, under min_tokens) each. A token in flight is counted on the device."""
     to_device = functools.partial(_to_device, device=device)
     factors = [[1.0, 0.0, 0.0] for _ in range(num_rows)]  # repetition, frequency, presence
     counted, prompt, pending, banned = ([], []), ([], []), ([], []), ([], [])
@@ -920,9 +930,8 @@ def sample(logits, params: SamplingTensors):
 
 
 def logprobs_of(logits, token_ids, k: int):
-    """vLLM's raw logprobs (log_softmax of the logits as the model gave them): per row the logprob and
-    rank of token_ids[row] (rank 1 = most likely), then the top k ids and logprobs. Two tensors, so
-    the host gets them in two copies: ints [rows, 1 + k] (rank, ids), floats [rows, 1 + k]."""
+    """vLLM's raw logprobs (log_softmax of the model's logits): ints [rows, 1 + k] (the rank of
+    token_ids[row], 1 = most likely, then the top k ids) and floats [rows, 1 + k] (their logprobs)."""
     logprobs = logits.log_softmax(-1)
     chosen = logprobs.gather(1, token_ids[:, None])
     top_values, top_ids = logprobs.topk(k, dim=-1)
@@ -972,6 +981,11 @@ def gumbel_argmax_reference(logits, temperature, seeds):
         out[row] = (logits[row].float() / temperature[row] - torch.log(-torch.log(uniform))).argmax()
     return out
 
+
+
+def _seed_for(seed: int, index: int) -> int:
+    """A 31-bit seed derived from (seed, index): the k-th draw of a request, the k-th of n completions."""
+    return hash((seed, index)) & 0x7FFFFFFF
 
 
 def _to_device(values: list, device, dtype=torch.int64) -> torch.Tensor:
@@ -1027,13 +1041,8 @@ def _as_prompt_list(prompts) -> list:
 
 
 def _error_output(request_id, prompt, message) -> RequestOutput:
-    if isinstance(prompt, dict):
-        prompt, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
-    else:
-        ids = prompt
-    text = prompt if isinstance(prompt, str) else None
-    ids = list(ids) if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids) else []
-    return RequestOutput(request_id, text, ids, None, [CompletionOutput(0, "", [], None, None, "error")], True, 0,
+    text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+    return RequestOutput(request_id, text, [], None, [CompletionOutput(0, "", [], None, None, "error")], True, 0,
                          message)
 
 

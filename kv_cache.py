@@ -9,11 +9,9 @@ request with the same prefix reuses the block instead of recomputing it. A freed
 contents and its hash until it is evicted, least recently freed first, so finished requests go on
 serving hits.
 
-A block is entered in the cache when it is allocated for the step that computes it (so a request
-admitted in the same or a later step can already share it), and stamped with that step. Its K/V is
-trusted once that step has finished; if a step fails or is interrupted, `forget_cached_blocks`
-takes every block of the unfinished steps back out, so no later request ever reads K/V that was
-never written.
+A block enters the cache when it is allocated for the step that computes it (a request admitted in
+the same step can share it), stamped with that step; if a step fails, `forget_cached_blocks` takes
+the blocks of unfinished steps out again, so no request ever reads K/V that was never written.
 
 Hash collisions are harmless twice over: the chain hash is SHA-256 (256 bits, no collision has ever
 been found), and a hit is only taken if the cached block's tokens and parent hash are equal to the
@@ -177,9 +175,8 @@ class KVCacheManager:
         table.num_registered_blocks = 0
 
     def forget_cached_blocks(self, after_step: int = -1) -> None:
-        """Take every block registered by a step after `after_step` (all by default) out of the prefix
-        cache: after a failed step, whose K/V may never have been written, or new weights. O(cached
-        blocks), and never called in a normal step."""
+        """Take the blocks registered by steps after `after_step` (all by default) out of the cache:
+        after a failed step or new weights; O(cached blocks), never in a normal step."""
         for block_hash, block in list(self.cached_blocks.items()):
             if block.step > after_step:
                 del self.cached_blocks[block_hash]

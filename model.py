@@ -314,8 +314,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerKernels:
-    """A layer's steps that have a fused Triton kernel: all four kernels, or all four plain-torch
-    references (same signatures), picked per forward by Transformer.use_triton."""
+    """A layer's fused Triton kernels, or (the default) their plain-torch references: same signatures."""
     add_rms_norm: Callable = add_rms_norm_reference
     rope_and_write_kv: Callable = attention.rope_and_write_kv_reference
     paged_attention: Callable = attention.paged_attention_reference
@@ -616,9 +615,8 @@ class Tokenizer:
 
     def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None) -> str:
-        """HF apply_chat_template(..., tokenize=False): the conversation through the checkpoint's
-        jinja2 template, in HF's environment (sandboxed, trim_blocks, lstrip_blocks, loop controls,
-        tojson, raise_exception, strftime_now)."""
+        """HF apply_chat_template(..., tokenize=False): the checkpoint's jinja2 template in HF's
+        environment (sandboxed, trim_blocks, lstrip_blocks, loop controls, tojson, raise_exception)."""
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("chat: the checkpoint has no chat template (tokenizer_config.json's chat_template or "

@@ -52,10 +52,9 @@ def check_fields(prefix: str, values: dict, rules: dict) -> None:
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens: vLLM's names, defaults and ranges. top_k 0 or -1 disables top-k;
-    max_tokens None runs to max_model_len; a temperature below 1e-5 is greedy (as in vLLM). The
-    penalties follow vLLM: repetition_penalty (HF's: over prompt and output tokens, a positive logit
-    divided by it, a negative one multiplied), presence and frequency (OpenAI's: output tokens only)."""
+    """How to pick tokens: vLLM's names, defaults and ranges (top_k 0 or -1: off; max_tokens None: to
+    max_model_len; temperature < 1e-5: greedy). Penalties as in vLLM: repetition_penalty is HF's (prompt
+    and output tokens), presence and frequency OpenAI's (output tokens only)."""
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -97,7 +96,7 @@ class SamplingParams:
             "n": (int_at_least(1), "an int >= 1"), "top_k": (int_at_least(-1), "an int >= -1 (0 or -1 disables it)"),
             "temperature": (number_in(0), "a finite number >= 0 (0 = greedy)"),
             "top_p": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
-            "min_p": (number_in(0, 1), "a number in [0, 1]"), "seed": (lambda v: v is None or is_int(v), "an int or None"),
+            "min_p": (number_in(0, 1), "a number in [0, 1]"), "seed": (lambda v: v is None or is_int(v), "an int/None"),
             "presence_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
             "frequency_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
             "repetition_penalty": (lambda v: number_in(0)(v) and v > 0, "a finite number > 0"),
@@ -289,11 +288,10 @@ class Scheduler:
         return finished
 
     def recover(self) -> None:
-        """Undo every step that has not finished (failed, interrupted, or still in flight and about
-        to be dropped): its cached blocks leave the prefix cache, and every unfinished request is
-        preempted, keeping its known tokens (lost sampled tokens are drawn again, with the same
-        seeds). Rebuilt from `requests`, which is right even if an interrupt left running and
-        waiting half-updated; running requests go first, in admission order."""
+        """Undo every unfinished step (failed, interrupted, or in flight and dropped): its cached
+        blocks leave the prefix cache; every unfinished request is preempted, keeping its known
+        tokens (lost ones are drawn again, same seeds). Rebuilt from `requests`, right even if an
+        interrupt left running and waiting half-updated; running requests first."""
         self.kv_cache_manager.forget_cached_blocks(after_step=self.num_finished_steps)
         order = dict.fromkeys([*self.running, *self.waiting, *self.requests.values()])
         self.running, self.waiting = [], deque()
@@ -329,7 +327,8 @@ class Scheduler:
 
     def _cap(self, request: Request, num_tokens: int, budget: int) -> int:
         cap = min(num_tokens, budget, self.long_prefill_token_threshold or budget)
-        if request.sampling_params.prompt_logprobs is not None and request.num_computed_tokens < request.num_tokens:
+        prompt_len = len(request.prompt_token_ids)
+        if request.sampling_params.prompt_logprobs is not None and request.num_computed_tokens < prompt_len:
             # Each prompt row it computes comes out as a row of fp32 logits: about max_num_seqs a step.
             cap = min(cap, max(self.prompt_logprob_rows_left, 1))
         return cap
@@ -371,7 +370,8 @@ class Scheduler:
         start = request.num_computed_tokens
         request.num_computed_tokens = start + num_new_tokens
         if request.sampling_params.prompt_logprobs is not None:
-            self.prompt_logprob_rows_left -= num_new_tokens
+            self.prompt_logprob_rows_left -= max(0, min(request.num_computed_tokens, len(request.prompt_token_ids))
+                                                 - start)
         samples_token = request.num_computed_tokens == request.num_tokens_with_placeholders
         if samples_token:
             request.num_output_placeholders += 1
@@ -394,7 +394,7 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
             if token in self.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= _max_tokens(request.sampling_params) or request.num_tokens >= self.max_model_len:
+        if len(request.output_token_ids) >= _max_tokens(params) or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -1923,7 +1923,7 @@ class TestEngine:
         settings = dict(dtype=torch.float32, block_size=16, max_num_seqs=8, async_scheduling=async_scheduling)
         prompts = [list(range(1, 41)), list(range(1, 41)) + [7, 7], [5, 6, 7]]
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-        bystander = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True)
+        bystander = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True, logprobs=2)
         fresh = LLM("tiny", **settings)
         expected = [o.outputs[0].token_ids for o in fresh.generate(prompts, params, use_tqdm=False)]
         expected_bystander = fresh.generate([[3, 1, 4, 1, 5]], bystander, use_tqdm=False)[0].outputs[0].token_ids
@@ -1938,6 +1938,7 @@ class TestEngine:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
         final = [o for _ in range(100) if llm.has_unfinished_requests() for o in llm.step() if o.finished]
         assert [(o.request_id, o.outputs[0].token_ids) for o in final] == [("bystander", expected_bystander)]
+        assert [list(d)[0] for d in final[0].outputs[0].logprobs] == expected_bystander  # one entry per token
         _assert_cached_blocks_were_written(llm)
         _assert_pool_free(llm)
 
@@ -2047,6 +2048,10 @@ class TestEngine:
             expected = expected[:expected.index(first, 3) + 1]
         assert output.outputs[0].token_ids == expected and first not in expected[:3]
         assert len(output.outputs[0].token_ids) >= 3
+        one = SamplingParams(temperature=0, max_tokens=4, min_tokens=1, stop_token_ids=[first], ignore_eos=True)
+        [output] = llm.generate([prompt], one, use_tqdm=False)  # the first token may not be the stop token
+        expected = _penalized_reference(hf, prompt, 4, min_tokens=1, banned=[first])
+        assert output.outputs[0].token_ids == expected[:expected.index(first, 1) + 1 if first in expected[1:] else 4]
 
     @pytest.mark.parametrize("include", [False, True])
     def test_stop_strings_cut_the_text_even_across_tokens_and_split_characters(self, tmp_path, monkeypatch, include):
@@ -2069,6 +2074,17 @@ class TestEngine:
         assert texts[-1] == ("ab\u00e9!" if include else "ab") and all(texts[-1].startswith(t) for t in texts)
         _assert_pool_free(llm)
 
+    def test_an_interrupted_add_request_queues_nothing(self, monkeypatch):
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        _fail_on_second_call(monkeypatch, Scheduler, "add", KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C while queueing the second of 3 completions
+            llm.add_request("r", [1, 2, 3], SamplingParams(n=3, max_tokens=2))
+        monkeypatch.undo()
+        assert not llm.scheduler.requests and not llm.output_processor.live
+        [output] = llm.generate([[1, 2, 3]], SamplingParams(n=3, max_tokens=2), use_tqdm=False)
+        assert output.finished and len(output.outputs) == 3
+        _assert_pool_free(llm)
+
     def test_stop_strings_need_text(self):
         llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4)
         [output] = llm.generate([[1, 2]], SamplingParams(stop="x"), use_tqdm=False)
@@ -2088,6 +2104,10 @@ class TestEngine:
         assert [c.token_ids for c in again.outputs] == [c.token_ids for c in output.outputs]
         greedy = llm.generate([prompt], SamplingParams(n=2, temperature=0, max_tokens=4), use_tqdm=False)[0]
         assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+        stops = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=12, stop_token_ids=list(range(0, 512, 9)))
+        [output] = llm.generate([prompt], stops, use_tqdm=False)  # completions that end at different steps
+        assert output.finished and all(c.finish_reason in ("stop", "length") for c in output.outputs)
+        assert len({len(c.token_ids) for c in output.outputs}) > 1
         llm.add_request("x", prompt, params)
         assert llm.abort("x").outputs[3].finish_reason == "abort"
         _assert_pool_free(llm)
@@ -2137,8 +2157,10 @@ class TestEngine:
         assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in fresh]
         assert [o.outputs[0].token_ids for o in after] != [o.outputs[0].token_ids for o in before]
         assert all(o.num_cached_tokens == 0 for o in after)  # nothing computed with the old weights is reused
-        with pytest.raises(ValueError, match="unexpected tensor 'nonsense'"):
-            llm.load_weights([("nonsense", torch.zeros(1))])
+        llm.generate(prompts, params, use_tqdm=False)  # fills the prefix cache again
+        with pytest.raises(ValueError, match="unexpected tensor 'nonsense'"):  # after one weight was loaded
+            llm.load_weights([("model.norm.weight", torch.ones(64)), ("nonsense", torch.zeros(1))])
+        assert not llm.scheduler.kv_cache_manager.cached_blocks  # its old K/V must not be reused
 
     def test_defaults_come_from_generation_config(self, tmp_path):
         hf = _hf_checkpoint(tmp_path, "LlamaForCausalLM")
