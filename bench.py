@@ -3,6 +3,7 @@
     python bench.py                      # GPU: Qwen3-0.6B shape, 256 requests; CPU: tiny shape, small workload
     python bench.py --arch llama3-8b
     python bench.py --workload shared-prefix --json out.json
+    python bench.py --timeline           # steps bucketed by requests per step, against their limits
     python bench.py --kernel [--sweep]   # the paged-attention kernel alone (GPU)
 
 Decoding is memory-bound: each step must read every weight once plus the K/V of every running
@@ -57,12 +58,87 @@ def copy_bandwidth():
     return 2 * source.numel() * source.element_size() / (us * 1e-6)
 
 
+def matmul_rate():
+    """FLOP/s of a large bf16 matrix product (random data): the arithmetic ceiling we compare with."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=60, return_mode="median")
+    return 2 * 8192 ** 3 / (ms * 1e-3)
+
+
+def record_steps(llm):
+    """Note, per step, when its tokens reached the host and what it computed: (time, requests,
+    context tokens read, new tokens, sampled rows, attention key-query pairs). With async overlap the
+    time between two notes is one step's wall time."""
+    steps, collect = [], llm._collect
+
+    def timed_collect(flight, report_running):
+        outputs = collect(flight, report_running)
+        entries = flight.plan.schedule.scheduled
+        steps.append((time.perf_counter(), len(entries), sum(e.start + e.num_new_tokens for e in entries),
+                      sum(e.num_new_tokens for e in entries), flight.plan.num_sampling,
+                      sum(e.num_new_tokens * (e.start + (e.num_new_tokens + 1) / 2) for e in entries)))
+        return outputs
+    llm._collect = timed_collect
+    return steps
+
+
+def step_limits(llm, step, bandwidth, flops_rate):
+    """One step's byte limit (every weight once plus its K/V context, over the copy bandwidth) and
+    roofline limit: the larger of that and its FLOPs (matmuls of its new tokens, lm_head of its
+    sampled rows, attention's QK and PV) over the measured matmul rate."""
+    c = llm.runner.model.config
+    _, _, context, new_tokens, sampled, pairs = step
+    per_token = kv_cache.kv_cache_bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim, c.dtype)
+    byte_seconds = (_weight_bytes(llm) + context * per_token) / bandwidth
+    q, kv = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layer_params = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.intermediate_size * c.hidden_size
+    flops = (2 * c.num_layers * layer_params * new_tokens + 2 * c.vocab_size * c.hidden_size * sampled
+             + 4 * c.num_layers * q * pairs)
+    return byte_seconds, max(byte_seconds, flops / flops_rate)
+
+
+def timeline(llm, steps, start, bandwidth, flops_rate):
+    """Steps bucketed by how many requests they ran (1-16, 17-32, ..., up to max_num_seqs): steps,
+    seconds, byte-limit seconds, roofline-limit seconds, fractions, and each bucket's share of the
+    time lost to the byte limit. Limits need a GPU (None elsewhere)."""
+    buckets, previous = {}, start
+    for step in steps:
+        upper = 16
+        while upper < step[1]:
+            upper *= 2
+        row = buckets.setdefault(upper, [0, 0.0, 0.0, 0.0])
+        row[0], row[1] = row[0] + 1, row[1] + step[0] - previous
+        if bandwidth:
+            byte_seconds, roofline_seconds = step_limits(llm, step, bandwidth, flops_rate)
+            row[2], row[3] = row[2] + byte_seconds, row[3] + roofline_seconds
+        previous = step[0]
+    lost = sum(seconds - limit for _, seconds, limit, _ in buckets.values()) if bandwidth else 0
+    table = []
+    for upper in sorted(buckets):
+        count, seconds, limit, roofline = buckets[upper]
+        table.append(dict(
+            requests=f"{1 if upper == 16 else upper // 2 + 1}-{upper}", steps=count, seconds=round(seconds, 3),
+            ms_per_step=round(1e3 * seconds / count, 2),
+            limit_seconds=round(limit, 3) if bandwidth else None,
+            fraction=round(limit / seconds, 3) if bandwidth else None,
+            roofline_seconds=round(roofline, 3) if bandwidth else None,
+            roofline_fraction=round(roofline / seconds, 3) if bandwidth else None,
+            share_of_lost_time=round((seconds - limit) / lost, 3) if bandwidth and lost > 0 else None))
+    return table
+
+
+def _weight_bytes(llm):
+    model = llm.runner.model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:  # the embedding is only gathered (a few rows), not streamed
+        weights -= model.embed_tokens.numel() * model.embed_tokens.element_size()
+    return weights
+
+
 def bytes_read(llm, stats_before, stats_after):
     """Weights once per step plus each scheduled request's K/V context: the run's minimum traffic."""
     config = llm.runner.model.config
-    weights = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
-    if not config.tie_word_embeddings:  # the embedding is only gathered (a few rows), not streamed
-        weights -= llm.runner.model.embed_tokens.numel() * llm.runner.model.embed_tokens.element_size()
+    weights = _weight_bytes(llm)
     per_token = kv_cache.kv_cache_bytes_per_block(config.num_layers, 1, config.num_kv_heads, config.head_dim,
                                                   llm.runner.model.dtype)
     steps = stats_after.steps - stats_before.steps
@@ -280,6 +356,8 @@ def main():
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--timeline", action="store_true",
+                   help="print the steps bucketed by requests per step against their limits (always in the JSON)")
     p.add_argument("--kernel", action="store_true", help="benchmark the paged-attention kernel alone (GPU)")
     p.add_argument("--sweep", action="store_true", help="with --kernel: also time other launch configurations")
     args = p.parse_args()
@@ -303,6 +381,7 @@ def main():
     if args.logprobs is not None:
         params = [dataclasses.replace(p, logprobs=args.logprobs) for p in params]
     bandwidth = copy_bandwidth() if on_gpu else None
+    flops_rate = matmul_rate() if on_gpu else None
     # Warm-up on another draw of the same workload with short outputs: its chunked prefills have the
     # shapes of the timed run's, so the Triton kernels they need are compiled (and cached on disk)
     # before the clock starts; it shares no prefix with the timed prompts.
@@ -316,6 +395,7 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
+    steps_seen = record_steps(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
@@ -339,19 +419,28 @@ def main():
         setup_seconds=round(setup_seconds, 1))
     needed, steps = bytes_read(llm, stats_before, llm.stats)
     result.update(steps=steps, graph_steps=llm.stats.graph_steps - stats_before.graph_steps)
+    table = timeline(llm, steps_seen, start, bandwidth, flops_rate)
     if on_gpu:
         limit_seconds = needed / bandwidth
+        roofline_seconds = sum(step_limits(llm, step, bandwidth, flops_rate)[1] for step in steps_seen)
         result.update(peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                      copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), bytes_needed_gb=round(needed / 1e9, 1),
+                      copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), matmul_tflop_s=round(flops_rate / 1e12, 1),
+                      bytes_needed_gb=round(needed / 1e9, 1),
                       limit_output_tokens_per_s=round(output_tokens / limit_seconds, 1),
-                      fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4))
+                      fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4),
+                      fraction_of_roofline_limit=round(roofline_seconds / seconds, 4))
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value:,}" if isinstance(value, (int, float)) and not isinstance(value, bool)
               else f"{key:<{width}}  {value}")
+    if args.timeline:
+        columns = list(table[0])
+        print("\n" + " | ".join(columns))
+        for row in table:
+            print(" | ".join("-" if row[c] is None else f"{row[c]}" for c in columns))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(dict(result, timeline=table), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2215,3 +2215,26 @@ class TestBench:
         with pytest.raises(SystemExit):
             bench.main()
         assert f"argument {flag}:" in capsys.readouterr().err
+
+    def test_timeline_buckets_every_step_of_the_run(self, tmp_path, monkeypatch):
+        out = tmp_path / "bench.json"
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--num-seqs", "40", "--max-num-seqs", "40",
+                                          "--max-input-len", "30", "--max-output-len", "140", "--timeline",
+                                          "--json", str(out)])
+        bench.main()
+        result = json.loads(out.read_text())
+        rows = result["timeline"]
+        assert [row["requests"] for row in rows] == ["1-16", "17-32", "33-64"]  # 40 requests, then fewer (100-140 tokens)
+        assert sum(row["steps"] for row in rows) == result["steps"]
+        assert sum(row["seconds"] for row in rows) == pytest.approx(result["seconds"], abs=0.01)
+
+    def test_roofline_counts_every_matmul_weight(self):
+        """step_limits' FLOPs of one token equal 2 x the model's matmul weights (lm_head included)."""
+        llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4)
+        model, c = llm.runner.model, llm.runner.model.config
+        weights = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed_tokens")
+        weights += c.vocab_size * c.hidden_size  # tied: lm_head is the embedding
+        _, roofline = bench.step_limits(llm, (0, 1, 0, 1, 1, 0), bandwidth=float("inf"), flops_rate=1.0)
+        assert roofline == 2 * weights
+        _, with_attention = bench.step_limits(llm, (0, 1, 0, 1, 1, 10), bandwidth=float("inf"), flops_rate=1.0)
+        assert with_attention - roofline == 4 * c.num_layers * c.num_q_heads * c.head_dim * 10  # QK and PV
