@@ -6,6 +6,7 @@
 """
 import re
 import sys
+import time
 import itertools
 import json
 from collections import Counter
@@ -2238,3 +2239,8 @@ class TestBench:
         assert roofline == 2 * weights
         _, with_attention = bench.step_limits(llm, (0, 1, 0, 1, 1, 10), bandwidth=float("inf"), flops_rate=1.0)
         assert with_attention - roofline == 4 * c.num_layers * c.num_q_heads * c.head_dim * 10  # QK and PV
+        steps, start = bench.record_steps(llm), time.perf_counter()  # the GPU's table, with made-up ceilings
+        llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        [row] = bench.timeline(llm, steps, start, bandwidth=1e12, flops_rate=1e12)
+        assert row["steps"] == len(steps) == 4 and row["share_of_lost_time"] == 1.0
+        assert row["roofline_seconds"] >= row["limit_seconds"] > 0
