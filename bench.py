@@ -12,6 +12,7 @@ device-to-device copy bandwidth give the fastest the run could possibly have gon
 """
 import argparse
 import dataclasses
+import gc
 import itertools
 import json
 import math
@@ -27,26 +28,103 @@ from attention import AttentionMetadata, LaunchConfig, choose_launch_config
 from engine import LLM, SamplingParams
 
 
+WORKLOADS = ["default", "shared-prefix", "long-prompt", "chat", "mixed", "short"]
+ONLINE_WORKLOADS = ("chat", "mixed", "short")  # served as a client sees them: arrival times, latencies
+QUESTION_LEN = (32, 256)  # chat questions; answers are 128-512 tokens (within --max-output-len)
+
+
 def make_workload(name, num_seqs, max_input_len, max_output_len, vocab_limit=10000, seed=0):
-    """nano-vllm's workload (`default`), exactly: seed 0, prompts first, then each max_tokens."""
+    """The prompts and SamplingParams of a workload, deterministic for a seed. `default` is nano-vllm's
+    exactly (seed 0, prompts first, then each max_tokens). `chat`: one system prompt of max_input_len
+    tokens shared by all, a question each. `mixed`: chats, and one request in 16 a document of
+    max_input_len / 4 to max_input_len tokens. `short`: 16 prompt and 16 output tokens."""
     random.seed(seed)
+
+    def tokens(n):
+        return [random.randint(0, vocab_limit) for _ in range(n)]
+
+    def question():
+        return tokens(random.randint(min(QUESTION_LEN[0], max_input_len), min(QUESTION_LEN[1], max_input_len)))
+    answer_len = (min(100, max_output_len), max_output_len)
     if name == "default":
-        prompts = [[random.randint(0, vocab_limit)
-                    for _ in range(random.randint(min(100, max_input_len), max_input_len))]
-                   for _ in range(num_seqs)]
+        prompts = [tokens(random.randint(min(100, max_input_len), max_input_len)) for _ in range(num_seqs)]
     elif name == "shared-prefix":  # one long system prompt, short distinct questions: prefix-cache hits
-        prefix = [random.randint(0, vocab_limit) for _ in range(max_input_len)]
-        prompts = [prefix + [random.randint(0, vocab_limit) for _ in range(random.randint(16, 64))]
-                   for _ in range(num_seqs)]
+        prefix = tokens(max_input_len)
+        prompts = [prefix + tokens(random.randint(16, 64)) for _ in range(num_seqs)]
     elif name == "long-prompt":  # prefill-heavy: long prompts, short answers
-        prompts = [[random.randint(0, vocab_limit) for _ in range(max_input_len)] for _ in range(num_seqs)]
-        max_output_len = min(max_output_len, 128)
+        prompts = [tokens(max_input_len) for _ in range(num_seqs)]
+        answer_len = (min(100, max_output_len, 128), min(max_output_len, 128))
+    elif name == "chat":
+        system = tokens(max_input_len)
+        prompts = [system + question() for _ in range(num_seqs)]
+    elif name == "mixed":
+        prompts = [tokens(random.randint(max(1, max_input_len // 4), max_input_len)) if random.random() < 1 / 16
+                   else question() for _ in range(num_seqs)]
+    elif name == "short":
+        prompts = [tokens(min(16, max_input_len)) for _ in range(num_seqs)]
     else:
-        raise ValueError(f"--workload {name!r}: expected default, shared-prefix or long-prompt")
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(min(100, max_output_len),
-                                                                                         max_output_len))
+        raise ValueError(f"workload {name!r}: expected one of {', '.join(WORKLOADS)}")
+    if name in ("chat", "mixed"):
+        answer_len = (min(128, max_output_len), min(512, max_output_len))
+    elif name == "short":
+        answer_len = (min(16, max_output_len),) * 2
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(*answer_len))
               for _ in range(num_seqs)]
     return prompts, params
+
+
+def arrival_times(num_requests, request_rate, seed=0):
+    """When each request arrives, in seconds from the start: a Poisson process of request_rate per
+    second (exponential gaps), or all at once when request_rate is None."""
+    if request_rate is None:
+        return [0.0] * num_requests
+    rng, now, times = random.Random(seed), 0.0, []
+    for _ in range(num_requests):
+        now += rng.expovariate(request_rate)
+        times.append(now)
+    return times
+
+
+def serve(llm, prompts, params, arrivals):
+    """Serve the requests as a client would: each is added once its arrival time has passed on a real
+    clock, the engine is stepped, and the time each streamed token reaches the client is noted.
+    Returns, per request, its token times (seconds from the start), and the wall time."""
+    start = time.perf_counter()
+    order = sorted(range(len(prompts)), key=arrivals.__getitem__)
+    token_times = [[] for _ in prompts]
+    ids = [f"online-{i}" for i in range(len(prompts))]
+    waiting = 0
+    while waiting < len(order) or llm.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while waiting < len(order) and arrivals[order[waiting]] <= now:
+            i = order[waiting]
+            llm.add_request(ids[i], prompts[i], params[i])
+            waiting += 1
+        if not llm.has_unfinished_requests():
+            time.sleep(arrivals[order[waiting]] - now)
+            continue
+        for output in llm.step():
+            i, count = int(output.request_id.split("-")[1]), len(output.outputs[0].token_ids)
+            if output.outputs[0].finish_reason == "error":
+                raise SystemExit(f"request {i} failed: {output.error}")
+            token_times[i] += [time.perf_counter() - start] * (count - len(token_times[i]))
+    return token_times, time.perf_counter() - start
+
+
+def latency_table(token_times, arrivals, classes):
+    """Per request class: time to first token and inter-token latency (p50, p90, p99), in ms."""
+    def percentiles(values):
+        values = sorted(values)
+        return [round(1e3 * values[min(len(values) - 1, int(q * len(values)))], 2) if values else None
+                for q in (0.5, 0.9, 0.99)]
+    table = {}
+    for name in sorted(set(classes)):
+        members = [i for i, c in enumerate(classes) if c == name]
+        ttft = [token_times[i][0] - arrivals[i] for i in members if token_times[i]]
+        itl = [b - a for i in members for a, b in zip(token_times[i], token_times[i][1:])]
+        table[name] = dict(requests=len(members), ttft_ms_p50_p90_p99=percentiles(ttft),
+                           itl_ms_p50_p90_p99=percentiles(itl))
+    return table
 
 
 def copy_bandwidth():
@@ -338,12 +416,25 @@ def fraction(text):
     return value
 
 
+def positive_number(text):
+    value = float(text)
+    if not 0 < value < float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def main():
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Hugging Face checkpoint directory (default: random weights of --arch)")
     p.add_argument("--arch", default="qwen3-0.6b" if on_gpu else "tiny", choices=list(model.SHAPES))
-    p.add_argument("--workload", default="default", choices=["default", "shared-prefix", "long-prompt"])
+    p.add_argument("--workload", default="default", choices=WORKLOADS,
+                   help="offline: default, shared-prefix, long-prompt; online (served, with latencies): chat, "
+                        "mixed, short")
+    p.add_argument("--request-rate", type=positive_number, metavar="R", help="requests arrive as a Poisson process of R per "
+                   "second (online); without it, online workloads arrive all at once")
+    p.add_argument("--compare", action="store_true", help="rerun with the workload's feature off: prefix caching "
+                   "(chat, others), chunked prefill (mixed: a budget as large as the longest prompt)")
     p.add_argument("--num-seqs", type=positive_int, default=256 if on_gpu else 16)
     p.add_argument("--max-input-len", type=positive_int, default=1024 if on_gpu else 128)
     p.add_argument("--max-output-len", type=positive_int, default=1024 if on_gpu else 128)
@@ -369,12 +460,35 @@ def main():
         print(f"No GPU: running the {args.arch!r} shape on a small version of the workload "
               f"({args.num_seqs} requests, prompts <= {args.max_input_len}, outputs <= {args.max_output_len}).")
 
+    result = run(args, on_gpu)
+    if args.compare:  # the same workload with the feature it shows off switched off, in this process
+        off = {"chat": dict(enable_prefix_caching=False),
+               "mixed": dict(max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_input_len))}
+        result["compare"] = run(args, on_gpu, **off.get(args.workload, dict(enable_prefix_caching=False)))
+    show(result, args.timeline)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def build_llm(args, **overrides):
+    longest_question = QUESTION_LEN[1] if args.workload in ("chat", "mixed") else 64
+    settings = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_model_len=args.max_input_len + longest_question + args.max_output_len,  # the longest made
+                    gpu_memory_utilization=args.gpu_memory_utilization,
+                    enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
+                    enforce_eager=args.enforce_eager)
+    return LLM(args.model or args.arch, **dict(settings, **overrides)), settings | overrides
+
+
+def run(args, on_gpu, **overrides):
+    """One timed run of the workload on a new engine (the previous one's memory is freed first)."""
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
     started = time.perf_counter()
-    llm = LLM(args.model or args.arch, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_input_len + 64 + args.max_output_len,  # the longest any workload makes
-              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
-              async_scheduling=not args.no_async, enforce_eager=args.enforce_eager)
+    llm, settings = build_llm(args, **overrides)
     setup_seconds = time.perf_counter() - started
     vocab_limit = min(10000, llm.runner.model.config.vocab_size - 1)  # nano-vllm's ids, within a tiny vocabulary
     prompts, params = make_workload(args.workload, args.num_seqs, args.max_input_len, args.max_output_len, vocab_limit)
@@ -395,31 +509,42 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
+    online = args.workload in ONLINE_WORKLOADS or args.request_rate is not None
     steps_seen = record_steps(llm)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - start
-    failed = [o for o in outputs if o.error]
-    if failed:
-        raise SystemExit(f"{len(failed)} requests failed, e.g. {failed[0].error}")
+    if online:
+        arrivals = arrival_times(len(prompts), args.request_rate)
+        token_times, seconds = serve(llm, prompts, params, arrivals)
+        output_tokens = sum(map(len, token_times))
+    else:
+        outputs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        failed = [o for o in outputs if o.error]
+        if failed:
+            raise SystemExit(f"{len(failed)} requests failed, e.g. {failed[0].error}")
+        output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
 
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(prompt) for prompt in prompts)
     queries = kv.num_query_tokens - queries_before
     result = dict(
         arch=args.model or args.arch, workload=args.workload, logprobs=args.logprobs, num_seqs=args.num_seqs,
-        device=str(llm.runner.device),
-        gpu=torch.cuda.get_device_name() if on_gpu else None, async_scheduling=not args.no_async,
-        cuda_graphs=bool(llm.runner.graphs), prefix_caching=not args.no_prefix_caching,
+        device=str(llm.runner.device), gpu=torch.cuda.get_device_name() if on_gpu else None,
+        async_scheduling=settings["async_scheduling"], cuda_graphs=bool(llm.runner.graphs),
+        prefix_caching=settings["enable_prefix_caching"], max_num_batched_tokens=settings["max_num_batched_tokens"],
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),
         output_tokens_per_s=round(output_tokens / seconds, 1),
         total_tokens_per_s=round((output_tokens + prompt_tokens) / seconds, 1),
+        requests_per_s=round(len(prompts) / seconds, 1),
         kv_capacity_tokens=kv.num_blocks * llm.runner.block_size,
         prefix_cache_hit_rate=round((kv.num_hit_tokens - hits_before) / queries, 4) if queries else 0.0,
         setup_seconds=round(setup_seconds, 1))
     needed, steps = bytes_read(llm, stats_before, llm.stats)
     result.update(steps=steps, graph_steps=llm.stats.graph_steps - stats_before.graph_steps)
-    table = timeline(llm, steps_seen, start, bandwidth, flops_rate)
+    if online:
+        classes = [("document" if len(p) > QUESTION_LEN[1] else "chat") if args.workload == "mixed" else args.workload
+                   for p in prompts]
+        result.update(request_rate=args.request_rate, latency=latency_table(token_times, arrivals, classes))
+    result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate)
     if on_gpu:
         limit_seconds = needed / bandwidth
         roofline_seconds = sum(step_limits(llm, step, bandwidth, flops_rate)[1] for step in steps_seen)
@@ -429,19 +554,28 @@ def main():
                       limit_output_tokens_per_s=round(output_tokens / limit_seconds, 1),
                       fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4),
                       fraction_of_roofline_limit=round(roofline_seconds / seconds, 4))
+    return result
+
+
+def show(result, timeline_too, indent=""):
     width = max(map(len, result))
     for key, value in result.items():
-        print(f"{key:<{width}}  {value:,}" if isinstance(value, (int, float)) and not isinstance(value, bool)
-              else f"{key:<{width}}  {value}")
-    if args.timeline:
-        columns = list(table[0])
-        print("\n" + " | ".join(columns))
-        for row in table:
-            print(" | ".join("-" if row[c] is None else f"{row[c]}" for c in columns))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(result, timeline=table), f, indent=2)
-
+        if key == "compare":
+            print(f"{indent}compare (the feature off):")
+            show(value, timeline_too, indent + "  ")
+        elif key == "latency":
+            for name, row in value.items():
+                print(f"{indent}{'latency ' + name:<{width}}  {row}")
+        elif key == "timeline":
+            if timeline_too:
+                columns = list(value[0])
+                print(f"{indent}" + " | ".join(columns))
+                for row in value:
+                    print(f"{indent}" + " | ".join("-" if row[c] is None else f"{row[c]}" for c in columns))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            print(f"{indent}{key:<{width}}  {value:,}")
+        else:
+            print(f"{indent}{key:<{width}}  {value}")
 
 if __name__ == "__main__":
     main()

@@ -2244,3 +2244,50 @@ class TestBench:
         [row] = bench.timeline(llm, steps, start, bandwidth=1e12, flops_rate=1e12)
         assert row["steps"] == len(steps) == 4 and row["share_of_lost_time"] == 1.0
         assert row["roofline_seconds"] >= row["limit_seconds"] and row["fraction"] is not None
+
+    def test_workloads_are_deterministic_and_have_the_lengths_they_claim(self):
+        for name in bench.WORKLOADS:
+            first = bench.make_workload(name, 64, 400, 600, vocab_limit=100, seed=3)
+            assert first == bench.make_workload(name, 64, 400, 600, vocab_limit=100, seed=3)
+            assert first != bench.make_workload(name, 64, 400, 600, vocab_limit=100, seed=4)
+        prompts, params = bench.make_workload("chat", 64, 400, 600, vocab_limit=100)
+        assert all(p[:400] == prompts[0][:400] and 32 <= len(p) - 400 <= 256 for p in prompts)  # shared system prompt
+        assert all(128 <= sp.max_tokens <= 512 for sp in params)
+        prompts, params = bench.make_workload("mixed", 640, 4000, 600, vocab_limit=100)
+        documents = [len(p) for p in prompts if len(p) > 256]
+        assert all(1000 <= n <= 4000 for n in documents) and 20 <= len(documents) <= 70  # about 1 in 16
+        assert all(32 <= len(p) <= 256 for p in prompts if len(p) <= 256)
+        prompts, params = bench.make_workload("short", 10, 400, 600, vocab_limit=100)
+        assert {len(p) for p in prompts} == {16} and {sp.max_tokens for sp in params} == {16}
+
+    def test_arrivals_are_a_poisson_process_of_the_rate(self):
+        times = bench.arrival_times(20000, request_rate=50.0, seed=1)
+        gaps = [b - a for a, b in zip([0.0] + times, times)]
+        assert all(gap > 0 for gap in gaps) and times == bench.arrival_times(20000, 50.0, seed=1)
+        assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.03)
+        assert sum(gap > 2 / 50 for gap in gaps) / len(gaps) == pytest.approx(math.exp(-2), abs=0.01)  # exponential
+        assert bench.arrival_times(3, None) == [0.0, 0.0, 0.0]
+
+    def test_serving_streams_every_token_after_its_arrival(self):
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        prompts, params = bench.make_workload("mixed", 12, 120, 20, vocab_limit=500)
+        arrivals = bench.arrival_times(12, request_rate=400.0)
+        token_times, seconds = bench.serve(llm, prompts, params, arrivals)
+        assert [len(times) for times in token_times] == [sp.max_tokens for sp in params]
+        assert all(arrival < times[0] and times == sorted(times) and times[-1] <= seconds
+                   for arrival, times in zip(arrivals, token_times))
+        table = bench.latency_table(token_times, arrivals, ["x"] * 12)
+        ttft = sorted(times[0] - arrival for arrival, times in zip(arrivals, token_times))
+        assert table["x"]["ttft_ms_p50_p90_p99"][0] == round(1e3 * ttft[6], 2) and table["x"]["requests"] == 12
+        _assert_pool_free(llm)
+
+    def test_compare_reruns_mixed_with_one_shot_prefill(self, tmp_path, monkeypatch):
+        out = tmp_path / "bench.json"
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--workload", "mixed", "--num-seqs", "20",
+                                          "--max-input-len", "300", "--max-output-len", "8", "--request-rate", "500",
+                                          "--max-num-batched-tokens", "32", "--compare", "--json", str(out)])
+        bench.main()
+        result = json.loads(out.read_text())
+        assert result["max_num_batched_tokens"] == 32 and result["compare"]["max_num_batched_tokens"] == 300
+        assert result["output_tokens"] == result["compare"]["output_tokens"]
+        assert set(result["latency"]) <= {"chat", "document"} and result["request_rate"] == 500
