@@ -85,11 +85,9 @@ def apply_rope(x, cos, sin):
 
 def rope_and_write_kv_reference(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
                                 k_cache, v_cache, slot_mapping):
-    """From the fused projection qkv [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim] to
-    attention's inputs: with q_norm/k_norm [head_dim] (Qwen3; None elsewhere) each q and k head is
-    RMS-normalised (eps) first; q and k are rotated by their positions' angles (cos_table,
-    sin_table: [max_positions, head_dim]); k and v are written into the cache at slot_mapping (-1:
-    not written). Returns q [num_tokens, num_q_heads, head_dim]."""
+    """qkv [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim] -> q [num_tokens, num_q_heads,
+    head_dim]: q and k heads RMS-normalised by q_norm/k_norm (Qwen3; None elsewhere), rotated by their
+    positions' angles (tables [max_positions, head_dim]); k, v written at slot_mapping (-1: not)."""
     num_kv_heads, head_dim = k_cache.shape[2:]
     heads = qkv.view(qkv.shape[0], -1, head_dim)
     q, k, v = heads.split([heads.shape[1] - 2 * num_kv_heads, num_kv_heads, num_kv_heads], dim=1)
@@ -102,11 +100,8 @@ def rope_and_write_kv_reference(qkv, positions, cos_table, sin_table, q_norm, k_
 
 
 def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-    """The readable definition of paged attention, one request at a time.
-
-    Request i's n query rows are the last n positions of its context of seq_lens[i] tokens; the
-    row at position p sees keys 0..p. A request with seq_len 0 (padding) yields zeros.
-    """
+    """The readable definition of paged attention, one request at a time: request i's n query rows
+    are the last n positions of its seq_lens[i]; position p sees keys 0..p; seq_len 0 yields zeros."""
     out = torch.zeros_like(q)
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]  # query heads per KV head (GQA)
@@ -410,11 +405,8 @@ MIN_TILES_PER_SPLIT = 2
 
 
 def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
-    """Tile sizes and split count from shapes (and, for batches with prefills, max_seq_len).
-
-    Decode-only batches (max_query_len == 1) use only tensor shapes: the engine replays their
-    launch in a CUDA graph with other seq_lens and block tables.
-    """
+    """Tile sizes and split count from shapes (and max_seq_len if prefills): a decode-only batch's
+    launch is replayed in a CUDA graph with other seq_lens and block tables."""
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads

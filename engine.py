@@ -90,8 +90,7 @@ class RequestGroup:
 
 
 @dataclass
-class EngineStats:
-    """Counters for bench.py: what each step had to read from memory."""
+class EngineStats:  # counters for bench.py: what each step had to read from memory
     steps: int = 0
     graph_steps: int = 0
     output_tokens: int = 0
@@ -226,7 +225,6 @@ class LLM:
         return self.scheduler.has_unfinished_requests() or self.in_flight is not None or bool(self.undelivered)
 
     def get_tokenizer(self) -> Tokenizer | None:
-        """encode / decode / apply_chat_template; None for random weights of a named shape."""
         return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -263,13 +261,14 @@ class LLM:
         schedule = self.scheduler.schedule()
         launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
         outputs = self.output_processor.outputs_of(schedule.finished)
+        previous = None
         if self.async_scheduling:
             previous, self.in_flight = self.in_flight, launched
             if previous is not None:
                 outputs += self._collect(previous, report_running)
         elif launched is not None:
             outputs += self._collect(launched, report_running)
-        if launched is None and not outputs and self.in_flight is None and self.scheduler.has_unfinished_requests():
+        if launched is previous is None and not schedule.finished and self.scheduler.has_unfinished_requests():
             raise RuntimeError("the scheduler made no progress with requests waiting: this is a bug")
         return outputs
 
@@ -333,9 +332,10 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
         """Queue its n completions in the scheduler; on an error, none."""
         group = RequestGroup(request_id, prompt, [], [None] if params.prompt_logprobs is not None else None)
-        requests = [Request(request_id, token_ids, params)] if params.n == 1 else [
-            Request(f"{index}_{request_id}", token_ids, replace(params, n=1, seed=_seed_for(params.seed, index)))
-            for index in range(params.n)]
+        requests = [Request(request_id, token_ids, params)] if params.n == 1 else [  # the first scores the prompt
+            Request(f"{i}_{request_id}", token_ids, replace(params, n=1, seed=_seed_for(params.seed, i),
+                                                            prompt_logprobs=None if i else params.prompt_logprobs))
+            for i in range(params.n)]
         try:
             for index, request in enumerate(requests):
                 self.scheduler.add(request)
@@ -376,16 +376,20 @@ class OutputProcessor:
             self._add_prompt_logprobs(flight.plan.prompt_positions, *logprobs[0])
 
     def trim_after_failure(self) -> list[RequestOutput]:
-        """After a failed step: drop logprobs of tokens that never came; the finished requests' outputs."""
+        """After a failed step: each completion's logprobs, text and stop search made whole again."""
         for completion in self.live.values():
+            request = completion.request
             if completion.logprobs is not None:
-                del completion.logprobs[len(completion.request.output_token_ids):]
+                del completion.logprobs[len(request.output_token_ids):]
+            if completion.stream is not None and not request.status.is_finished:  # decode its text anew
+                completion.stream, completion.text, completion.num_decoded = completion.stream.restart(), "", 0
+            elif request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
+                self._found_stop_string(completion)  # its last step may have died before the search
         done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
         return self._outputs_of_groups(done)
 
     def process_step(self, moved: list[Request], finished: list[Request], report_running: bool) -> list[RequestOutput]:
-        """After update(): stop strings in the moved requests' text; outputs (of finished requests
-        only, unless report_running)."""
+        """After update(): stop strings in the moved requests' text; outputs (all, or the finished)."""
         for request in moved:  # stop strings are found in the text as it grows, token by token
             if request.sampling_params.stop and request.status is not RequestStatus.FINISHED_STOPPED:
                 was_finished = request.status.is_finished  # by length: a stop string still cuts its text
@@ -406,8 +410,8 @@ class OutputProcessor:
         """Each prompt position's logprobs once, recorded by the group's first completion (a
         preempted request computes its prompt again: what is recorded already is skipped)."""
         for row, (request, position) in enumerate(positions):
-            completion = self.live.get(request.request_id)
-            if completion is not None and completion.index == 0 and position == len(completion.group.prompt_logprobs):
+            completion = self.live.get(request.request_id)  # (a request aborted meanwhile may have a successor)
+            if completion and completion.request is request and position == len(completion.group.prompt_logprobs):
                 completion.group.prompt_logprobs.append(self._logprob_dict(
                     request.prompt_token_ids[position], ids[row], values[row], request.sampling_params.prompt_logprobs))
 
@@ -442,10 +446,10 @@ class OutputProcessor:
         """Every output is made before any finished request is forgotten: an interrupt loses none."""
         outputs = [self._group_output(group) for group in groups]
         for group, output in zip(groups, outputs):
-            if output.finished:
-                del self.groups[group.request_id]
+            if output.finished:  # the group last: an interrupt before it leaves the group to recovery
                 for completion in group.completions:
-                    del self.live[completion.request.request_id]
+                    self.live.pop(completion.request.request_id, None)
+                self.groups.pop(group.request_id, None)
         return outputs
 
     def _group_output(self, group: RequestGroup) -> RequestOutput:
@@ -491,12 +495,9 @@ class OutputProcessor:
 # ---- ModelRunner: one step on the device. Every step's integers go to the device in ONE copy. -----------------------
 
 class InputLayout:
-    """Fixed offsets of each field in one int32 buffer (floats are stored bit-cast).
-
-    Fixed offsets make the device-side views static, so a CUDA graph captured on them can be
-    replayed after each step's copy. The block table comes last, so a step copies only the prefix
-    that holds its rows.
-    """
+    """Fixed offsets of each field in one int32 buffer (floats bit-cast): the device-side views are
+    static, so a CUDA graph captured on them replays after each step's copy. The block table comes
+    last, so a step copies only the prefix that holds its rows."""
 
     def __init__(self, max_tokens, max_seqs, max_blocks_per_seq):
         sizes = dict(input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
@@ -909,12 +910,10 @@ def apply_top_k_top_p(logits, top_k, top_p, min_p=None):
 
 
 def sample(logits, params: SamplingTensors):
-    """One token per row: greedy rows take the argmax, the others a draw from softmax(logits / T).
-
-    The Gumbel-max trick: argmax(logits / T + G), G = -log(-log(U)) with U uniform, is a draw from
-    softmax(logits / T), so sampling is one pass over the vocabulary with no softmax, cumsum or
-    search. Each row's U comes from its own seed, derived from the request's seed and the index of
-    the token being drawn, so a seeded request draws the same tokens alone or in any batch."""
+    """One token per row: the argmax for greedy rows, else a draw from softmax(logits / T) by the
+    Gumbel-max trick: argmax(logits / T + G), G = -log(-log(U)), U uniform, is such a draw, in one
+    pass over the vocabulary with no softmax, cumsum or search. Each row's U comes from a seed of
+    (the request's seed, the token's index), so a seeded request draws the same tokens in any batch."""
     if params.adjust is not None:
         logits = adjust_logits(logits, params.adjust)
     if params.all_greedy:

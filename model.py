@@ -512,11 +512,9 @@ def load_model(path: str, dtype=None, device=None) -> Transformer:
 
 @torch.no_grad()
 def random_model(name: str | ModelConfig, dtype=None, device=None, seed: int = 0) -> Transformer:
-    """A model of a named shape in SHAPES (or a given ModelConfig) with random weights, drawn on
-    the device. Projections reading the residual stream get std 1/sqrt(fan_in), so each head and
-    MLP unit sees O(1) inputs; the two writing back into it are further scaled by 1/sqrt(2 *
-    num_layers), so the stream's variance stays O(1) however deep the model is (GPT-2's residual
-    scaling). Embeddings use 1/sqrt(hidden) so that a tied lm_head gives O(1) logits too."""
+    """A named shape (or a ModelConfig) with random weights drawn on the device: std 1/sqrt(fan_in),
+    and 1/sqrt(2 * num_layers) more for the two projections writing into the residual stream, whose
+    variance so stays O(1) at any depth (GPT-2's scaling); a tied lm_head then gives O(1) logits."""
     if isinstance(name, str) and name not in SHAPES:
         raise ValueError(f"model shape {name!r} is unknown; known: {', '.join(SHAPES)}")
     config = SHAPES[name] if isinstance(name, str) else name
@@ -564,6 +562,9 @@ class TokenStream:
     def finish(self) -> str:
         """Bytes of a character that never completed, as U+FFFD (as decode() would show them)."""
         return self._utf8.decode(b"", final=True)
+
+    def restart(self) -> "TokenStream":
+        return TokenStream(self.tokenizer, self.skip_special_tokens)
 
 
 class Tokenizer:

@@ -12,9 +12,8 @@ engine reads the placeholder's value from the previous step's output on the GPU)
 the real tokens and applies stop conditions. Synchronous use is update() right after schedule():
 one code path for both.
 
-A step that fails or is interrupted anywhere between schedule() and update() is undone by
-recover(): every unfinished request is preempted (it keeps its known tokens and recomputes its
-KV), and the prefix cache forgets the blocks of every step that did not finish.
+A step that fails or is interrupted is undone by recover(): every unfinished request is preempted
+(it keeps its tokens and recomputes its KV) and the cache forgets the unfinished steps' blocks.
 
 Owns: requests and their states, the plan of a step, preemption, stop conditions.
 Never touches: tensors, the GPU (it hands the engine positions and block tables).
@@ -300,6 +299,12 @@ class Scheduler:
                 continue
             self.kv_cache_manager.free(request.block_table)
             request.num_computed_tokens = request.num_output_placeholders = 0
+            # An update() cut off may have appended a token to one list only, or not applied its stop.
+            request.all_token_ids = request.prompt_token_ids + request.output_token_ids
+            status = self._stop_status(request, request.output_token_ids[-1]) if request.output_token_ids else None
+            if status is not None:
+                self._finish(request, status)
+                continue
             if request.status is RequestStatus.RUNNING:
                 request.status = RequestStatus.PREEMPTED
             self.waiting.append(request)

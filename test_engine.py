@@ -1128,6 +1128,26 @@ class TestScheduler:
         _assert_matches_reference(requests, 30)
         _assert_no_blocks_held(scheduler)
 
+    @pytest.mark.parametrize("max_tokens", [3, 12])
+    def test_recover_repairs_an_update_cut_off_half_way(self, max_tokens):
+        """An interrupt inside update() may leave a token in output_token_ids only, and its stop not
+        applied: recover() rebuilds the token list and finishes a request that is done."""
+        scheduler = _make_scheduler(num_blocks=40, block_size=4)
+        request = Request("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        scheduler.add(request)
+        engine = _FakeEngine(scheduler)
+        for _ in range(2):
+            engine.step()
+        output, tokens = scheduler.schedule(), None  # a third step, whose update is cut off after one append
+        tokens = engine._run_model(output)
+        request.output_token_ids.append(tokens[0])
+        scheduler.recover()
+        assert request.all_token_ids == request.prompt_token_ids + request.output_token_ids
+        assert request.status is (RequestStatus.FINISHED_LENGTH if max_tokens == 3 else RequestStatus.PREEMPTED)
+        engine.run()
+        _assert_matches_reference([request], 40)
+        _assert_no_blocks_held(scheduler)
+
     def test_update_checks_the_number_of_sampled_tokens(self):
         scheduler = _make_scheduler(10, 4)
         scheduler.add(Request("a", [1, 2, 3]))
@@ -2085,6 +2105,23 @@ class TestEngine:
         [output] = llm.generate([[1, 2, 3]], SamplingParams(n=3, max_tokens=2), use_tqdm=False)
         assert output.finished and len(output.outputs) == 3
         _assert_pool_free(llm)
+
+    def test_more_completions_than_max_num_seqs_and_a_reused_id(self):
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=1)
+        [output] = llm.generate([[5, 6, 7]], SamplingParams(n=3, max_tokens=3, ignore_eos=True), use_tqdm=False)
+        assert output.finished and [len(c.token_ids) for c in output.outputs] == [3, 3, 3]
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=4)
+        prompt, other = list(range(1, 20)), list(range(40, 60))
+        llm.add_request("a", prompt, SamplingParams(max_tokens=4, prompt_logprobs=0))
+        llm.step()  # launched: its prompt rows are in flight
+        llm.abort("a")
+        llm.add_request("a", other, SamplingParams(max_tokens=4, prompt_logprobs=0))  # the same id, another prompt
+        final = [o for _ in range(20) if llm.has_unfinished_requests() for o in llm.step() if o.finished]
+        assert [list(entry)[0] for entry in final[0].prompt_logprobs[1:]] == other[1:]
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=32)  # room for the whole prompt's rows
+        [output] = llm.generate([prompt + [1]], SamplingParams(n=3, max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+        assert len(output.prompt_logprobs) == 20 and output.num_cached_tokens == 0
+        assert llm.scheduler.kv_cache_manager.num_hit_tokens == 2 * 16  # only the first scores the prompt
 
     def test_stop_strings_need_text(self):
         llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4)
