@@ -381,9 +381,9 @@ class OutputProcessor:
             request = completion.request
             if completion.logprobs is not None:
                 del completion.logprobs[len(request.output_token_ids):]
-            if completion.stream is not None and not request.status.is_finished:  # decode its text anew
+            if completion.stream is not None and not isinstance(request.stop_reason, str):  # decode text anew
                 completion.stream, completion.text, completion.num_decoded = completion.stream.restart(), "", 0
-            elif request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
+            if request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
                 self._found_stop_string(completion)  # its last step may have died before the search
         done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
         return self._outputs_of_groups(done)
