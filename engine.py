@@ -183,8 +183,7 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None) -> list[RequestOutput]:
-        """generate() on conversations: one (a list of {"role": ..., "content": ...} dicts) or a list
-        of them, each rendered by the checkpoint's chat template as HF apply_chat_template does."""
+        """generate() on one conversation or a list (lists of {"role", "content"} dicts), as HF renders them."""
         if self.tokenizer is None:
             raise ValueError("chat: this model has no tokenizer")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -210,11 +209,10 @@ class LLM:
         self.output_processor.add_request(request_id, text, token_ids, params)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step: an output for every request that got a token or finished, and the final
-        outputs of requests that finished while generate() or a failed step ran the engine."""
-        outputs = self._step(report_running=True)
-        delivered, self.undelivered = self.undelivered, []
-        return delivered + outputs
+        """One step: the outputs of requests that moved or finished (and of those generate() passed)."""
+        outputs = self.undelivered + self._step(report_running=True)
+        self.undelivered = []
+        return outputs
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request (all its completions) now and free its blocks; its final output, or None if
@@ -250,7 +248,9 @@ class LLM:
 
     def _step(self, report_running: bool) -> list[RequestOutput]:
         try:
-            return self._step_or_raise(report_running)
+            outputs = self._step_or_raise(report_running)
+            self.output_processor.forget(outputs)  # only now: an interrupt before leaves them to recovery
+            return outputs
         except BaseException:  # Ctrl-C too: an interrupted step is undone like a failed one
             self._recover()
             raise
@@ -281,7 +281,7 @@ class LLM:
             with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
                 torch.cuda.synchronize(self.runner.device)
         self.scheduler.recover()
-        self.undelivered += self.output_processor.trim_after_failure()
+        self.undelivered += self.output_processor.forget(self.output_processor.trim_after_failure())
 
     def _collect(self, flight: "InFlight", report_running: bool) -> list[RequestOutput]:
         """Wait for a step's tokens, hand them to the scheduler, report who moved."""
@@ -360,7 +360,7 @@ class OutputProcessor:
         for completion in group.completions:
             if not completion.request.status.is_finished:
                 self.scheduler.abort(completion.request.request_id)
-        return self._outputs_of_groups([group])[0]
+        return self.forget([self._group_output(group)])[0]
 
     def add_logprobs(self, flight: "InFlight", requests: list[Request], tokens: list[int]) -> None:
         """A step's logprobs, added before update() appends its tokens: an interrupt in between
@@ -386,7 +386,7 @@ class OutputProcessor:
             if request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
                 self._found_stop_string(completion)  # its last step may have died before the search
         done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
-        return self._outputs_of_groups(done)
+        return [self._group_output(group) for group in done]
 
     def process_step(self, moved: list[Request], finished: list[Request], report_running: bool) -> list[RequestOutput]:
         """After update(): stop strings in the moved requests' text; outputs (all, or the finished)."""
@@ -419,8 +419,7 @@ class OutputProcessor:
         return self.tokenizer.decode([token]) if self.tokenizer and token < self.tokenizer.vocab_size else None
 
     def _found_stop_string(self, completion: Completion) -> bool:
-        """Search the newest text (a stop string may span tokens) once min_tokens are out; on a hit,
-        cut the text before it (after, with include_stop_str_in_output) and stop the request."""
+        """Past min_tokens, search the newest text (across tokens) for a stop string: cut there, stop."""
         request, params = completion.request, completion.request.sampling_params
         text = self._detokenize(completion)
         if len(request.output_token_ids) > params.min_tokens:
@@ -440,16 +439,17 @@ class OutputProcessor:
 
     def outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
         """The outputs of the requests these scheduler requests are completions of."""
-        return self._outputs_of_groups(dict.fromkeys(self.live[request.request_id].group for request in requests))
+        groups = dict.fromkeys(self.live[request.request_id].group for request in requests)
+        return [self._group_output(group) for group in groups]
 
-    def _outputs_of_groups(self, groups) -> list[RequestOutput]:
-        """Every output is made before any finished request is forgotten: an interrupt loses none."""
-        outputs = [self._group_output(group) for group in groups]
-        for group, output in zip(groups, outputs):
-            if output.finished:  # the group last: an interrupt before it leaves the group to recovery
+    def forget(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Forget the requests whose final outputs these are, once they are on their way to the user."""
+        for output in outputs:
+            group = self.groups.get(output.request_id)
+            if output.finished and group is not None:
                 for completion in group.completions:
                     self.live.pop(completion.request.request_id, None)
-                self.groups.pop(group.request_id, None)
+                del self.groups[output.request_id]  # last: an interrupt before leaves it to recovery
         return outputs
 
     def _group_output(self, group: RequestGroup) -> RequestOutput:
