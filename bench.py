@@ -547,7 +547,7 @@ def run(args, on_gpu, **overrides):
     result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate)
     if on_gpu:
         limit_seconds = needed / bandwidth
-        roofline_seconds = sum(step_limits(llm, step, bandwidth, flops_rate)[1] for step in steps_seen)
+        roofline_seconds = sum(row["roofline_seconds"] for row in result["timeline"])  # already per step
         result.update(peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), matmul_tflop_s=round(flops_rate / 1e12, 1),
                       bytes_needed_gb=round(needed / 1e9, 1),
