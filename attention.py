@@ -68,12 +68,24 @@ class AttentionMetadata:
         return torch.arange(len(offset), device=offset.device) + offset
 
 
-def write_kv_reference(k, v, k_cache, v_cache, slot_mapping):
-    """Scatter k, v [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping."""
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value: quantizing saturates there
+
+
+def to_cache(x, scale, cache_dtype):
+    """x in the cache's dtype: for fp8, x / scale, saturated (scale: this layer's per-tensor K or V scale)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8) if cache_dtype == FP8 else x.to(cache_dtype)
+
+
+def write_kv_reference(k, v, k_cache, v_cache, slot_mapping, kv_scale=None):
+    """Scatter k, v [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping; into an fp8
+    cache as k / kv_scale[0] and v / kv_scale[1]."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+    scale = kv_scale if k_cache.dtype == FP8 else (1.0, 1.0)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k[keep], scale[0], k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v[keep], scale[1], v_cache.dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -83,25 +95,32 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
 
 
-def rope_and_write_kv_reference(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
-                                k_cache, v_cache, slot_mapping):
-    """qkv [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim] -> q [num_tokens, num_q_heads,
-    head_dim]: q and k heads RMS-normalised by q_norm/k_norm (Qwen3; None elsewhere), rotated by their
-    positions' angles (tables [max_positions, head_dim]); k, v written at slot_mapping (-1: not)."""
-    num_kv_heads, head_dim = k_cache.shape[2:]
+def rotated_qkv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, num_kv_heads, head_dim):
+    """qkv [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim] -> q, k, v [num_tokens, heads,
+    head_dim]: q and k heads RMS-normalised by q_norm/k_norm (Qwen3; None elsewhere) and rotated by
+    their positions' angles (tables [max_positions, head_dim])."""
     heads = qkv.view(qkv.shape[0], -1, head_dim)
     q, k, v = heads.split([heads.shape[1] - 2 * num_kv_heads, num_kv_heads, num_kv_heads], dim=1)
     if q_norm is not None:
         q, k = F.rms_norm(q, (head_dim,), q_norm, eps), F.rms_norm(k, (head_dim,), k_norm, eps)
     cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    write_kv_reference(k, v, k_cache, v_cache, slot_mapping)  # this step's keys must be visible to itself
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def rope_and_write_kv_reference(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
+                                k_cache, v_cache, slot_mapping, kv_scale=None):
+    """rotated_qkv, then k, v written at slot_mapping (-1: not; fp8 caches: scaled by kv_scale [2],
+    see write_kv_reference); returns q [num_tokens, num_q_heads, head_dim]."""
+    q, k, v = rotated_qkv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, *k_cache.shape[2:])
+    write_kv_reference(k, v, k_cache, v_cache, slot_mapping, kv_scale)  # this step's keys must be visible to itself
     return q
 
 
-def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, kv_scale=None):
     """The readable definition of paged attention, one request at a time: request i's n query rows
-    are the last n positions of its seq_lens[i]; position p sees keys 0..p; seq_len 0 yields zeros."""
+    are the last n positions of its seq_lens[i]; position p sees keys 0..p; seq_len 0 yields zeros.
+    An fp8 cache holds K / kv_scale[0] and V / kv_scale[1]."""
+    k_scale, v_scale = kv_scale if k_cache.dtype == FP8 else (1.0, 1.0)
     out = torch.zeros_like(q)
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]  # query heads per KV head (GQA)
@@ -112,8 +131,8 @@ def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scal
         if n == 0 or seq_len == 0:
             continue
         blocks = meta.block_table[i, : (seq_len + block_size - 1) // block_size].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        k = (k_cache[blocks].flatten(0, 1)[:seq_len].float() * k_scale).repeat_interleave(group, dim=1)
+        v = (v_cache[blocks].flatten(0, 1)[:seq_len].float() * v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
         query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         key_pos = torch.arange(seq_len, device=q.device)
@@ -138,11 +157,12 @@ def _norm_and_rotate(x1, x2, norm_ptr, eps, half, cos1, sin1, cos2, sin2,
 
 @triton.jit
 def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps,
-                              q_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                              q_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, kv_scale_ptr,
                               stride_qkv_token, stride_table, stride_cache_block, stride_cache_offset,
                               stride_cache_head, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                               Q_HEADS_POW2: tl.constexpr, KV_HEADS_POW2: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr):
+                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr,
+                              FP8: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, HEAD_DIM // 2)[None, :]
     table = tl.load(positions_ptr + token) * stride_table + half
@@ -171,14 +191,21 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
     k1, k2 = _norm_and_rotate(k1, k2, k_norm_ptr, eps, half, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
     cache = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset
              + kv_heads * stride_cache_head)
-    tl.store(k_cache_ptr + cache + half, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(k_cache_ptr + cache + HEAD_DIM // 2 + half, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
     dims = tl.arange(0, HEAD_DIM)[None, :]
     v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=kv_mask)
-    tl.store(v_cache_ptr + cache + dims, v, mask=kv_mask)
+    if FP8:  # per-tensor scales, saturated: what write_kv_reference does
+        k_scale = tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
+        k1 = tl.clamp(k1 / k_scale, -448.0, 448.0)  # FP8_MAX
+        k2 = tl.clamp(k2 / k_scale, -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
+    tl.store(k_cache_ptr + cache + half, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(k_cache_ptr + cache + HEAD_DIM // 2 + half, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(v_cache_ptr + cache + dims, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
-def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping):
+def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping,
+                      kv_scale=None):
     """Triton version of rope_and_write_kv_reference (same arguments and result); one launch, fp32
     math inside, CUDA-graph safe. qkv's rows may be strided; each row's elements must be contiguous."""
     _check_caches(k_cache, v_cache)
@@ -186,8 +213,9 @@ def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
     num_kv_heads, head_dim = k_cache.shape[2:]
     num_q_heads = width // head_dim - 2 * num_kv_heads
     if (width % head_dim or num_q_heads < 1 or num_q_heads % num_kv_heads or qkv.stride(-1) != 1
-            or qkv.dtype != k_cache.dtype):
-        raise ValueError(f"qkv must be [num_tokens, (num_q_heads + 2 * {num_kv_heads}) * {head_dim}] {k_cache.dtype}, "
+            or not _fits_cache(qkv, k_cache, kv_scale)):
+        raise ValueError(f"qkv must be [num_tokens, (num_q_heads + 2 * {num_kv_heads}) * {head_dim}] in the cache's "
+                         f"dtype {k_cache.dtype} (fp8 caches: a float dtype, and kv_scale), "
                          f"num_q_heads a multiple of {num_kv_heads}, rows contiguous; got {tuple(qkv.shape)} {qkv.dtype}")
     if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
         raise ValueError(f"positions and slot_mapping must have shape [{num_tokens}], "
@@ -204,11 +232,11 @@ def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
         return q
     _rope_and_write_kv_kernel[(num_tokens,)](
         qkv, positions, cos_table, sin_table, q_norm if has_norm else qkv,  # unused norm pointers: any tensor
-        k_norm if has_norm else qkv, eps, q, k_cache, v_cache, slot_mapping,
+        k_norm if has_norm else qkv, eps, q, k_cache, v_cache, slot_mapping, qkv if kv_scale is None else kv_scale,
         qkv.stride(0), cos_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, Q_HEADS_POW2=triton.next_power_of_2(num_q_heads),
         KV_HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        HAS_NORM=has_norm)
+        HAS_NORM=has_norm, FP8=k_cache.dtype == FP8)
     return q
 
 
@@ -254,6 +282,7 @@ def _attend_key_tiles(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ro
         else:
             k = tl.load(k_cache_ptr + offsets)
             v = tl.load(v_cache_ptr + offsets)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 caches: dequantized in registers (scales applied outside)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
         if MASKED:
             scores = tl.where(key_pos[None, :] <= row_pos[:, None], scores, float("-inf"))
@@ -271,12 +300,12 @@ def _attend_key_tiles(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ro
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-        query_start_loc_ptr, seq_lens_ptr, block_table_ptr, qk_scale, num_seqs,
+        query_start_loc_ptr, seq_lens_ptr, block_table_ptr, kv_scale_ptr, qk_scale, num_seqs,
         stride_q_token, stride_q_head, stride_out_token, stride_out_head,
         stride_cache_block, stride_cache_offset, stride_cache_head, stride_block_table,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     # Reversed order: with causal prefill the last tiles of a request see the most keys; starting
     # them first leaves the short ones for the end of the grid (a guard against a long tail; on a
     # 4k prompt it measured the same as forward order).
@@ -318,6 +347,8 @@ def _paged_attention_kernel(
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
+    if FP8:  # the cache holds K / k_scale and V / v_scale: fold k_scale into the scores' scale
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -335,6 +366,8 @@ def _paged_attention_kernel(
     # l_i == 0: the row saw no key (seq_len 0 padding, or an empty split): output 0.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if FP8:  # ... and v_scale into the output
+        out = out * tl.load(kv_scale_ptr + 1)
     if SPLIT:
         # Partials are [num_tokens, num_q_heads, num_splits, HEAD_DIM] fp32, plus one log2-sum-exp
         # per row, so the reduce reads each row's splits contiguously.
@@ -435,7 +468,8 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
     return LaunchConfig(block_m, block_n, num_splits, num_warps, num_stages)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, config: LaunchConfig | None = None):
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, kv_scale=None,
+                    config: LaunchConfig | None = None):
     """Triton version of paged_attention_reference (same arguments and result); `config` overrides
     choose_launch_config (tests force splits; benchmarks sweep). Rows of q owned by no request (at or
     after query_start_loc[-1]) are left unwritten."""
@@ -443,9 +477,10 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
     _check_caches(k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if q.dtype != k_cache.dtype or head_dim != k_cache.shape[3] or num_q_heads % num_kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit caches {tuple(k_cache.shape)} "
-                         f"{k_cache.dtype}: same dtype and head_dim, num_q_heads a multiple of num_kv_heads")
+    if not _fits_cache(q, k_cache, kv_scale) or head_dim != k_cache.shape[3] or num_q_heads % num_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit caches {tuple(k_cache.shape)} {k_cache.dtype}: "
+                         "same dtype (fp8 caches: a float dtype, and kv_scale) and head_dim, num_q_heads a multiple "
+                         "of num_kv_heads")
     if q.stride(2) != 1:
         raise ValueError("q must be contiguous along head_dim (stride 1)")
     group = num_q_heads // num_kv_heads
@@ -467,12 +502,13 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
         partial_out = partial_lse = out  # unused by the kernel when SPLIT is False
     _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
-        meta.query_start_loc, meta.seq_lens, meta.block_table, scale * 1.4426950408889634, num_seqs,
+        meta.query_start_loc, meta.seq_lens, meta.block_table, q if kv_scale is None else kv_scale,
+        scale * 1.4426950408889634, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size, ONE_TILE_PER_SEQ=one_tile_per_seq, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=k_cache.dtype == FP8,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
@@ -493,5 +529,10 @@ def _check_caches(k_cache, v_cache):
         raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
     if k_cache.stride(3) != 1:
         raise ValueError("k_cache/v_cache must be contiguous along head_dim (stride 1)")
-    if k_cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"cache dtype must be float32, float16 or bfloat16, got {k_cache.dtype}")
+    if k_cache.dtype not in (*FLOATS, FP8):
+        raise ValueError(f"cache dtype must be float32, float16, bfloat16 or float8_e4m3fn, got {k_cache.dtype}")
+
+
+def _fits_cache(x, cache, kv_scale) -> bool:
+    """x (qkv or q) goes with the cache: the same dtype, or a float dtype and the scales of an fp8 cache."""
+    return x.dtype == cache.dtype or (cache.dtype == FP8 and x.dtype in FLOATS and kv_scale is not None)

@@ -24,7 +24,7 @@ import triton
 
 import kv_cache
 import model
-from attention import AttentionMetadata, LaunchConfig, choose_launch_config
+from attention import FP8, AttentionMetadata, LaunchConfig, choose_launch_config, paged_attention
 from engine import LLM, SamplingParams
 
 
@@ -166,7 +166,8 @@ def step_limits(llm, step, bandwidth, flops_rate):
     sampled rows, attention's QK and PV) over the measured matmul rate."""
     c = llm.runner.model.config
     _, _, context, new_tokens, sampled, pairs = step
-    per_token = kv_cache.kv_cache_bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim, c.dtype)
+    per_token = kv_cache.kv_cache_bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim,
+                                                  llm.runner.kv_cache_dtype)
     byte_seconds = (_weight_bytes(llm) + context * per_token) / bandwidth
     q, kv = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim
     layer_params = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.intermediate_size * c.hidden_size
@@ -218,7 +219,7 @@ def bytes_read(llm, stats_before, stats_after):
     config = llm.runner.model.config
     weights = _weight_bytes(llm)
     per_token = kv_cache.kv_cache_bytes_per_block(config.num_layers, 1, config.num_kv_heads, config.head_dim,
-                                                  llm.runner.model.dtype)
+                                                  llm.runner.kv_cache_dtype)
     steps = stats_after.steps - stats_before.steps
     context = stats_after.context_tokens_read - stats_before.context_tokens_read
     return steps * weights + context * per_token, steps
@@ -268,23 +269,23 @@ def host_us(fn, calls=200):
     return elapsed / calls * 1e6
 
 
-def make_batch(query_lens, seq_lens, seed=0):
+def make_batch(query_lens, seq_lens, seed=0, cache_dtype=DTYPE):
     """Random q, paged caches with every request's blocks scattered over the pool, and metadata."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks = [math.ceil(s / BLOCK_SIZE) for s in seq_lens]
     pool = torch.randperm(sum(blocks), device="cuda", generator=gen).tolist()
     tables = [pool[start:start + n] for start, n in zip(itertools.accumulate([0, *blocks]), blocks)]
     cache_shape = (sum(blocks), BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE, generator=gen)
-    v_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE, generator=gen)
+    k_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(cache_shape, device="cuda", dtype=DTYPE, generator=gen).to(cache_dtype)
     q = torch.randn(sum(query_lens), NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
     return q, k_cache, v_cache, AttentionMetadata.from_lengths(query_lens, seq_lens, tables, BLOCK_SIZE, "cuda")
 
 
-def bytes_needed(query_lens, seq_lens):
+def bytes_needed(query_lens, seq_lens, cache_dtype=DTYPE):
     kv = sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * 2
     qo = sum(query_lens) * NUM_Q_HEADS * HEAD_DIM * 2
-    return (kv + qo) * DTYPE.itemsize
+    return kv * cache_dtype.itemsize + qo * DTYPE.itemsize
 
 
 def causal_flops(query_lens, seq_lens):
@@ -324,9 +325,14 @@ def sdpa_us(query_lens, seq_lens, q, k_cache, v_cache, meta):
         return _median_us(lambda: run(repeated)), "repeat"
 
 
+def _attend(q, k_cache, v_cache, meta, config):
+    kv_scale = torch.ones(2, device="cuda") if k_cache.dtype == FP8 else None
+    return paged_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, kv_scale, config=config)
+
+
 def _time_config(q, k_cache, v_cache, meta, config):
     try:
-        return _median_us(lambda: paged_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, config))
+        return _median_us(lambda: _attend(q, k_cache, v_cache, meta, config))
     except Exception as error:  # e.g. out of shared memory for a large tile: report and go on
         print(f"    {config}: failed ({type(error).__name__})")
         return float("inf")
@@ -370,6 +376,9 @@ def prefill_sweep():
 
 
 def kernel_benchmark(args):
+    """The decode shapes, then prefill and mixed batches; with --kv-cache-dtype fp8 an fp8 cache (bytes
+    counted at 1 per element; no SDPA beside it)."""
+    cache_dtype = DTYPE if args.kv_cache_dtype == "auto" else FP8
     copy_bw = copy_bandwidth()
     print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write)")
     if args.sweep:
@@ -379,12 +388,12 @@ def kernel_benchmark(args):
           f"{'target':>7} {'host us':>7} {'SDPA us':>8} {'SDPA %':>6}")
     for batch, context in DECODE_SHAPES:
         query_lens, seq_lens = [1] * batch, [context] * batch
-        q, kc, vc, meta = make_batch(query_lens, seq_lens)
+        q, kc, vc, meta = make_batch(query_lens, seq_lens, cache_dtype=cache_dtype)
         config = choose_launch_config(q, kc, meta)
         t = _time_config(q, kc, vc, meta, config)
-        host = host_us(lambda: paged_attention(q, kc, vc, meta, HEAD_DIM ** -0.5, config))
-        ts, how = sdpa_us(query_lens, seq_lens, q, kc, vc, meta)
-        moved = bytes_needed(query_lens, seq_lens)
+        host = host_us(lambda: _attend(q, kc, vc, meta, config))
+        ts, how = sdpa_us(query_lens, seq_lens, q, kc, vc, meta) if kc.dtype == DTYPE else (math.inf, "")
+        moved = bytes_needed(query_lens, seq_lens, cache_dtype)
         print(f"{batch:>11} x {context:<8} {config.num_splits:>6} {t:8.1f} {moved / 1e6:8.1f} "
               f"{moved / t / 1e6:5.2f} {_percent(moved, t, copy_bw):5.1f}% "
               f"{DECODE_TARGETS.get((batch, context), ''):>7} {host:7.1f} {ts:8.1f} {_percent(moved, ts, copy_bw):5.1f}%"
@@ -392,11 +401,11 @@ def kernel_benchmark(args):
         del q, kc, vc, meta
     print(f"{'prefill / mixed':>32} {'block_m':>7} {'us':>8} {'TFLOP/s':>8} {'host us':>7} {'SDPA us':>8} {'ratio':>6}")
     for name, (query_lens, seq_lens) in PREFILL_SHAPES.items():
-        q, kc, vc, meta = make_batch(query_lens, seq_lens)
+        q, kc, vc, meta = make_batch(query_lens, seq_lens, cache_dtype=cache_dtype)
         config = choose_launch_config(q, kc, meta)
         t = _time_config(q, kc, vc, meta, config)
-        host = host_us(lambda: paged_attention(q, kc, vc, meta, HEAD_DIM ** -0.5, config), calls=50)
-        ts, how = sdpa_us(query_lens, seq_lens, q, kc, vc, meta)
+        host = host_us(lambda: _attend(q, kc, vc, meta, config), calls=50)
+        ts, how = sdpa_us(query_lens, seq_lens, q, kc, vc, meta) if kc.dtype == DTYPE else (math.inf, "")
         print(f"{name:>32} {config.block_m:>7} {t:8.1f} {causal_flops(query_lens, seq_lens) / t / 1e6:8.1f} "
               f"{host:7.1f} {ts:8.1f} {t / ts:6.2f} {how}")
 
@@ -445,6 +454,9 @@ def main():
     p.add_argument("--no-async", action="store_true", help="schedule step N+1 only after step N's tokens")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8: K/V stored in e4m3, half the bytes (with --compare: against auto)")
+    p.add_argument("--calculate-kv-scales", action="store_true", help="fp8 scales from the first batch")
     p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--timeline", action="store_true",
@@ -462,9 +474,10 @@ def main():
 
     result = run(args, on_gpu)
     if args.compare:  # the same workload with the feature it shows off switched off, in this process
-        off = {"chat": dict(enable_prefix_caching=False),
+        off = {"chat": dict(enable_prefix_caching=False), "fp8": dict(kv_cache_dtype="auto"),
                "mixed": dict(max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_input_len))}
-        result["compare"] = run(args, on_gpu, **off.get(args.workload, dict(enable_prefix_caching=False)))
+        feature = "fp8" if args.kv_cache_dtype != "auto" else args.workload
+        result["compare"] = run(args, on_gpu, **off.get(feature, dict(enable_prefix_caching=False)))
     show(result, args.timeline)
     if args.json:
         with open(args.json, "w") as f:
@@ -478,7 +491,8 @@ def build_llm(args, **overrides):
                     max_model_len=args.max_input_len + longest_question + args.max_output_len,  # the longest made
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
-                    enforce_eager=args.enforce_eager)
+                    enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+                    calculate_kv_scales=args.calculate_kv_scales)
     return LLM(args.model or args.arch, **dict(settings, **overrides)), settings | overrides
 
 
@@ -530,7 +544,8 @@ def run(args, on_gpu, **overrides):
         arch=args.model or args.arch, workload=args.workload, logprobs=args.logprobs, num_seqs=args.num_seqs,
         device=str(llm.runner.device), gpu=torch.cuda.get_device_name() if on_gpu else None,
         async_scheduling=settings["async_scheduling"], cuda_graphs=bool(llm.runner.graphs),
-        prefix_caching=settings["enable_prefix_caching"], max_num_batched_tokens=settings["max_num_batched_tokens"],
+        prefix_caching=settings["enable_prefix_caching"], kv_cache_dtype=settings["kv_cache_dtype"],
+        max_num_batched_tokens=settings["max_num_batched_tokens"],
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),
         output_tokens_per_s=round(output_tokens / seconds, 1),
         total_tokens_per_s=round((output_tokens + prompt_tokens) / seconds, 1),

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention import AttentionMetadata, token_slots
+from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
                    resolve_device_and_dtype)
@@ -104,7 +104,8 @@ class LLM:
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  async_scheduling: bool = True, enforce_eager: bool = False, seed: int = 0,
-                 num_blocks: int | None = None, long_prefill_token_threshold: int = 0):
+                 num_blocks: int | None = None, long_prefill_token_threshold: int = 0,
+                 kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False):
         _check_engine_args(locals())  # every argument as the user passed it
         device, dtype = resolve_device_and_dtype(device, dtype)
         if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
@@ -124,7 +125,9 @@ class LLM:
         self.runner = ModelRunner(network, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
-                                  enforce_eager=enforce_eager, eos_token_ids=eos)
+                                  enforce_eager=enforce_eager, eos_token_ids=eos,
+                                  kv_cache_dtype=config.dtype if kv_cache_dtype == "auto" else FP8,
+                                  calculate_kv_scales=calculate_kv_scales and kv_cache_dtype != "auto")
         self.scheduler = Scheduler(num_blocks=self.runner.num_blocks, block_size=block_size,
                                    enable_prefix_caching=enable_prefix_caching,
                                    max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -557,8 +560,9 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, *, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, gpu_memory_utilization: float, num_blocks: int | None, enforce_eager: bool,
-                 eos_token_ids: list[int]):
+                 eos_token_ids: list[int], kv_cache_dtype: torch.dtype, calculate_kv_scales: bool = False):
         self.model, config = model, model.config
+        self.kv_cache_dtype = kv_cache_dtype
         self.eos_token_ids = eos_token_ids  # banned until a request's min_tokens
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
@@ -579,7 +583,7 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
         per_block = kv_cache_bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim,
-                                             config.dtype)
+                                             kv_cache_dtype)
         if num_blocks is None:
             # Never more than every sequence at full length can use: more blocks could only keep
             # more finished prefixes cached, and the pool keeps a Python object per block.
@@ -591,6 +595,8 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_caches(num_blocks)
         if self.graph_sizes:
             self._capture_graphs()
+        for layer in model.layers:  # only now: profiling and capture run on dummy inputs
+            layer.calibrate_kv_scale = calculate_kv_scales
 
     def execute(self, schedule: SchedulerOutput, previous: InFlight | None) -> InFlight:
         """Launch one step: its inputs, the forward, sampling and the tokens' copy to the host. It
@@ -749,7 +755,8 @@ class ModelRunner:
         """Logits of the sampling rows, then of the prompt-logprobs rows: a graph replay for
         decode-only batches, else eager."""
         num_logits = plan.num_sampling + len(plan.prompt_positions)
-        if plan.num_rows in self.graphs and plan.max_query_len == 1:
+        calibrating = self.model.layers[0].calibrate_kv_scale  # the graphs do not calibrate: run eager
+        if plan.num_rows in self.graphs and plan.max_query_len == 1 and not calibrating:
             graph, logits = self.graphs[plan.num_rows]
             graph.replay()
             self.stats.graph_steps += 1
@@ -762,8 +769,8 @@ class ModelRunner:
 
     def _allocate_kv_caches(self, num_blocks: int) -> torch.Tensor:
         c = self.model.config
-        return allocate_kv_cache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, c.dtype,
-                                 self.device)
+        return allocate_kv_cache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+                                 self.kv_cache_dtype, self.device)
 
     def _profile_num_blocks(self, bytes_per_block, gpu_memory_utilization):
         """Run the largest step the engine can schedule through execute(), on dummy requests and a
@@ -1016,7 +1023,8 @@ def _check_engine_args(args: dict) -> None:
         "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"),
         "seed": (is_int, "an int"),
         "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
-        "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag})
+        "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
+        "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'")})
 
 
 def _as_token_ids(ids) -> list[int]:

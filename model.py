@@ -345,15 +345,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = _empty(config.hidden_size, config=config)
         self.gate_up_proj = _empty(2 * config.intermediate_size, config.hidden_size, config=config)
         self.down_proj = _empty(config.hidden_size, config.intermediate_size, config=config)
+        # fp8 KV caches hold K / kv_scale[0] and V / kv_scale[1] (per tensor, vLLM's k_scale and v_scale):
+        # 1.0, or a checkpoint's, or set from the first batch when calibrate_kv_scale is on.
+        self.register_buffer("kv_scale", torch.ones(2), persistent=False)
+        self.calibrate_kv_scale = False
 
     def attention(self, x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         c = self.config
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        if self.calibrate_kv_scale:  # calculate_kv_scales: amax / FP8_MAX of this first batch's K and V, then frozen
+            _, k, v = attention.rotated_qkv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
+                                            c.rms_norm_eps, c.num_kv_heads, c.head_dim)
+            self.kv_scale.copy_(torch.stack([k.abs().amax(), v.abs().amax()]).float().clamp(min=1e-6) / attention.FP8_MAX)
+            self.calibrate_kv_scale = False
         # Qwen3's q/k RMSNorm, RoPE, and this step's K/V into the cache (its keys must be visible to
         # itself); q comes back contiguous for attention.
         q = kernels.rope_and_write_kv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
-                                      c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping)
-        out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5)
+                                      c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping, self.kv_scale)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5, self.kv_scale)
         return F.linear(out.reshape(x.shape[0], -1), self.o_proj)
 
     def mlp(self, x, kernels):
@@ -393,9 +402,10 @@ class Transformer(nn.Module):
     def check_kv_caches(self, kv_caches: torch.Tensor):
         c = self.config
         if (kv_caches.dim() != 6 or kv_caches.shape[:2] != (c.num_layers, 2)
-                or kv_caches.shape[4:] != (c.num_kv_heads, c.head_dim) or kv_caches.dtype != c.dtype):
+                or kv_caches.shape[4:] != (c.num_kv_heads, c.head_dim) or kv_caches.dtype not in (c.dtype, attention.FP8)):
             raise ValueError(f"kv_caches: shape {tuple(kv_caches.shape)} {kv_caches.dtype}; expected "
-                             f"[{c.num_layers}, 2, num_blocks, block_size, {c.num_kv_heads}, {c.head_dim}] {c.dtype}")
+                             f"[{c.num_layers}, 2, num_blocks, block_size, {c.num_kv_heads}, {c.head_dim}] {c.dtype} "
+                             "(or float8_e4m3fn)")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -434,7 +444,9 @@ def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
             prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": layer.o_proj,
             prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm,
             prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": layer.down_proj})
+            prefix + "mlp.down_proj.weight": layer.down_proj,
+            # optional: the fp8 KV scales of llm-compressor checkpoints
+            prefix + "self_attn.k_scale": layer.kv_scale[:1], prefix + "self_attn.v_scale": layer.kv_scale[1:]})
         if layer.qkv_bias is not None:
             q, k, v = layer.qkv_bias.split(layer.qkv_sizes)
             targets.update({prefix + "self_attn.q_proj.bias": q, prefix + "self_attn.k_proj.bias": k,
@@ -473,11 +485,11 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target = targets[name]
-        if tensor.shape != target.shape:
+        if tensor.shape != target.shape and not tensor.numel() == target.numel() == 1:  # a scale: [] or [1]
             raise ValueError(f"tensor {name!r} in {source}: shape {tuple(tensor.shape)}, "
                              f"expected {tuple(target.shape)} from config.json")
         with torch.no_grad():
-            target.copy_(tensor)
+            target.copy_(tensor.reshape(target.shape))
         loaded.add(name)
     return loaded
 
@@ -496,7 +508,7 @@ def load_weights(model: Transformer, path: str):
     """Every weight of a checkpoint directory into the model; a missing one is an error."""
     files = _safetensors_files(path)
     loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
-    missing = sorted(_checkpoint_targets(model).keys() - loaded)
+    missing = sorted(name for name in _checkpoint_targets(model).keys() - loaded if not name.endswith("_scale"))
     if missing:
         raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                          f"in {', '.join(files)}")

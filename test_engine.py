@@ -31,6 +31,8 @@ import bench  # noqa: E402
 import engine  # noqa: E402
 import model  # noqa: E402
 import kv_cache  # noqa: E402
+import attention  # noqa: E402
+from attention import FP8  # noqa: E402
 from attention import (AttentionMetadata, LaunchConfig, choose_launch_config, paged_attention,  # noqa: E402
                        paged_attention_reference, rope_and_write_kv, rope_and_write_kv_reference)
 from engine import LLM  # noqa: E402
@@ -1191,7 +1193,7 @@ def _check_attention(query_lens, seq_lens, num_kv_heads, group, head_dim, block_
     if config is None:
         out = paged_attention(q, k_cache, v_cache, meta, scale)
     else:
-        out = paged_attention(q, k_cache, v_cache, meta, scale, config)
+        out = paged_attention(q, k_cache, v_cache, meta, scale, config=config)
     ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, scale)
     _assert_close(out, ref)
     return out
@@ -1273,7 +1275,7 @@ class TestAttention:
         meta.seq_lens[1:] = 0
         meta.block_table[1:] = 0
         for config in (choose_launch_config(q, k_cache, meta), LaunchConfig(16, 16, 4, 4, 2)):
-            out = paged_attention(q, k_cache, v_cache, meta, 0.1, config)
+            out = paged_attention(q, k_cache, v_cache, meta, 0.1, config=config)
             assert torch.equal(out[1:], torch.zeros_like(out[1:]))
             _assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.1))
 
@@ -1419,6 +1421,53 @@ class TestAttention:
             rope_and_write_kv(x, positions, tables, tables, tables[0], None, 0.0, *caches, slots)
         with pytest.raises(ValueError, match="slot_mapping"):
             rope_and_write_kv(x, positions, tables, tables, None, None, 0.0, *caches, slots[:2])
+
+    # ---- fp8 KV cache: the kernels against the references that quantize and dequantize with the same scales
+
+    @pytest.mark.parametrize("query_lens, seq_lens, config", [
+        ([1] * 4, [100, 16, 1, 49], None),
+        ([1] * 4, [100, 16, 1, 49], LaunchConfig(block_m=16, block_n=16, num_splits=4, num_warps=4, num_stages=2)),
+        ([1, 12, 30], [60, 12, 90], None)], ids=["decode", "decode-split", "mixed"])
+    def test_fp8_attention_dequantizes_with_the_scales(self, query_lens, seq_lens, config):
+        q, k_cache, v_cache, meta = _make_batch(query_lens, seq_lens, 2, 2, 32, 8, _DTYPES[0], seed=12)
+        kv_scale = torch.tensor([0.02, 0.05], device=_DEVICE)
+        k8, v8 = (attention.to_cache(c, scale, FP8) for c, scale in zip((k_cache, 10 * v_cache), kv_scale))
+        out = paged_attention(q, k8, v8, meta, 0.3, kv_scale, config=config)
+        # independent of the fp8 path: plain attention over the dequantized values, in fp64
+        ref = paged_attention_reference(q.double(), k8.double() * 0.02, v8.double() * 0.05, meta, 0.3)
+        _assert_close(out, ref)
+        _assert_close(paged_attention_reference(q, k8, v8, meta, 0.3, kv_scale), ref)
+        with pytest.raises(ValueError, match="kv_scale"):
+            paged_attention(q, k8, v8, meta, 0.3)
+
+    @pytest.mark.parametrize("dtype", _DTYPES)
+    def test_fp8_write_quantizes_and_saturates_like_the_reference(self, dtype):
+        num_tokens, num_kv_heads, head_dim, block_size = 11, 2, 64, 4
+        qkv = 4 * _randn(num_tokens, 4 * num_kv_heads * head_dim, dtype=dtype, seed=1)  # 2 q heads per KV head
+        config = replace(SHAPES["tiny"], head_dim=head_dim, max_position_embeddings=64, dtype=dtype)
+        cos_table, sin_table = rope_tables(config, _DEVICE)
+        positions = torch.arange(num_tokens, device=_DEVICE) * 5
+        slot_mapping = torch.randperm(4 * block_size, generator=torch.Generator().manual_seed(2))[:num_tokens]
+        slot_mapping[3] = -1
+        slot_mapping = slot_mapping.to(_DEVICE)
+        kv_scale = torch.tensor([0.01, 0.02], device=_DEVICE)  # |k| up to ~15 / 0.01: some saturate
+        caches = [torch.zeros(4, block_size, num_kv_heads, head_dim, dtype=FP8, device=_DEVICE) for _ in range(2)]
+        expected = [c.clone() for c in caches]
+        q = rope_and_write_kv(qkv, positions, cos_table, sin_table, None, None, 1e-6, *caches, slot_mapping, kv_scale)
+        expected_q = rope_and_write_kv_reference(qkv.float(), positions, cos_table.float(), sin_table.float(), None,
+                                                 None, 1e-6, *expected, slot_mapping, kv_scale)
+        _assert_close(q, expected_q, elementwise=True)
+        for cache, reference in zip(caches, expected):
+            got, want = cache.float(), reference.float()
+            if not _CUDA:  # Triton 3.9's interpreter drops the carry when fp32 -> e4m3 rounds up to a power of two
+                got = torch.where(got * 2 == want, want, got)  # (2^e comes out as 2^(e-1); GPUs convert exactly)
+            # fp8 keeps 3 mantissa bits: one rounding step apart at most where fp32 math rounds differently
+            torch.testing.assert_close(got, want, rtol=0.13, atol=2 ** -9)
+            assert (got == want).float().mean() > 0.97
+            assert got.abs().max() == attention.FP8_MAX and not got.isnan().any()  # saturated, not NaN
+        written = torch.zeros(4 * block_size, dtype=torch.bool)
+        written[slot_mapping[slot_mapping >= 0].cpu()] = True
+        assert not caches[1].view(4 * block_size, -1)[~written.to(_DEVICE)].float().any()
 
     # ---- the whole model
 
@@ -1703,6 +1752,79 @@ class TestEngine:
         for prompt, sp, expected in zip(prompts, params, reference_outputs):
             assert llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == expected
         _assert_pool_free(llm)
+
+    def test_fp8_kv_cache_is_invariant_to_engine_settings(self):
+        prompts, params = _invariance_workload()
+        runs = {}
+        for variant in ("base", "sync", "no-prefix-cache", "block-4", "budget-7", "preempt"):
+            llm = LLM("tiny", dtype=torch.float32, kv_cache_dtype="fp8", **{**_BASE, **_VARIANTS.get(variant, {})})
+            assert llm.runner.kv_caches.dtype == FP8
+            runs[variant] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            _assert_pool_free(llm)
+        assert llm.scheduler.num_preemptions > 0
+        assert all(run == runs["base"] for run in runs.values()), runs
+
+    def test_fp8_kv_cache_stays_close_to_full_precision(self, tmp_path):
+        """Teacher-forced logits of a 250-token prompt (one prefill reading its own quantized K/V) with fp8
+        and fp32 caches: uncalibrated scales (1.0) and calibrated ones."""
+        _hf_checkpoint(tmp_path, "Qwen3ForCausalLM", tie=True, head_dim=16)
+        net = _load(str(tmp_path))
+        c, block_size, length = net.config, 16, 250
+        positions, meta = _paged_batch([length], [0], [list(range(16))], block_size)
+        input_ids = torch.randint(0, c.vocab_size, (length,), generator=torch.Generator().manual_seed(4))
+        logits = {}
+        for name, dtype, calibrate in (("fp32", torch.float32, False), ("fp8", FP8, False), ("fp8-calibrated", FP8, True)):
+            for layer in net.layers:
+                layer.calibrate_kv_scale, layer.kv_scale[:] = calibrate, 1.0
+            caches = torch.zeros(c.num_layers, 2, 16, block_size, c.num_kv_heads, c.head_dim, dtype=dtype)
+            with torch.no_grad():
+                logits[name] = net(input_ids, positions, caches, meta)
+        for name in ("fp8", "fp8-calibrated"):
+            cosine = F.cosine_similarity(logits[name], logits["fp32"], dim=-1)
+            agreement = (logits[name].argmax(-1) == logits["fp32"].argmax(-1)).float().mean()
+            # (measured: cosine min 0.990-0.993, mean 0.998; agreement 0.90-0.91, the misses near-ties of a random model)
+            assert cosine.min() > 0.98 and cosine.mean() > 0.995 and agreement > 0.85, (name, cosine, agreement)
+        assert not torch.equal(logits["fp8"], logits["fp32"])  # the cache really was fp8
+
+    def test_calculate_kv_scales_sets_them_from_the_first_batch_then_freezes_them(self):
+        llm = LLM("tiny", dtype=torch.float32, kv_cache_dtype="fp8", calculate_kv_scales=True, **_BASE)
+        prompts = _prompts(4, 512, seed=5)
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        scales = [layer.kv_scale.clone() for layer in llm.runner.model.layers]
+        for layer, scale in zip(llm.runner.model.layers, scales):
+            assert not layer.calibrate_kv_scale and not torch.equal(scale, torch.ones(2))
+        # amax / 448: the first batch's largest |K| and |V| land on fp8's largest value, in every layer
+        assert torch.equal(llm.runner.kv_caches.float().abs().amax(dim=(2, 3, 4, 5)),
+                           torch.full((len(scales), 2), attention.FP8_MAX))
+        llm.generate([[p * 7 % 512 for p in prompt] for prompt in prompts], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert all(torch.equal(layer.kv_scale, scale) for layer, scale in zip(llm.runner.model.layers, scales))
+        auto = LLM("tiny", dtype=torch.float32, calculate_kv_scales=True, **_BASE)  # no fp8 cache: nothing to calibrate
+        auto.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+        assert all(torch.equal(layer.kv_scale, torch.ones(2)) for layer in auto.runner.model.layers)
+
+    def test_kv_scales_load_from_a_checkpoint(self, tmp_path):
+        _hf_checkpoint(tmp_path, "LlamaForCausalLM")
+        tensors = load_file(tmp_path / "model.safetensors")
+        for i in range(2):  # llm-compressor's names: a scalar per layer, K and V
+            tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.5 + i)
+            tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([0.25])
+        save_file(tensors, tmp_path / "model.safetensors")
+        llm = LLM(str(tmp_path), dtype=torch.float32, kv_cache_dtype="fp8_e4m3", block_size=4)
+        assert [layer.kv_scale.tolist() for layer in llm.runner.model.layers] == [[0.5, 0.25], [1.5, 0.25]]
+        # the cache holds K / k_scale: layer 0's largest |K| is twice what an unscaled run stores there
+        unscaled = LLM(str(tmp_path), dtype=torch.float32, block_size=4)
+        for engine_ in (llm, unscaled):  # one token: only the prompt's K/V are written
+            engine_.generate([[1, 2, 3] * 5], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        torch.testing.assert_close(llm.runner.kv_caches[0, 0].float().abs().max(),
+                                   unscaled.runner.kv_caches[0, 0].abs().max() / 0.5, rtol=0.07, atol=0)
+        output = llm.generate([[1, 2, 3] * 5], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+        assert len(output.outputs[0].token_ids) == 5
+
+    def test_bad_kv_cache_dtype_lists_the_choices(self):
+        with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', 'fp8', 'fp8_e4m3', got 'int4'"):
+            LLM("tiny", kv_cache_dtype="int4")
+        with pytest.raises(ValueError, match="calculate_kv_scales must be a bool"):
+            LLM("tiny", kv_cache_dtype="fp8", calculate_kv_scales="yes")
 
     def test_seeded_sampling_is_invariant_to_engine_settings(self):
         """Seeded draws depend on (seed, token index) only: async, preemption and chunking change nothing."""
