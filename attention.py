@@ -282,7 +282,7 @@ def _attend_key_tiles(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ro
         else:
             k = tl.load(k_cache_ptr + offsets)
             v = tl.load(v_cache_ptr + offsets)
-        k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 caches: dequantized in registers (scales applied outside)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 caches: dequantized in registers (the scales apply outside)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
         if MASKED:
             scores = tl.where(key_pos[None, :] <= row_pos[:, None], scores, float("-inf"))
@@ -349,6 +349,8 @@ def _paged_attention_kernel(
 
     if FP8:  # the cache holds K / k_scale and V / v_scale: fold k_scale into the scores' scale
         qk_scale = qk_scale * tl.load(kv_scale_ptr)
+        if q.dtype == tl.bfloat16:  # e4m3 -> fp16 is one instruction a pair, -> bf16 goes through fp32:
+            q = q.to(tl.float16)    # 1.1-1.2x faster decode (H100), and fp16 keeps more of p and q
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -415,7 +417,8 @@ class LaunchConfig:
 
 
 # Tiles are sized in bytes of one K tile (block_n x head_dim), so other head dims and dtypes
-# keep the measured footprint. Decode streams K/V with little arithmetic per byte: a 16 KB tile
+# keep the measured footprint (fp8 caches: 128-key tiles; on the decode shapes 1.2-1.35x faster
+# than 64, while more stages or warps were slower). Decode streams K/V with little arithmetic per byte: a 16 KB tile
 # (block_n 64 at bf16/128), 4 warps, 2 stages ran at 89-104% of copy bandwidth on the large
 # decode batches; 32-key tiles were 13-19% slower, 8 warps up to 15%, 3-4 stages within 3%.
 DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES = 16384, 4, 2
@@ -457,7 +460,7 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
         block_m = max(16, min(max_block_m, triton.next_power_of_2(meta.max_query_len * group)),
                       triton.next_power_of_2(group))
         max_context = meta.max_seq_len
-    block_n = min(128, max(16, tile_bytes // (head_dim * q.element_size())))
+    block_n = min(128, max(16, tile_bytes // (head_dim * k_cache.element_size())))
     block_q = block_m // group
     num_tiles = num_seqs if meta.max_query_len <= block_q else num_tokens // block_q + num_seqs
     programs = num_tiles * num_kv_heads

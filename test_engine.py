@@ -1792,15 +1792,15 @@ class TestEngine:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
         scales = [layer.kv_scale.clone() for layer in llm.runner.model.layers]
         for layer, scale in zip(llm.runner.model.layers, scales):
-            assert not layer.calibrate_kv_scale and not torch.equal(scale, torch.ones(2))
+            assert not layer.calibrate_kv_scale and not torch.equal(scale.cpu(), torch.ones(2))
         # amax / 448: the first batch's largest |K| and |V| land on fp8's largest value, in every layer
-        assert torch.equal(llm.runner.kv_caches.float().abs().amax(dim=(2, 3, 4, 5)),
+        assert torch.equal(llm.runner.kv_caches.float().abs().amax(dim=(2, 3, 4, 5)).cpu(),
                            torch.full((len(scales), 2), attention.FP8_MAX))
         llm.generate([[p * 7 % 512 for p in prompt] for prompt in prompts], SamplingParams(max_tokens=4), use_tqdm=False)
         assert all(torch.equal(layer.kv_scale, scale) for layer, scale in zip(llm.runner.model.layers, scales))
         auto = LLM("tiny", dtype=torch.float32, calculate_kv_scales=True, **_BASE)  # no fp8 cache: nothing to calibrate
         auto.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
-        assert all(torch.equal(layer.kv_scale, torch.ones(2)) for layer in auto.runner.model.layers)
+        assert all(torch.equal(layer.kv_scale.cpu(), torch.ones(2)) for layer in auto.runner.model.layers)
 
     def test_kv_scales_load_from_a_checkpoint(self, tmp_path):
         _hf_checkpoint(tmp_path, "LlamaForCausalLM")
