@@ -100,11 +100,10 @@ class EngineStats:  # counters for bench.py: what each step had to read from mem
 # ---- LLM: requests in, outputs out. ---------------------------------------------------------------------------------
 
 class LLM:
-    def __init__(self, model: str, *, dtype=None, device=None, block_size: int = 16,
-                 max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-                 async_scheduling: bool = True, enforce_eager: bool = False, seed: int = 0,
-                 num_blocks: int | None = None, long_prefill_token_threshold: int = 0,
+    def __init__(self, model: str, *, dtype=None, device=None, block_size: int = 16, max_num_batched_tokens: int = 8192,
+                 max_num_seqs: int = 256, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 enable_prefix_caching: bool = True, async_scheduling: bool = True, enforce_eager: bool = False,
+                 seed: int = 0, num_blocks: int | None = None, long_prefill_token_threshold: int = 0,
                  kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False):
         _check_engine_args(locals())  # every argument as the user passed it
         device, dtype = resolve_device_and_dtype(device, dtype)
@@ -114,7 +113,11 @@ class LLM:
         if model in SHAPES:  # random weights of a named shape: no tokenizer, prompts are ids
             network, self.tokenizer = random_model(model, dtype, device, seed=seed), None
         else:
-            network, self.tokenizer = load_model(model, dtype, device), _tokenizer_or_warn(model)
+            network, self.tokenizer = load_model(model, dtype, device), None
+            try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
+                self.tokenizer = load_tokenizer(model)
+            except FileNotFoundError as missing:
+                warnings.warn(f"{missing}: prompts must be token ids, and outputs will have no text", stacklevel=2)
         config = network.config
         max_model_len = config.max_position_embeddings if max_model_len is None else max_model_len
         if max_model_len > config.max_position_embeddings:
@@ -123,18 +126,15 @@ class LLM:
         # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
         eos = list(dict.fromkeys([*config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]))
         self.runner = ModelRunner(network, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
-                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
-                                  enforce_eager=enforce_eager, eos_token_ids=eos,
-                                  kv_cache_dtype=config.dtype if kv_cache_dtype == "auto" else FP8,
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_blocks=num_blocks,
+                                  gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                                  eos_token_ids=eos, kv_cache_dtype=config.dtype if kv_cache_dtype == "auto" else FP8,
                                   calculate_kv_scales=calculate_kv_scales and kv_cache_dtype != "auto")
-        self.scheduler = Scheduler(num_blocks=self.runner.num_blocks, block_size=block_size,
-                                   enable_prefix_caching=enable_prefix_caching,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                   max_model_len=max_model_len, vocab_size=config.vocab_size, eos_token_ids=eos,
-                                   long_prefill_token_threshold=long_prefill_token_threshold)
-        self.async_scheduling = async_scheduling
-        self.stats = self.runner.stats
+        self.scheduler = Scheduler(num_blocks=self.runner.num_blocks, enable_prefix_caching=enable_prefix_caching,
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                   block_size=block_size, vocab_size=config.vocab_size, eos_token_ids=eos,
+                                   max_num_seqs=max_num_seqs, long_prefill_token_threshold=long_prefill_token_threshold)
+        self.async_scheduling, self.stats = async_scheduling, self.runner.stats
         self.rng = random.Random(seed)  # seeds of requests that bring none
         self.in_flight: InFlight | None = None
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
@@ -149,12 +149,10 @@ class LLM:
         with add_request() share the batches, but generate() returns once its own are done; the next
         step() returns what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
         prompts = _as_prompt_list(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(prompts)} prompts")
-            params_list = list(sampling_params)
-        else:
-            params_list = [sampling_params] * len(prompts)
+        is_list = isinstance(sampling_params, (list, tuple))
+        params_list = list(sampling_params) if is_list else [sampling_params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
         order, results = [], {}
         try:
             for prompt, params in zip(prompts, params_list):
@@ -213,8 +211,7 @@ class LLM:
 
     def step(self) -> list[RequestOutput]:
         """One step: the outputs of requests that moved or finished (and of those generate() passed)."""
-        outputs = self.undelivered + self._step(report_running=True)
-        self.undelivered = []
+        outputs, self.undelivered = self.undelivered + self._step(report_running=True), []
         return outputs
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -264,14 +261,10 @@ class LLM:
         schedule = self.scheduler.schedule()
         launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
         outputs = self.output_processor.outputs_of(schedule.finished)
-        previous = None
-        if self.async_scheduling:
-            previous, self.in_flight = self.in_flight, launched
-            if previous is not None:
-                outputs += self._collect(previous, report_running)
-        elif launched is not None:
-            outputs += self._collect(launched, report_running)
-        if launched is previous is None and not schedule.finished and self.scheduler.has_unfinished_requests():
+        collect, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
+        if collect is not None:
+            outputs += self._collect(collect, report_running)
+        if launched is collect is None and not schedule.finished and self.scheduler.has_unfinished_requests():
             raise RuntimeError("the scheduler made no progress with requests waiting: this is a bug")
         return outputs
 
@@ -299,19 +292,15 @@ class LLM:
 
     def _new_request_id(self) -> str:
         """generate()'s ids: numbers, skipping any that add_request's callers already use."""
-        request_id = str(next(self.request_ids))
-        while request_id in self.output_processor.groups:
-            request_id = str(next(self.request_ids))
-        return request_id
+        return next(rid for rid in map(str, self.request_ids) if rid not in self.output_processor.groups)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), _as_token_ids(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
+            if "prompt" not in prompt:
                 raise ValueError("prompt: a dict prompt needs 'prompt_token_ids' or 'prompt'")
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids "
@@ -357,8 +346,7 @@ class OutputProcessor:
         self.groups[request_id] = group
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        group = self.groups.get(request_id)
-        if group is None:
+        if (group := self.groups.get(request_id)) is None:
             return None
         for completion in group.completions:
             if not completion.request.status.is_finished:
@@ -427,8 +415,7 @@ class OutputProcessor:
         text = self._detokenize(completion)
         if len(request.output_token_ids) > params.min_tokens:
             start = max(0, completion.num_searched - max(map(len, params.stop)) + 1)
-            hits = [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]
-            if hits:
+            if hits := [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]:
                 at, stop = min(hits)
                 completion.text = text[:at + len(stop) if params.include_stop_str_in_output else at]
                 request.stop_reason = stop
@@ -448,8 +435,7 @@ class OutputProcessor:
     def forget(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Forget the requests whose final outputs these are, once they are on their way to the user."""
         for output in outputs:
-            group = self.groups.get(output.request_id)
-            if output.finished and group is not None:
+            if output.finished and (group := self.groups.get(output.request_id)) is not None:
                 for completion in group.completions:
                     self.live.pop(completion.request.request_id, None)
                 del self.groups[output.request_id]  # last: an interrupt before leaves it to recovery
@@ -507,12 +493,9 @@ class InputLayout:
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
                      temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
-        self.offset, end = {}, 0
-        for name, size in sizes.items():
-            self.offset[name], end = end, end + size
-        self.block_table = end
-        self.width = max_blocks_per_seq
-        self.size = self.block_table + max_seqs * max_blocks_per_seq
+        *starts, self.block_table = itertools.accumulate(sizes.values(), initial=0)
+        self.offset = dict(zip(sizes, starts))
+        self.width, self.size = max_blocks_per_seq, self.block_table + max_seqs * max_blocks_per_seq
 
     def view(self, buffer, name, n):
         return buffer[self.offset[name]: self.offset[name] + n]
@@ -561,8 +544,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, *, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, gpu_memory_utilization: float, num_blocks: int | None, enforce_eager: bool,
                  eos_token_ids: list[int], kv_cache_dtype: torch.dtype, calculate_kv_scales: bool = False):
-        self.model, config = model, model.config
-        self.kv_cache_dtype = kv_cache_dtype
+        self.model, config, self.kv_cache_dtype = model, model.config, kv_cache_dtype
         self.eos_token_ids = eos_token_ids  # banned until a request's min_tokens
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
@@ -577,8 +559,7 @@ class ModelRunner:
         self.host_buffers = [torch.zeros(self.layout.size, dtype=torch.int32, pin_memory=self.on_cuda)
                              for _ in range(2)]
         self.zeros = [0] * self.layout.width  # padding for block-table rows
-        self.sampled_host = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda)
-                             for _ in range(2)]
+        self.sampled_host = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda) for _ in range(2)]
         self.graph_sizes = _graph_ladder(max_num_seqs) if self.on_cuda and not enforce_eager else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -591,8 +572,7 @@ class ModelRunner:
             num_blocks = min(useful, self._profile_num_blocks(per_block, gpu_memory_utilization) if self.on_cuda
                              else (1 << 30) // per_block)  # CPU: at most 1 GiB of cache
         check_kv_capacity(num_blocks, block_size, max_model_len)
-        self.num_blocks = num_blocks
-        self.kv_caches = self._allocate_kv_caches(num_blocks)
+        self.num_blocks, self.kv_caches = num_blocks, self._allocate_kv_caches(num_blocks)
         if self.graph_sizes:
             self._capture_graphs()
         for layer in model.layers:  # only now: profiling and capture run on dummy inputs
@@ -606,8 +586,7 @@ class ModelRunner:
         logits = self.run_model(plan)
         sampling_logits = logits[: plan.num_sampling]
         sampled = sample(sampling_logits, plan.sampling)
-        host = self.sampled_host[self.stats.steps % 2][: plan.num_sampling]
-        host.copy_(sampled, non_blocking=True)
+        host = self.sampled_host[self.stats.steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
         logprobs = []  # only steps that ask for them pay for log_softmax and the copies
         if plan.num_logprobs is not None:
             logprobs.append(logprobs_of(sampling_logits, sampled, plan.num_logprobs))
@@ -615,9 +594,8 @@ class ModelRunner:
             logprobs.append(logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs))
         logprobs_host = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
                                for t in pair) for pair in logprobs]
-        ready = None
-        if self.on_cuda:
-            ready = torch.cuda.Event()
+        ready = torch.cuda.Event() if self.on_cuda else None
+        if ready is not None:
             ready.record()
         self.stats.steps += 1
         return InFlight(plan, sampled, host, ready, logprobs_host)
@@ -636,19 +614,15 @@ class ModelRunner:
         for entry in schedule.scheduled:
             request, start = entry.request, entry.start
             end = start + entry.num_new_tokens
-            known = request.num_tokens
-            blocks = request.block_ids
-            params = request.sampling_params
+            known, blocks, params = request.num_tokens, request.block_ids, request.sampling_params
             pending = None  # the newest token, sampled by the step still in flight: read on the device
+            input_ids += request.all_token_ids[start:min(end, known)]
             if end > known:
                 assert end == known + 1, "only a request's newest token may be a placeholder"
-                input_ids += request.all_token_ids[start:known]
                 pending = previous_rows[request.request_id]
                 placeholder_dst.append(len(input_ids))
                 placeholder_src.append(pending)
                 input_ids.append(0)
-            else:
-                input_ids += request.all_token_ids[start:end]
             if end - start == 1:
                 positions.append(start)
                 slots.append(blocks[start // block_size] * block_size + start % block_size)
@@ -685,18 +659,15 @@ class ModelRunner:
         if max_query_len == 1 and self.graphs:
             rows = next((size for size in self.graphs if size >= num_seqs), num_seqs)
             pad = rows - num_seqs  # padding rows: no token written, no key read (seq_len 0)
-            input_ids += [0] * pad
-            positions += [0] * pad
-            slots += [-1] * pad
+            for values, fill in ((input_ids, 0), (positions, 0), (slots, -1), (seq_lens, 0)):
+                values += [fill] * pad
             query_start += range(num_seqs + 1, rows + 1)
-            seq_lens += [0] * pad
             num_tokens = rows
 
         self._copy_to_device(rows, tables, dict(
-            input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
-            seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows, top_k=top_k, seeds=seeds,
-            temperature=temperature, top_p=top_p, min_p=min_p, placeholder_dst=placeholder_dst,
-            placeholder_src=placeholder_src))
+            input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start, top_k=top_k,
+            seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows, seeds=seeds, temperature=temperature,
+            top_p=top_p, min_p=min_p, placeholder_dst=placeholder_dst, placeholder_src=placeholder_src))
         layout, device = self.layout, self.device_buffer
         if placeholder_dst:
             dst = layout.view(device, "placeholder_dst", len(placeholder_dst)).long()
@@ -706,10 +677,8 @@ class ModelRunner:
         sampling = SamplingTensors(
             temperature=layout.view(device, "temperature", num_sampling).view(torch.float32),
             top_p=layout.view(device, "top_p", num_sampling).view(torch.float32),
-            top_k=layout.view(device, "top_k", num_sampling),
-            seeds=layout.view(device, "seeds", num_sampling),
-            all_greedy=not any(temperature),
-            needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p) or any(min_p),
+            top_k=layout.view(device, "top_k", num_sampling), seeds=layout.view(device, "seeds", num_sampling),
+            all_greedy=not any(temperature), needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p) or any(min_p),
             min_p=layout.view(device, "min_p", num_sampling).view(torch.float32) if any(min_p) else None,
             adjust=logits_adjustment(adjusted, num_sampling, vocab_size, self.eos_token_ids, previous, self.device)
             if adjusted else None)
@@ -804,8 +773,7 @@ class ModelRunner:
         """One CUDA graph per decode batch size of a ladder; a batch is padded up to the next size.
 
         Without graphs a small model's decode step costs more in kernel launches than in work."""
-        sizes = self.graph_sizes
-        buffer, layout = self.device_buffer, self.layout
+        sizes, buffer, layout = self.graph_sizes, self.device_buffer, self.layout
         layout.view(buffer, "slot_mapping", sizes[-1]).fill_(-1)      # capture writes no KV
         layout.view(buffer, "query_start_loc", sizes[-1] + 1).copy_(torch.arange(sizes[-1] + 1))
         layout.view(buffer, "seq_lens", sizes[-1]).fill_(1)
@@ -820,8 +788,7 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = forward()
-                pool = graph.pool()
-                self.graphs[size] = (graph, logits)
+                pool, self.graphs[size] = graph.pool(), (graph, logits)
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
 
@@ -887,17 +854,14 @@ def logits_adjustment(adjusted, num_rows: int, vocab_size: int, eos_token_ids: l
             banned[0].extend([row] * len(stops))
             banned[1].extend(stops)
     counts = torch.zeros(num_rows, vocab_size, device=device)
-    counts.index_put_(tuple(map(to_device, counted)), torch.ones(len(counted[0]), device=device),
-                      accumulate=True)
+    counts.index_put_(tuple(map(to_device, counted)), torch.ones(len(counted[0]), device=device), accumulate=True)
     if pending[0]:
         tokens = previous.sampled.index_select(0, to_device(pending[1]))
-        counts.index_put_((to_device(pending[0]), tokens), torch.ones(len(pending[0]), device=device),
-                          accumulate=True)
+        counts.index_put_((to_device(pending[0]), tokens), torch.ones(len(pending[0]), device=device), accumulate=True)
     prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
     prompt_mask[tuple(map(to_device, prompt))] = True
     factors = to_device(factors, dtype=torch.float32)
-    return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2],
-                            *map(to_device, banned))
+    return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2], *map(to_device, banned))
 
 
 def apply_top_k_top_p(logits, top_k, top_p, min_p=None):
@@ -946,8 +910,7 @@ def logprobs_of(logits, token_ids, k: int):
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, seeds_ptr, out_ptr, vocab_size, stride_row,
-                          BLOCK: tl.constexpr):
+def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, seeds_ptr, out_ptr, vocab_size, stride_row, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     temperature = tl.load(temperature_ptr + row)
     seed = tl.load(seeds_ptr + row)
@@ -1003,15 +966,6 @@ def _graph_ladder(max_num_seqs):
     return sorted({size for size in (1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs) if size <= max_num_seqs})
 
 
-def _tokenizer_or_warn(path):
-    """A checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time."""
-    try:
-        return load_tokenizer(path)
-    except FileNotFoundError as missing:
-        warnings.warn(f"{missing}: prompts must be token ids, and outputs will have no text", stacklevel=3)
-        return None
-
-
 def _check_engine_args(args: dict) -> None:
     """ValueError naming the first bad LLM argument: each is checked here, once, where the user passes it."""
     flag = (lambda v: isinstance(v, bool), "a bool")
@@ -1042,9 +996,7 @@ def _as_prompt_list(prompts) -> list:
         raise ValueError(f"prompts: expected a prompt (a string, a list of token ids or a dict) or a list of "
                          f"prompts, got {type(prompts).__name__}")
     prompts = list(prompts)
-    if prompts and all(isinstance(p, int) for p in prompts):
-        return [prompts]
-    return prompts
+    return [prompts] if prompts and all(isinstance(p, int) for p in prompts) else prompts
 
 
 def _error_output(request_id, prompt, message) -> RequestOutput:

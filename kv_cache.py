@@ -95,8 +95,7 @@ class KVCacheManager:
     and free. Every call costs O(blocks it touches); nothing scans the pool."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[bytes, KVBlock] = {}  # block hash -> the block holding that prefix
@@ -135,8 +134,7 @@ class KVCacheManager:
         num_revived = sum(1 for block in hits if block.ref_count == 0)
         return max(num_new_blocks, 0) + num_revived <= self.free_queue.num_free
 
-    def allocate(self, table: BlockTable, token_ids: list[int], num_tokens: int,
-                 hits: list[KVBlock] = ()) -> bool:
+    def allocate(self, table: BlockTable, token_ids: list[int], num_tokens: int, hits: list[KVBlock] = ()) -> bool:
         """Grow `table` to cover slots 0..num_tokens-1, taking `hits` (from lookup(), only into an
         empty table) first. All or nothing: False, with no change at all, if the blocks are not
         there. token_ids are the request's known tokens; full blocks of them within num_tokens are
@@ -160,7 +158,20 @@ class KVCacheManager:
                 table.block_ids.append(self._take_free_block().block_id)
         num_full_blocks = min(num_tokens, len(token_ids)) // size
         if self.enable_prefix_caching and num_full_blocks > table.num_registered_blocks:
-            self._register_full_blocks(table, token_ids, num_full_blocks)
+            self._hash_blocks(table, token_ids, num_full_blocks)
+            for i in range(table.num_registered_blocks, num_full_blocks):
+                block_hash = table.block_hashes[i]
+                if block_hash in self.cached_blocks:
+                    # A twin (same prefix, computed by a request that missed it) is already cached;
+                    # this copy stays private, so block tables stay append-only.
+                    continue
+                block = self.blocks[table.block_ids[i]]
+                block.block_hash = block_hash
+                block.parent_hash = table.block_hashes[i - 1] if i else ROOT_HASH
+                block.token_ids = tuple(token_ids[i * size:(i + 1) * size])
+                block.step = self.step
+                self.cached_blocks[block_hash] = block
+            table.num_registered_blocks = num_full_blocks
         return True
 
     def free(self, table: BlockTable) -> None:
@@ -171,8 +182,7 @@ class KVCacheManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue.append(block)
-        table.block_ids = []
-        table.num_registered_blocks = 0
+        table.block_ids, table.num_registered_blocks = [], 0
 
     def forget_cached_blocks(self, after_step: int = -1) -> None:
         """Take the blocks registered by steps after `after_step` (all by default) out of the cache:
@@ -194,23 +204,6 @@ class KVCacheManager:
         size, hashes = self.block_size, table.block_hashes
         for i in range(len(hashes), num_full_blocks):
             hashes.append(hash_block(hashes[i - 1] if i else ROOT_HASH, token_ids[i * size:(i + 1) * size]))
-
-    def _register_full_blocks(self, table: BlockTable, token_ids: list[int], num_full_blocks: int) -> None:
-        self._hash_blocks(table, token_ids, num_full_blocks)
-        size = self.block_size
-        for i in range(table.num_registered_blocks, num_full_blocks):
-            block_hash = table.block_hashes[i]
-            if block_hash in self.cached_blocks:
-                # A twin (same prefix, computed by a request that missed it) is already cached;
-                # this copy stays private, so block tables stay append-only.
-                continue
-            block = self.blocks[table.block_ids[i]]
-            block.block_hash = block_hash
-            block.parent_hash = table.block_hashes[i - 1] if i else ROOT_HASH
-            block.token_ids = tuple(token_ids[i * size:(i + 1) * size])
-            block.step = self.step
-            self.cached_blocks[block_hash] = block
-        table.num_registered_blocks = num_full_blocks
 
 
 # ---- the KV tensor: its size and its allocation ----
@@ -244,8 +237,7 @@ def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> N
     """ValueError, naming the knobs to turn, unless one request of max_model_len tokens fits."""
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
-        raise ValueError(
-            f"the KV cache has {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} "
-            f"tokens), but one request of max_model_len={max_model_len} tokens needs {needed} blocks: "
-            f"raise gpu_memory_utilization (or num_blocks), or lower max_model_len, or lower "
-            f"max_num_batched_tokens (the profiling pass's activation peak grows with it)")
+        raise ValueError(f"the KV cache has {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} "
+                         f"tokens), but one request of max_model_len={max_model_len} tokens needs {needed} blocks: "
+                         f"raise gpu_memory_utilization (or num_blocks), or lower max_model_len, or lower "
+                         f"max_num_batched_tokens (the profiling pass's activation peak grows with it)")

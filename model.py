@@ -89,20 +89,18 @@ class ModelConfig:
 
 SHAPES = {
     "qwen3-0.6b": ModelConfig(
-        architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-        num_layers=28, num_q_heads=16, num_kv_heads=8, head_dim=128, max_position_embeddings=40960,
-        rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None, tie_word_embeddings=True,
-        eos_token_ids=[151645, 151643]),
+        architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+        num_q_heads=16, num_kv_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6,
+        rope_scaling=None, tie_word_embeddings=True, eos_token_ids=[151645, 151643]),
     "llama3-8b": ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_layers=32, num_q_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, rope_theta=5e5, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192),
-        tie_word_embeddings=False, eos_token_ids=[128001, 128008, 128009], bos_token_id=128000),
+        architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_q_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=5e5,
+        rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192), tie_word_embeddings=False,
+        eos_token_ids=[128001, 128008, 128009], bos_token_id=128000),
     "tiny": ModelConfig(  # Qwen3-style, for CPU tests
-        architecture="Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None, tie_word_embeddings=True,
-        eos_token_ids=[511]),
+        architecture="Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_q_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e4,
+        rope_scaling=None, tie_word_embeddings=True, eos_token_ids=[511]),
 }
 
 
@@ -278,9 +276,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0] > 0:
         block = triton.next_power_of_2(x.shape[1])
-        _add_rms_norm_kernel[(x.shape[0],)](
-            x, residual, weight, out, eps, x.shape[1], x.stride(0), residual.stride(0), out.stride(0),
-            BLOCK=block, num_warps=min(8, max(1, block // 256)))
+        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, eps, x.shape[1], x.stride(0), residual.stride(0),
+                                            out.stride(0), BLOCK=block, num_warps=min(8, max(1, block // 256)))
     return out
 
 
@@ -288,8 +285,7 @@ SILU_BLOCK = 1024  # elements of one row per program
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, stride_gate_up, stride_out,
-                         BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, stride_gate_up, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size
@@ -365,9 +361,6 @@ class DecoderLayer(nn.Module):
         out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5, self.kv_scale)
         return F.linear(out.reshape(x.shape[0], -1), self.o_proj)
 
-    def mlp(self, x, kernels):
-        return F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
-
     def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         """hidden: the previous layer's output, not yet added to the residual stream: the add is
         fused into this layer's first norm (the last layer's into the final norm). Updates
@@ -375,7 +368,8 @@ class DecoderLayer(nn.Module):
         eps = self.config.rms_norm_eps
         x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps)
         x = self.attention(x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels)
-        return self.mlp(kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps), kernels)
+        x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps)
+        return F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class Transformer(nn.Module):
@@ -399,20 +393,17 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.config.dtype
 
-    def check_kv_caches(self, kv_caches: torch.Tensor):
-        c = self.config
-        if (kv_caches.dim() != 6 or kv_caches.shape[:2] != (c.num_layers, 2)
-                or kv_caches.shape[4:] != (c.num_kv_heads, c.head_dim) or kv_caches.dtype not in (c.dtype, attention.FP8)):
-            raise ValueError(f"kv_caches: shape {tuple(kv_caches.shape)} {kv_caches.dtype}; expected "
-                             f"[{c.num_layers}, 2, num_blocks, block_size, {c.num_kv_heads}, {c.head_dim}] {c.dtype} "
-                             "(or float8_e4m3fn)")
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] int64 (flat batch) -> float32 logits [S, vocab] for the rows in
         logits_indices [S] (None: every row). kv_caches: [num_layers, 2, num_blocks, block_size,
         num_kv_heads, head_dim]; this step's K/V are written into it at meta.slot_mapping."""
-        self.check_kv_caches(kv_caches)
+        c = self.config
+        if (kv_caches.dim() != 6 or kv_caches.dtype not in (c.dtype, attention.FP8)
+                or kv_caches.shape[:2] != (c.num_layers, 2) or kv_caches.shape[4:] != (c.num_kv_heads, c.head_dim)):
+            raise ValueError(f"kv_caches: shape {tuple(kv_caches.shape)} {kv_caches.dtype}; expected "
+                             f"[{c.num_layers}, 2, num_blocks, block_size, {c.num_kv_heads}, {c.head_dim}] {c.dtype} "
+                             "(or float8_e4m3fn)")
         kernels = TRITON_KERNELS if self.use_triton else LayerKernels()
         hidden = F.embedding(input_ids, self.embed_tokens)
         # The residual stream starts at zero and the embedding is the first output added to it, so
@@ -423,7 +414,7 @@ class Transformer(nn.Module):
                            meta, kernels)
         if logits_indices is not None:  # the final norm and lm_head only for rows that sample
             hidden, residual = hidden[logits_indices], residual[logits_indices]
-        hidden = kernels.add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
+        hidden = kernels.add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
         return F.linear(hidden, self.lm_head).float()
 
 
@@ -460,16 +451,14 @@ def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
 def _safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map := _read_json(index).get("weight_map"), dict):
             raise ValueError(f"{index}: expected a \"weight_map\" object (tensor name -> shard file)")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         for file in files:
             if not os.path.exists(file):
                 raise FileNotFoundError(f"{file} not found (named in the weight_map of {index})")
         return files
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
+    if os.path.exists(single := os.path.join(path, "model.safetensors")):
         return [single]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
@@ -508,8 +497,7 @@ def load_weights(model: Transformer, path: str):
     """Every weight of a checkpoint directory into the model; a missing one is an error."""
     files = _safetensors_files(path)
     loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
-    missing = sorted(name for name in _checkpoint_targets(model).keys() - loaded if not name.endswith("_scale"))
-    if missing:
+    if missing := sorted(name for name in _checkpoint_targets(model).keys() - loaded if not name.endswith("_scale")):
         raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                          f"in {', '.join(files)}")
 
@@ -538,10 +526,8 @@ def random_model(name: str | ModelConfig, dtype=None, device=None, seed: int = 0
         if parameter.dim() == 1:  # norms = 1, biases = 0
             parameter.fill_(0.0 if parameter_name.endswith("bias") else 1.0)
             continue
-        std = 1 / math.sqrt(parameter.shape[1])
-        if parameter_name.endswith(("o_proj", "down_proj")):
-            std *= residual_scale
-        parameter.normal_(0.0, std, generator=generator)
+        scale = residual_scale if parameter_name.endswith(("o_proj", "down_proj")) else 1
+        parameter.normal_(0.0, 1 / math.sqrt(parameter.shape[1]) * scale, generator=generator)
     return model
 
 
@@ -562,8 +548,7 @@ class TokenStream:
     concatenated (plus finish()) equal tokenizer.decode(all ids)."""
 
     def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
@@ -589,16 +574,12 @@ class Tokenizer:
                  chat_template: str | None = None, template_tokens: dict[str, str] | None = None):
         if add_bos_token and bos_token_id is None:
             raise ValueError("tokenizer: add_bos_token is set but there is no bos_token_id")
-        self.encoding = encoding
-        self.bos_token_id = bos_token_id
-        self.eos_token_ids = eos_token_ids
-        self.add_bos_token = add_bos_token
+        self.encoding, self.bos_token_id, self.eos_token_ids = encoding, bos_token_id, eos_token_ids
+        self.add_bos_token, self.vocab_size, self.chat_template = add_bos_token, encoding.n_vocab, chat_template
         self.nfc_normalize = nfc_normalize  # Qwen2/3's tokenizer.json normalizes text to NFC first
         if special_token_ids is None:
             special_token_ids = {encoding.encode_single_token(t) for t in encoding.special_tokens_set}
         self.special_token_ids = special_token_ids
-        self.vocab_size = encoding.n_vocab
-        self.chat_template = chat_template
         self.template_tokens = template_tokens or {}  # bos_token, eos_token, ... as the template sees them
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -630,8 +611,7 @@ class Tokenizer:
                             chat_template: str | None = None) -> str:
         """HF apply_chat_template(..., tokenize=False): the checkpoint's jinja2 template in HF's
         environment (sandboxed, trim_blocks, lstrip_blocks, loop controls, tojson, raise_exception)."""
-        template = chat_template or self.chat_template
-        if template is None:
+        if (template := chat_template or self.chat_template) is None:
             raise ValueError("chat: the checkpoint has no chat template (tokenizer_config.json's chat_template or "
                              "chat_template.jinja); pass chat_template=")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -701,16 +681,6 @@ def _special_id(token, added: dict[str, int]) -> int | None:
     return added.get(content) if content is not None else None
 
 
-def _bos_eos(path: str, added: dict[str, int], bos_default: int | None,
-             eos_default: list[int]) -> tuple[int | None, list[int], dict]:
-    """BOS and EOS ids named in tokenizer_config.json. (Generation stops on these and on the model's
-    eos_token_ids from generation_config.json: the engine takes the union, e.g. Llama 3 Instruct's
-    <|eot_id|> and <|end_of_text|>.)"""
-    config = _read_json(os.path.join(path, "tokenizer_config.json"))
-    bos, eos = _special_id(config.get("bos_token"), added), _special_id(config.get("eos_token"), added)
-    return bos if bos is not None else bos_default, [eos] if eos is not None else eos_default, config
-
-
 def tokenizer_from_hf_json(path: str) -> Tokenizer:
     """An HF tokenizer.json of the byte-level BPE kind, as a tiktoken.Encoding."""
     spec = _read_json(os.path.join(path, "tokenizer.json"), required=True)
@@ -746,7 +716,11 @@ def tokenizer_from_hf_json(path: str) -> Tokenizer:
         previous = token_id
     encoding = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=pattern,
                                  mergeable_ranks=ranks, special_tokens=added)
-    bos, eos, config = _bos_eos(path, {**vocab, **added}, None, [])
+    # BOS and EOS ids named in tokenizer_config.json. (Generation stops on these and on the model's eos_token_ids
+    # from generation_config.json: the engine takes the union, e.g. Llama 3 Instruct's <|eot_id|> and <|end_of_text|>.)
+    config, named = _read_json(os.path.join(path, "tokenizer_config.json")), {**vocab, **added}
+    bos, eos = _special_id(config.get("bos_token"), named), _special_id(config.get("eos_token"), named)
+    eos = [] if eos is None else [eos]
     bos_token = next((token for token, i in added.items() if i == bos), None)
     add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
     special_ids = {token["id"] for token in spec.get("added_tokens", []) if token.get("special", True)}

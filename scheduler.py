@@ -179,21 +179,18 @@ class Scheduler:
     """Runs requests under a token budget; see the module docstring. Only running requests hold
     blocks; the waiting queue is FCFS, with preempted requests put back at its front."""
 
-    def __init__(self, *, num_blocks: int, block_size: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, vocab_size: int, eos_token_ids,
-                 enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0):
+    def __init__(self, *, num_blocks: int, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
+                 max_model_len: int, vocab_size: int, eos_token_ids, enable_prefix_caching: bool = True,
+                 long_prefill_token_threshold: int = 0):
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len
-        self.vocab_size = vocab_size
+        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # admission order: the last one is preempted first
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
-        self.num_preemptions = 0
-        self.num_scheduled_steps = 0
+        self.num_preemptions = self.num_scheduled_steps = 0
         self.num_finished_steps = 0  # update() has run for every step up to this one
         self.prompt_logprob_rows_left = max_num_seqs  # per step: see _cap
 
@@ -212,8 +209,7 @@ class Scheduler:
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"request {rid!r}: the prompt has {len(prompt)} tokens, but max_model_len="
                              f"{self.max_model_len} allows at most {self.max_model_len - 1} (room for 1 output token)")
-        bad = [t for t in prompt if not (is_int(t) and 0 <= t < self.vocab_size)]
-        if bad:
+        if bad := [t for t in prompt if not (is_int(t) and 0 <= t < self.vocab_size)]:
             raise ValueError(f"request {rid!r}: prompt_token_ids holds {bad[0]!r}; token ids must be "
                              f"ints in [0, vocab_size={self.vocab_size})")
         if -(-len(prompt) // self.kv_cache_manager.block_size) > self.kv_cache_manager.num_blocks:
@@ -223,13 +219,11 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Plan one step: running requests first (in admission order), then waiting ones (FCFS)."""
-        budget = self.max_num_batched_tokens
-        scheduled, finished = [], []
+        budget, scheduled, finished = self.max_num_batched_tokens, [], []
         self.num_scheduled_steps += 1
         self.prompt_logprob_rows_left = self.max_num_seqs
         self.kv_cache_manager.step = self.num_scheduled_steps  # blocks cached now are computed by this step
-        num_preemptions_before = self.num_preemptions
-        index = 0
+        num_preemptions_before, index = self.num_preemptions, 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new_tokens = self._num_new_tokens(request, budget)
@@ -245,15 +239,13 @@ class Scheduler:
                 # A victim's in-flight token arrives (update) before the next schedule(): nobody
                 # is admitted in the step that preempted it.
                 assert not request.num_output_placeholders, "readmitting a request with a token in flight"
-                num_new_tokens = self._admit(request, budget)
-                if num_new_tokens == 0:
-                    if self.running:  # FCFS: the head waits until blocks are freed
-                        break
-                    self.waiting.popleft()  # nothing else holds blocks: it will never fit
+                if (num_new_tokens := self._admit(request, budget)) == 0 and self.running:
+                    break  # FCFS: the head waits until blocks are freed
+                self.waiting.popleft()
+                if num_new_tokens == 0:  # nothing else holds blocks: it will never fit
                     self._finish(request, RequestStatus.FINISHED_ERROR, self._too_big(request.num_tokens))
                     finished.append(request)
                     continue
-                self.waiting.popleft()
                 self.running.append(request)
                 scheduled.append(self._advance(request, num_new_tokens))
                 budget -= num_new_tokens
@@ -273,8 +265,7 @@ class Scheduler:
             request.num_output_placeholders -= 1
             request.output_token_ids.append(token)
             request.all_token_ids.append(token)
-            status = self._stop_status(request, token)
-            if status is not None:
+            if (status := self._stop_status(request, token)) is not None:
                 if request.status is RequestStatus.RUNNING:
                     running_finished = True
                 else:  # preempted while its token was in flight
@@ -301,8 +292,7 @@ class Scheduler:
             request.num_computed_tokens = request.num_output_placeholders = 0
             # An update() cut off may have appended a token to one list only, or not applied its stop.
             request.all_token_ids = request.prompt_token_ids + request.output_token_ids
-            status = self._stop_status(request, request.output_token_ids[-1]) if request.output_token_ids else None
-            if status is not None:
+            if request.output_token_ids and (status := self._stop_status(request, request.output_token_ids[-1])):
                 self._finish(request, status)
                 continue
             if request.status is RequestStatus.RUNNING:
@@ -313,8 +303,7 @@ class Scheduler:
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request:
         """End a request now, at any point, and free its blocks (FINISHED_STOPPED: the engine found
         a stop string in its text)."""
-        request = self.requests.get(request_id)
-        if request is None:
+        if (request := self.requests.get(request_id)) is None:
             raise KeyError(f"abort: no unfinished request has request_id {request_id!r}")
         (self.running if request.status is RequestStatus.RUNNING else self.waiting).remove(request)
         self._finish(request, status)
@@ -366,8 +355,7 @@ class Scheduler:
             return 0
         if request.status is RequestStatus.WAITING:
             request.num_cached_tokens = num_hit_tokens
-        request.status = RequestStatus.RUNNING
-        request.num_computed_tokens = num_hit_tokens
+        request.status, request.num_computed_tokens = RequestStatus.RUNNING, num_hit_tokens
         return num_new_tokens
 
     def _advance(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
@@ -377,8 +365,7 @@ class Scheduler:
         if request.sampling_params.prompt_logprobs is not None:
             self.prompt_logprob_rows_left -= max(0, min(request.num_computed_tokens, len(request.prompt_token_ids))
                                                  - start)
-        samples_token = request.num_computed_tokens == request.num_tokens_with_placeholders
-        if samples_token:
+        if samples_token := (request.num_computed_tokens == request.num_tokens_with_placeholders):
             request.num_output_placeholders += 1
         return ScheduledRequest(request, start, num_new_tokens, samples_token)
 
@@ -386,8 +373,7 @@ class Scheduler:
         """Preemption by recompute: drop its KV; it keeps its tokens and is prefilled again later
         (the prefix cache may still hold much of it)."""
         self.kv_cache_manager.free(request.block_table)
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens, request.status = 0, RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
@@ -405,8 +391,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         """Mark it finished and free its blocks; the caller has taken it out of running/waiting."""
-        request.status = status
-        request.error = error
+        request.status, request.error = status, error
         self.kv_cache_manager.free(request.block_table)
         del self.requests[request.request_id]
 
