@@ -194,8 +194,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
     dims = tl.arange(0, HEAD_DIM)[None, :]
     v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=kv_mask)
     if FP8:  # per-tensor scales, saturated: what write_kv_reference does
-        k_scale = tl.load(kv_scale_ptr)
-        v_scale = tl.load(kv_scale_ptr + 1)
+        k_scale, v_scale = tl.load(kv_scale_ptr), tl.load(kv_scale_ptr + 1)
         k1 = tl.clamp(k1 / k_scale, -448.0, 448.0)  # FP8_MAX
         k2 = tl.clamp(k2 / k_scale, -448.0, 448.0)
         v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
@@ -215,8 +214,8 @@ def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
     if (width % head_dim or num_q_heads < 1 or num_q_heads % num_kv_heads or qkv.stride(-1) != 1
             or not _fits_cache(qkv, k_cache, kv_scale)):
         raise ValueError(f"qkv must be [num_tokens, (num_q_heads + 2 * {num_kv_heads}) * {head_dim}] in the cache's "
-                         f"dtype {k_cache.dtype} (fp8 caches: a float dtype, and kv_scale), "
-                         f"num_q_heads a multiple of {num_kv_heads}, rows contiguous; got {tuple(qkv.shape)} {qkv.dtype}")
+                         f"dtype {k_cache.dtype} (fp8: any float dtype, with kv_scale), num_q_heads a multiple of "
+                         f"{num_kv_heads}, rows contiguous; got {tuple(qkv.shape)} {qkv.dtype}")
     if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
         raise ValueError(f"positions and slot_mapping must have shape [{num_tokens}], "
                          f"got {tuple(positions.shape)} and {tuple(slot_mapping.shape)}")
@@ -536,6 +535,5 @@ def _check_caches(k_cache, v_cache):
         raise ValueError(f"cache dtype must be float32, float16, bfloat16 or float8_e4m3fn, got {k_cache.dtype}")
 
 
-def _fits_cache(x, cache, kv_scale) -> bool:
-    """x (qkv or q) goes with the cache: the same dtype, or a float dtype and the scales of an fp8 cache."""
+def _fits_cache(x, cache, kv_scale) -> bool:  # x (qkv or q): the cache's dtype, or a float dtype and fp8 scales
     return x.dtype == cache.dtype or (cache.dtype == FP8 and x.dtype in FLOATS and kv_scale is not None)

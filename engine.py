@@ -148,39 +148,25 @@ class LLM:
         order. A bad prompt fails alone (finish_reason "error", `error` says why). Requests added
         with add_request() share the batches, but generate() returns once its own are done; the next
         step() returns what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
-        prompts = _as_prompt_list(prompts)
-        is_list = isinstance(sampling_params, (list, tuple))
-        params_list = list(sampling_params) if is_list else [sampling_params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
-        order, results = [], {}
-        try:
-            for prompt, params in zip(prompts, params_list):
-                request_id = self._new_request_id()
-                order.append(request_id)
-                try:
-                    self.add_request(request_id, prompt, params)
-                except ValueError as error:
-                    results[request_id] = _error_output(request_id, prompt, str(error))
-            pending = set(order) - set(results)
-            progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
-            # Once nothing else runs, one more step collects the step still in flight (it holds only
-            # extra tokens of finished requests), so the engine is idle when generate() returns.
-            while pending or (self.in_flight is not None and not self.scheduler.has_unfinished_requests()):
-                for output in self._step(report_running=False):  # finished requests only
-                    if output.request_id in pending:
-                        pending.discard(output.request_id)
-                        results[output.request_id] = output
-                    else:
-                        self.undelivered.append(output)
-                progress.update(len(results))
-        except BaseException:
-            own = set(order)
-            for request_id in order:  # never leave blocks owned by requests nobody will read
-                self.abort(request_id)
-            self.undelivered = [output for output in self.undelivered if output.request_id not in own]
-            raise
+        order, results = self._add_prompts(prompts, sampling_params)
+        progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
+        for output in self._run_until_done([r for r in order if r not in results], report_running=False):
+            results[output.request_id] = output  # final outputs only
+            progress.update(len(results))
         return [results[request_id] for request_id in order]
+
+    def stream(self, prompts, sampling_params=None):
+        """generate() as it happens: yields RequestOutputs carrying only what is new since the same
+        request's last one (token ids, text, logprobs; prompt_logprobs in the first), requests
+        interleaved in the order their tokens come; each request's last one has finished=True. Text
+        comes in whole characters, held back while it may still become a stop string. A caller that
+        stops reading early aborts the requests still running."""
+        order, failed = self._add_prompts(prompts, sampling_params)
+        yield from failed.values()
+        sent = {}  # request id -> its last output, as the engine reported it (cumulative)
+        for output in self._run_until_done([r for r in order if r not in failed], report_running=True):
+            yield _delta(output, sent.get(output.request_id))
+            sent[output.request_id] = output
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None) -> list[RequestOutput]:
@@ -290,6 +276,51 @@ class LLM:
         self.stats.output_tokens += len(moved)
         return self.output_processor.process_step(moved, finished, report_running)
 
+    def _add_prompts(self, prompts, sampling_params) -> tuple[list[str], dict[str, RequestOutput]]:
+        """Queue each prompt under a new id: (the ids in order, the error outputs of those that failed)."""
+        prompts = _as_prompt_list(prompts)
+        is_list = isinstance(sampling_params, (list, tuple))
+        params_list = list(sampling_params) if is_list else [sampling_params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
+        order, failed = [], {}
+        try:
+            for prompt, params in zip(prompts, params_list):
+                order.append(request_id := self._new_request_id())
+                try:
+                    self.add_request(request_id, prompt, params)
+                except ValueError as error:
+                    failed[request_id] = _error_output(request_id, prompt, str(error))
+        except BaseException:  # Ctrl-C while queueing: none of them stays queued
+            for request_id in order:
+                self.abort(request_id)
+            raise
+        return order, failed
+
+    def _run_until_done(self, request_ids: list[str], report_running: bool):
+        """Step until these requests finish, yielding their outputs (each time they move, or only the
+        final ones); other callers' final outputs wait for step(). One aborted meanwhile ends with a
+        final output too. If anything raises or the caller stops reading, the rest are aborted."""
+        last = {r: self.output_processor.group_output(self.output_processor.groups[r]) for r in request_ids}
+        try:
+            # Once nothing else runs, one more step collects the step still in flight (it holds only
+            # extra tokens of finished requests), so the engine is idle when generate() returns.
+            while last or (self.in_flight is not None and not self.scheduler.has_unfinished_requests()):
+                for output in self._step(report_running):
+                    if output.request_id in last:
+                        last[output.request_id] = output
+                        yield last.pop(output.request_id) if output.finished else output
+                    elif output.finished:  # another caller's: its final output waits for step()
+                        self.undelivered.append(output)
+                for request_id in [r for r in last if r not in self.output_processor.groups]:  # abort() was called
+                    output = last.pop(request_id)
+                    yield replace(output, finished=True, outputs=[
+                        replace(c, finish_reason=c.finish_reason or "abort") for c in output.outputs])
+        finally:  # an exception, Ctrl-C, or a caller that stopped reading: never leave blocks nobody will read
+            for request_id in last:
+                self.abort(request_id)
+            self.undelivered = [output for output in self.undelivered if output.request_id not in request_ids]
+
     def _new_request_id(self) -> str:
         """generate()'s ids: numbers, skipping any that add_request's callers already use."""
         return next(rid for rid in map(str, self.request_ids) if rid not in self.output_processor.groups)
@@ -351,7 +382,7 @@ class OutputProcessor:
         for completion in group.completions:
             if not completion.request.status.is_finished:
                 self.scheduler.abort(completion.request.request_id)
-        return self.forget([self._group_output(group)])[0]
+        return self.forget([self.group_output(group)])[0]
 
     def add_logprobs(self, flight: "InFlight", requests: list[Request], tokens: list[int]) -> None:
         """A step's logprobs, added before update() appends its tokens: an interrupt in between
@@ -377,7 +408,7 @@ class OutputProcessor:
             if request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
                 self._found_stop_string(completion)  # its last step may have died before the search
         done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
-        return [self._group_output(group) for group in done]
+        return [self.group_output(group) for group in done]
 
     def process_step(self, moved: list[Request], finished: list[Request], report_running: bool) -> list[RequestOutput]:
         """After update(): stop strings in the moved requests' text; outputs (all, or the finished)."""
@@ -430,7 +461,7 @@ class OutputProcessor:
     def outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
         """The outputs of the requests these scheduler requests are completions of."""
         groups = dict.fromkeys(self.live[request.request_id].group for request in requests)
-        return [self._group_output(group) for group in groups]
+        return [self.group_output(group) for group in groups]
 
     def forget(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Forget the requests whose final outputs these are, once they are on their way to the user."""
@@ -441,7 +472,7 @@ class OutputProcessor:
                 del self.groups[output.request_id]  # last: an interrupt before leaves it to recovery
         return outputs
 
-    def _group_output(self, group: RequestGroup) -> RequestOutput:
+    def group_output(self, group: RequestGroup) -> RequestOutput:
         finished = all(completion.request.status.is_finished for completion in group.completions)
         outputs = [self._completion_output(completion) for completion in group.completions]
         first = group.completions[0].request
@@ -974,8 +1005,7 @@ def _check_engine_args(args: dict) -> None:
         "max_num_batched_tokens": (int_at_least(1), "an int >= 1"), "max_num_seqs": (int_at_least(1), "an int >= 1"),
         "max_model_len": (int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
         "num_blocks": (int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
-        "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"),
-        "seed": (is_int, "an int"),
+        "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"), "seed": (is_int, "an int"),
         "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
         "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
         "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'")})
@@ -1003,6 +1033,16 @@ def _error_output(request_id, prompt, message) -> RequestOutput:
     text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
     return RequestOutput(request_id, text, [], None, [CompletionOutput(0, "", [], None, None, "error")], True, 0,
                          message)
+
+
+def _delta(output: RequestOutput, previous: RequestOutput | None) -> RequestOutput:
+    """What `output` adds to `previous`, an earlier output of the same request (None: nothing sent)."""
+    if previous is None:
+        return output
+    return replace(output, prompt_logprobs=None, outputs=[
+        replace(now, text=now.text[len(then.text):], token_ids=now.token_ids[len(then.token_ids):],
+                logprobs=None if now.logprobs is None else now.logprobs[len(then.logprobs):])
+        for now, then in zip(output.outputs, previous.outputs)])
 
 
 def _stop_string_prefix(text: str, stops: list[str]) -> int:

@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import attention
-from attention import AttentionMetadata
+from attention import FP8_MAX, AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -352,7 +352,7 @@ class DecoderLayer(nn.Module):
         if self.calibrate_kv_scale:  # calculate_kv_scales: amax / FP8_MAX of this first batch's K and V, then frozen
             _, k, v = attention.rotated_qkv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                             c.rms_norm_eps, c.num_kv_heads, c.head_dim)
-            self.kv_scale.copy_(torch.stack([k.abs().amax(), v.abs().amax()]).float().clamp(min=1e-6) / attention.FP8_MAX)
+            self.kv_scale.copy_(torch.stack([k.abs().amax(), v.abs().amax()]).float().clamp(min=1e-6) / FP8_MAX)
             self.calibrate_kv_scale = False
         # Qwen3's q/k RMSNorm, RoPE, and this step's K/V into the cache (its keys must be visible to
         # itself); q comes back contiguous for attention.

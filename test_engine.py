@@ -2217,6 +2217,74 @@ class TestEngine:
         assert texts[-1] == ("ab\u00e9!" if include else "ab") and all(texts[-1].startswith(t) for t in texts)
         _assert_pool_free(llm)
 
+    def test_stream_deltas_add_up_to_generate(self, tmp_path):
+        """Seeded requests (n = 2, a stop string, logprobs, prompt logprobs, a bad prompt) streamed and
+        generated: each completion's deltas concatenate to generate's token ids, text and logprobs, the
+        text never splits a character, and each request's last output, and only that one, is finished."""
+        _byte_tokenizer_checkpoint(tmp_path)
+        llm = LLM(str(tmp_path), dtype=torch.float32, block_size=4, max_num_seqs=8)
+        prompts = ["the cat sat", "a dog ate the hat", "hello user", ""]
+        params = [SamplingParams(temperature=1.0, seed=1, max_tokens=24, n=2, logprobs=2),
+                  SamplingParams(temperature=1.0, seed=2, max_tokens=24, stop=["t", "\u00e9"]),
+                  SamplingParams(temperature=1.0, seed=3, max_tokens=24, prompt_logprobs=1, ignore_eos=True),
+                  SamplingParams()]
+        expected = {o.prompt: o for o in llm.generate(prompts, params, use_tqdm=False)}
+        streamed = {}  # prompt -> the outputs streamed for it
+        for output in llm.stream(prompts, params):
+            streamed.setdefault(output.prompt, []).append(output)
+        assert streamed.keys() == expected.keys()
+        for prompt, outputs in streamed.items():
+            want = expected[prompt]
+            assert [o.finished for o in outputs] == [False] * (len(outputs) - 1) + [True]
+            assert bool(outputs[-1].error) == bool(want.error) and len({o.request_id for o in outputs}) == 1
+            firsts = [o.prompt_logprobs for o in outputs if o.prompt_logprobs]
+            assert firsts == ([want.prompt_logprobs] if want.prompt_logprobs else [])
+            for index, completion in enumerate(want.outputs):
+                deltas = [o.outputs[index] for o in outputs]
+                assert [t for d in deltas for t in d.token_ids] == completion.token_ids
+                assert "".join(d.text for d in deltas) == completion.text
+                if completion.logprobs is not None:
+                    assert [e for d in deltas for e in d.logprobs] == completion.logprobs
+                    assert deltas[-1].cumulative_logprob == completion.cumulative_logprob
+                assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == (completion.finish_reason,
+                                                                              completion.stop_reason)
+        assert expected[""].error and expected["a dog ate the hat"].outputs[0].finish_reason == "stop"
+        _assert_pool_free(llm)
+
+    def test_stream_never_splits_a_character(self, tmp_path, monkeypatch):
+        _byte_tokenizer_checkpoint(tmp_path)
+        llm = LLM(str(tmp_path), dtype=torch.float32, block_size=4, max_num_seqs=4)
+        byte_ids = [llm.get_tokenizer().encoding.encode_single_token(bytes([b])) for b in "a\u00e9\U0001f642b".encode()]
+        _scripted_sampler(monkeypatch, byte_ids)
+        params = SamplingParams(max_tokens=len(byte_ids), ignore_eos=True)
+        texts = [o.outputs[0].text for o in llm.stream([[5, 6]], params)]
+        assert texts == ["a", "", "\u00e9", "", "", "", "\U0001f642", "b"]  # a character once all its bytes are in
+        _assert_pool_free(llm)
+
+    def test_stream_abort_and_early_exit_end_cleanly(self):
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        llm.add_request("bystander", [9, 9], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        seen = {}
+        for output in llm.stream([[1, 2, 3], [4, 5, 6]], params):
+            seen.setdefault(output.request_id, []).append(output)
+            if output.request_id == next(iter(seen)) and len(seen[output.request_id]) == 3:
+                assert llm.abort(output.request_id).outputs[0].finish_reason == "abort"
+        aborted, done = seen.values()
+        assert aborted[-1].finished and aborted[-1].outputs[0].finish_reason == "abort"
+        assert sum(len(o.outputs[0].token_ids) for o in aborted) < 20 and not any(o.finished for o in aborted[:-1])
+        assert done[-1].finished and sum(len(o.outputs[0].token_ids) for o in done) == 20
+        # the bystander was stepped along; its outputs come with step(), the final one exactly once
+        finals = [o for _ in range(40) if llm.has_unfinished_requests() for o in llm.step() if o.finished]
+        assert [(o.request_id, len(o.outputs[0].token_ids)) for o in finals] == [("bystander", 30)]
+        _assert_pool_free(llm)
+        stream = llm.stream([[1, 2, 3], [7, 8]], params)
+        next(stream)
+        stream.close()  # the caller stops reading: its requests are aborted, their blocks freed
+        while llm.has_unfinished_requests():
+            assert not any(o.finished and o.outputs[0].finish_reason != "abort" for o in llm.step())
+        _assert_pool_free(llm)
+
     def test_an_interrupted_add_request_queues_nothing(self, monkeypatch):
         llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
         _fail_on_second_call(monkeypatch, Scheduler, "add", KeyboardInterrupt())
