@@ -150,9 +150,10 @@ class LLM:
         step() returns what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
         order, results = self._add_prompts(prompts, sampling_params)
         progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
-        for output in self._run_until_done([r for r in order if r not in results], report_running=False):
-            results[output.request_id] = output  # final outputs only
-            progress.update(len(results))
+        with contextlib.closing(self._run_until_done([r for r in order if r not in results], False)) as outputs:
+            for output in outputs:  # final outputs only
+                results[output.request_id] = output
+                progress.update(len(results))
         return [results[request_id] for request_id in order]
 
     def stream(self, prompts, sampling_params=None):
@@ -160,13 +161,14 @@ class LLM:
         request's last one (token ids, text, logprobs; prompt_logprobs in the first), requests
         interleaved in the order their tokens come; each request's last one has finished=True. Text
         comes in whole characters, held back while it may still become a stop string. A caller that
-        stops reading early aborts the requests still running."""
+        stops reading early (close()) closes the step loop too, which aborts the requests still running."""
         order, failed = self._add_prompts(prompts, sampling_params)
         yield from failed.values()
         sent = {}  # request id -> its last output, as the engine reported it (cumulative)
-        for output in self._run_until_done([r for r in order if r not in failed], report_running=True):
-            yield _delta(output, sent.get(output.request_id))
-            sent[output.request_id] = output
+        with contextlib.closing(self._run_until_done([r for r in order if r not in failed], True)) as outputs:
+            for output in outputs:
+                yield _delta(output, sent.get(output.request_id))
+                sent[output.request_id] = output
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None) -> list[RequestOutput]:
@@ -303,8 +305,7 @@ class LLM:
         final output too. If anything raises or the caller stops reading, the rest are aborted."""
         last = {r: self.output_processor.group_output(self.output_processor.groups[r]) for r in request_ids}
         try:
-            # Once nothing else runs, one more step collects the step still in flight (it holds only
-            # extra tokens of finished requests), so the engine is idle when generate() returns.
+            # Once nothing else runs, one more step collects the step in flight: the engine ends idle.
             while last or (self.in_flight is not None and not self.scheduler.has_unfinished_requests()):
                 for output in self._step(report_running):
                     if output.request_id in last:
