@@ -13,6 +13,7 @@ device-to-device copy bandwidth give the fastest the run could possibly have gon
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -28,16 +29,19 @@ from attention import FP8, AttentionMetadata, LaunchConfig, choose_launch_config
 from engine import LLM, SamplingParams
 
 
-WORKLOADS = ["default", "shared-prefix", "long-prompt", "chat", "mixed", "short"]
-ONLINE_WORKLOADS = ("chat", "mixed", "short")  # served as a client sees them: arrival times, latencies
+WORKLOADS = ["default", "shared-prefix", "long-prompt", "chat", "chat-multiturn", "mixed", "short"]
+ONLINE_WORKLOADS = ("chat", "chat-multiturn", "mixed", "short")  # served as a client sees them: arrivals, latencies
+TURNS = 4  # chat-multiturn: each conversation asks this many questions, one after the other
 QUESTION_LEN = (32, 256)  # chat questions; answers are 128-512 tokens (within --max-output-len)
 
 
 def make_workload(name, num_seqs, max_input_len, max_output_len, vocab_limit=10000, seed=0):
     """The prompts and SamplingParams of a workload, deterministic for a seed. `default` is nano-vllm's
     exactly (seed 0, prompts first, then each max_tokens). `chat`: one system prompt of max_input_len
-    tokens shared by all, a question each. `mixed`: chats, and one request in 16 a document of
-    max_input_len / 4 to max_input_len tokens. `short`: 16 prompt and 16 output tokens."""
+    tokens shared by all, a question each. `chat-multiturn`: conversations of TURNS requests i, i+1, ...
+    (i a multiple of TURNS); the first is a chat request, each later one holds only its new question (see
+    follow_ups). `mixed`: chats, and one request in 16 a document of max_input_len / 4 to max_input_len
+    tokens. `short`: 16 prompt and 16 output tokens."""
     random.seed(seed)
 
     def tokens(n):
@@ -54,9 +58,10 @@ def make_workload(name, num_seqs, max_input_len, max_output_len, vocab_limit=100
     elif name == "long-prompt":  # prefill-heavy: long prompts, short answers
         prompts = [tokens(max_input_len) for _ in range(num_seqs)]
         answer_len = (min(100, max_output_len, 128), min(max_output_len, 128))
-    elif name == "chat":
+    elif name in ("chat", "chat-multiturn"):
         system = tokens(max_input_len)
-        prompts = [system + question() for _ in range(num_seqs)]
+        prompts = [question() if name == "chat-multiturn" and i % TURNS else system + question()
+                   for i in range(num_seqs)]
     elif name == "mixed":
         prompts = [tokens(random.randint(max(1, max_input_len // 4), max_input_len)) if random.random() < 1 / 16
                    else question() for _ in range(num_seqs)]
@@ -64,7 +69,7 @@ def make_workload(name, num_seqs, max_input_len, max_output_len, vocab_limit=100
         prompts = [tokens(min(16, max_input_len)) for _ in range(num_seqs)]
     else:
         raise ValueError(f"workload {name!r}: expected one of {', '.join(WORKLOADS)}")
-    if name in ("chat", "mixed"):
+    if name in ("chat", "chat-multiturn", "mixed"):
         answer_len = (min(128, max_output_len), min(512, max_output_len))
     elif name == "short":
         answer_len = (min(16, max_output_len),) * 2
@@ -85,16 +90,27 @@ def arrival_times(num_requests, request_rate, seed=0):
     return times
 
 
-def serve(llm, prompts, params, arrivals):
+def follow_ups(workload, num_requests):
+    """chat-multiturn: request i -> the next turn of its conversation (see serve)."""
+    if workload != "chat-multiturn":
+        return {}
+    return {i: i + 1 for i in range(num_requests - 1) if (i + 1) % TURNS}
+
+
+def serve(llm, prompts, params, arrivals, next_turn=None):
     """Serve the requests as a client would: each is added once its arrival time has passed on a real
     clock, the engine is stepped, and the time each streamed token reaches the client is noted.
-    Returns, per request, its token times (seconds from the start), and the wall time."""
-    start = time.perf_counter()
-    order = sorted(range(len(prompts)), key=arrivals.__getitem__)
+    next_turn (request i -> j): j arrives when i finishes, its prompt then i's prompt + i's answer +
+    j's own question, as a chat client sends the whole conversation each turn; prompts[j] and
+    arrivals[j] are updated in place. Returns, per request, its token times (seconds from the start),
+    and the wall time."""
+    start, next_turn = time.perf_counter(), next_turn or {}
+    later = set(next_turn.values())
+    order = sorted((i for i in range(len(prompts)) if i not in later), key=arrivals.__getitem__)
     token_times = [[] for _ in prompts]
     ids = [f"online-{i}" for i in range(len(prompts))]
     waiting = 0
-    while waiting < len(order) or llm.has_unfinished_requests():
+    while waiting < len(order) or llm.has_unfinished_requests():  # (a next turn is added with the step's outputs)
         now = time.perf_counter() - start
         while waiting < len(order) and arrivals[order[waiting]] <= now:
             i = order[waiting]
@@ -108,6 +124,11 @@ def serve(llm, prompts, params, arrivals):
             if output.outputs[0].finish_reason == "error":
                 raise SystemExit(f"request {i} failed: {output.error}")
             token_times[i] += [time.perf_counter() - start] * (count - len(token_times[i]))
+            if output.finished and i in next_turn:
+                j = next_turn[i]
+                prompts[j] = prompts[i] + output.outputs[0].token_ids + prompts[j]
+                arrivals[j] = time.perf_counter() - start
+                llm.add_request(ids[j], prompts[j], params[j])
     return token_times, time.perf_counter() - start
 
 
@@ -439,7 +460,7 @@ def main():
     p.add_argument("--arch", default="qwen3-0.6b" if on_gpu else "tiny", choices=list(model.SHAPES))
     p.add_argument("--workload", default="default", choices=WORKLOADS,
                    help="offline: default, shared-prefix, long-prompt; online (served, with latencies): chat, "
-                        "mixed, short")
+                        "chat-multiturn, mixed, short")
     p.add_argument("--request-rate", type=positive_number, metavar="R", help="requests arrive as a Poisson process of R per "
                    "second (online); without it, online workloads arrive all at once")
     p.add_argument("--compare", action="store_true", help="rerun with the workload's feature off: prefix caching "
@@ -459,6 +480,8 @@ def main():
     p.add_argument("--calculate-kv-scales", action="store_true", help="fp8 scales from the first batch")
     p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="online workloads: draw inter-token latency over time (with "
+                   "--compare, both runs; needs matplotlib)")
     p.add_argument("--timeline", action="store_true",
                    help="print the steps bucketed by requests per step against their limits (always in the JSON)")
     p.add_argument("--kernel", action="store_true", help="benchmark the paged-attention kernel alone (GPU)")
@@ -468,6 +491,11 @@ def main():
         if not on_gpu:
             raise SystemExit("--kernel needs a GPU")
         return kernel_benchmark(args)
+    if args.plot:
+        if args.workload not in ONLINE_WORKLOADS and args.request_rate is None:
+            raise SystemExit("--plot draws inter-token latency: it needs an online workload (chat, mixed, ...)")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
     if not on_gpu:
         print(f"No GPU: running the {args.arch!r} shape on a small version of the workload "
               f"({args.num_seqs} requests, prompts <= {args.max_input_len}, outputs <= {args.max_output_len}).")
@@ -478,6 +506,9 @@ def main():
                "mixed": dict(max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_input_len))}
         feature = "fp8" if args.kv_cache_dtype != "auto" else args.workload
         result["compare"] = run(args, on_gpu, **off.get(feature, dict(enable_prefix_caching=False)))
+    if args.plot:
+        runs = [result] + ([result["compare"]] if args.compare else [])
+        plot_latency(args.plot, [(describe(r), r.pop("itl_points")) for r in runs], args)
     show(result, args.timeline)
     if args.json:
         with open(args.json, "w") as f:
@@ -485,10 +516,11 @@ def main():
 
 
 def build_llm(args, **overrides):
-    longest_question = QUESTION_LEN[1] if args.workload in ("chat", "mixed") else 64
+    longest_question = QUESTION_LEN[1] if args.workload in ("chat", "chat-multiturn", "mixed") else 64
+    turns = TURNS if args.workload == "chat-multiturn" else 1
     settings = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_model_len=args.max_input_len + longest_question + args.max_output_len,  # the longest made
+                    max_num_batched_tokens=args.max_num_batched_tokens,  # below: the longest prompt + answer made
+                    max_model_len=args.max_input_len + turns * (longest_question + args.max_output_len),
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
@@ -528,7 +560,7 @@ def run(args, on_gpu, **overrides):
     start = time.perf_counter()
     if online:
         arrivals = arrival_times(len(prompts), args.request_rate)
-        token_times, seconds = serve(llm, prompts, params, arrivals)
+        token_times, seconds = serve(llm, prompts, params, arrivals, follow_ups(args.workload, len(prompts)))
         output_tokens = sum(map(len, token_times))
     else:
         outputs = llm.generate(prompts, params)
@@ -556,9 +588,13 @@ def run(args, on_gpu, **overrides):
     needed, steps = bytes_read(llm, stats_before, llm.stats)
     result.update(steps=steps, graph_steps=llm.stats.graph_steps - stats_before.graph_steps)
     if online:
-        classes = [("document" if len(p) > QUESTION_LEN[1] else "chat") if args.workload == "mixed" else args.workload
-                   for p in prompts]
+        classes = [("document" if len(p) > QUESTION_LEN[1] else "chat") if args.workload == "mixed"
+                   else f"turn {i % TURNS + 1}" if args.workload == "chat-multiturn" else args.workload
+                   for i, p in enumerate(prompts)]
         result.update(request_rate=args.request_rate, latency=latency_table(token_times, arrivals, classes))
+        if args.plot:  # (popped before printing) each short request's inter-token gaps, at the time of the later token
+            result["itl_points"] = [(b, 1e3 * (b - a)) for i, c in enumerate(classes) if c != "document"
+                                    for a, b in zip(token_times[i], token_times[i][1:])]
     result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate)
     if on_gpu:
         limit_seconds = needed / bandwidth
@@ -570,6 +606,29 @@ def run(args, on_gpu, **overrides):
                       fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4),
                       fraction_of_roofline_limit=round(roofline_seconds / seconds, 4))
     return result
+
+
+def describe(result):
+    """A run's label on the plot: the setting that --compare changes."""
+    return (f"max_num_batched_tokens={result['max_num_batched_tokens']:,}, "
+            f"prefix caching {'on' if result['prefix_caching'] else 'off'}, {result['output_tokens_per_s']:,.0f} tok/s")
+
+
+def plot_latency(path, runs, args):
+    """Inter-token latency (ms, log scale) against time: one series of points per run."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for (label, points), color in zip(runs, ("tab:blue", "tab:red")):
+        ax.scatter([t for t, _ in points], [ms for _, ms in points], s=3, alpha=0.4, color=color, label=label)
+    ax.set(yscale="log", xlabel="seconds since the first request", ylabel="inter-token latency, ms",
+           title=f"{args.workload} workload, {args.arch}, {args.num_seqs} requests"
+                 + (f" at {args.request_rate:g}/s" if args.request_rate else "") + " (requests under 256 tokens)")
+    ax.legend(loc="upper right", markerscale=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def show(result, timeline_too, indent=""):

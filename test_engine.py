@@ -2509,6 +2509,37 @@ class TestBench:
         assert table["x"]["ttft_ms_p50_p90_p99"][0] == round(1e3 * ttft[6], 2) and table["x"]["requests"] == 12
         _assert_pool_free(llm)
 
+    def test_multiturn_chat_sends_each_turn_after_the_last_with_the_whole_conversation(self):
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        prompts, params = bench.make_workload("chat-multiturn", 8, 40, 12, vocab_limit=500)
+        questions = [list(p) for p in prompts]
+        assert all(len(p) - 40 <= 256 if i % bench.TURNS == 0 else len(p) <= 256 for i, p in enumerate(prompts))
+        arrivals = bench.arrival_times(8, None)
+        next_turn = bench.follow_ups("chat-multiturn", 8)
+        assert next_turn == {0: 1, 1: 2, 2: 3, 4: 5, 5: 6, 6: 7}
+        before = llm.scheduler.kv_cache_manager.num_hit_tokens
+        token_times, _ = bench.serve(llm, prompts, params, arrivals, next_turn)
+        for i, j in next_turn.items():  # turn j's prompt: turn i's prompt, its answer, then j's own question
+            answer_len = len(prompts[j]) - len(prompts[i]) - len(questions[j])
+            assert prompts[j][:len(prompts[i])] == prompts[i] and prompts[j][-len(questions[j]):] == questions[j]
+            assert answer_len == params[i].max_tokens == len(token_times[i])
+            assert arrivals[j] >= token_times[i][-1] and token_times[j][0] > arrivals[j]
+        assert llm.scheduler.kv_cache_manager.num_hit_tokens - before > 3 * 40  # the conversations' prefixes were reused
+        _assert_pool_free(llm)
+
+    def test_plot_draws_both_runs(self, tmp_path, monkeypatch, capsys):
+        pytest.importorskip("matplotlib")
+        png = tmp_path / "itl.png"
+        argv = ["bench.py", "--arch", "tiny", "--workload", "mixed", "--num-seqs", "12", "--max-input-len", "300",
+                "--max-output-len", "6", "--request-rate", "500", "--max-num-batched-tokens", "32", "--compare"]
+        monkeypatch.setattr(sys, "argv", argv + ["--plot", str(png), "--json", str(tmp_path / "out.json")])
+        bench.main()
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+        assert "itl_points" not in (tmp_path / "out.json").read_text()  # the points are drawn, not printed
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--plot", str(png)])
+        with pytest.raises(SystemExit, match="online workload"):
+            bench.main()
+
     def test_compare_reruns_mixed_with_one_shot_prefill(self, tmp_path, monkeypatch):
         out = tmp_path / "bench.json"
         monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--workload", "mixed", "--num-seqs", "20",
