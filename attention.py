@@ -79,8 +79,7 @@ def to_cache(x, scale, cache_dtype):
 
 
 def write_kv_reference(k, v, k_cache, v_cache, slot_mapping, kv_scale=None):
-    """Scatter k, v [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping; into an fp8
-    cache as k / kv_scale[0] and v / kv_scale[1]."""
+    """Scatter k, v [num_tokens, num_kv_heads, head_dim] to slot_mapping (fp8: k / kv_scale[0], v / kv_scale[1])."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     scale = kv_scale if k_cache.dtype == FP8 else (1.0, 1.0)
@@ -109,17 +108,15 @@ def rotated_qkv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, num_k
 
 def rope_and_write_kv_reference(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
                                 k_cache, v_cache, slot_mapping, kv_scale=None):
-    """rotated_qkv, then k, v written at slot_mapping (-1: not; fp8 caches: scaled by kv_scale [2],
-    see write_kv_reference); returns q [num_tokens, num_q_heads, head_dim]."""
+    """rotated_qkv, then k, v written at slot_mapping (-1: not; fp8: see write_kv_reference); returns q."""
     q, k, v = rotated_qkv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, *k_cache.shape[2:])
     write_kv_reference(k, v, k_cache, v_cache, slot_mapping, kv_scale)  # this step's keys must be visible to itself
     return q
 
 
 def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, kv_scale=None):
-    """The readable definition of paged attention, one request at a time: request i's n query rows
-    are the last n positions of its seq_lens[i]; position p sees keys 0..p; seq_len 0 yields zeros.
-    An fp8 cache holds K / kv_scale[0] and V / kv_scale[1]."""
+    """The readable definition of paged attention, one request at a time: request i's n query rows are the last n
+    positions of its seq_lens[i]; position p sees keys 0..p; seq_len 0 yields zeros. fp8: see write_kv_reference."""
     k_scale, v_scale = kv_scale if k_cache.dtype == FP8 else (1.0, 1.0)
     out = torch.zeros_like(q)
     block_size = k_cache.shape[1]

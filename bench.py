@@ -12,6 +12,7 @@ device-to-device copy bandwidth give the fastest the run could possibly have gon
 """
 import argparse
 import dataclasses
+import functools
 import gc
 import importlib.util
 import itertools
@@ -346,8 +347,13 @@ def sdpa_us(query_lens, seq_lens, q, k_cache, v_cache, meta):
         return _median_us(lambda: run(repeated)), "repeat"
 
 
+@functools.cache
+def _unit_scales(device):  # made once: not a fill kernel inside every timed call
+    return torch.ones(2, device=device)
+
+
 def _attend(q, k_cache, v_cache, meta, config):
-    kv_scale = torch.ones(2, device="cuda") if k_cache.dtype == FP8 else None
+    kv_scale = _unit_scales(q.device) if k_cache.dtype == FP8 else None
     return paged_attention(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, kv_scale, config=config)
 
 
@@ -610,8 +616,9 @@ def run(args, on_gpu, **overrides):
 
 def describe(result):
     """A run's label on the plot: the setting that --compare changes."""
-    return (f"max_num_batched_tokens={result['max_num_batched_tokens']:,}, "
-            f"prefix caching {'on' if result['prefix_caching'] else 'off'}, {result['output_tokens_per_s']:,.0f} tok/s")
+    return (f"max_num_batched_tokens={result['max_num_batched_tokens']:,}, prefix caching "
+            f"{'on' if result['prefix_caching'] else 'off'}, KV {result['kv_cache_dtype']}, "
+            f"{result['output_tokens_per_s']:,.0f} tok/s")
 
 
 def plot_latency(path, runs, args):

@@ -157,15 +157,13 @@ class LLM:
         return [results[request_id] for request_id in order]
 
     def stream(self, prompts, sampling_params=None):
-        """generate() as it happens: yields RequestOutputs carrying only what is new since the same
-        request's last one (token ids, text, logprobs; prompt_logprobs in the first), requests
-        interleaved in the order their tokens come; each request's last one has finished=True. Text
-        comes in whole characters, held back while it may still become a stop string. A caller that
-        stops reading early (close()) closes the step loop too, which aborts the requests still running."""
-        order, failed = self._add_prompts(prompts, sampling_params)
-        yield from failed.values()
+        """generate() as it happens: yields RequestOutputs carrying only what is new since the same request's
+        last one (token ids, text, logprobs, prompt logprobs), requests interleaved in the order their tokens
+        come; each request's last one has finished=True. Text comes in whole characters, held back while it
+        may still become a stop string. Closing it early (close(), break) aborts the requests still running."""
+        ids, bad = self._add_prompts(prompts, sampling_params)
         sent = {}  # request id -> its last output, as the engine reported it (cumulative)
-        with contextlib.closing(self._run_until_done([r for r in order if r not in failed], True)) as outputs:
+        with contextlib.closing(self._run_until_done([r for r in ids if r not in bad], True, bad.values())) as outputs:
             for output in outputs:
                 yield _delta(output, sent.get(output.request_id))
                 sent[output.request_id] = output
@@ -299,23 +297,25 @@ class LLM:
             raise
         return order, failed
 
-    def _run_until_done(self, request_ids: list[str], report_running: bool):
-        """Step until these requests finish, yielding their outputs (each time they move, or only the
-        final ones); other callers' final outputs wait for step(). One aborted meanwhile ends with a
-        final output too. If anything raises or the caller stops reading, the rest are aborted."""
+    def _run_until_done(self, request_ids: list[str], report_running: bool, first=()):
+        """Yield `first`, then step until these requests finish, yielding their outputs (each time they
+        move, or only the final ones); other callers' final outputs wait for step(). One aborted meanwhile
+        ends with a final output too. If anything raises or the caller stops reading, the rest are aborted."""
         last = {r: self.output_processor.group_output(self.output_processor.groups[r]) for r in request_ids}
         try:
+            yield from first
             # Once nothing else runs, one more step collects the step in flight: the engine ends idle.
             while last or (self.in_flight is not None and not self.scheduler.has_unfinished_requests()):
-                for output in self._step(report_running):
-                    if output.request_id in last:
-                        last[output.request_id] = output
-                        yield last.pop(output.request_id) if output.finished else output
-                    elif output.finished:  # another caller's: its final output waits for step()
-                        self.undelivered.append(output)
-                for request_id in [r for r in last if r not in self.output_processor.groups]:  # abort() was called
-                    output = last.pop(request_id)
-                    yield replace(output, finished=True, outputs=[
+                outputs = self._step(report_running)  # others' final outputs: kept for step() before any yield
+                self.undelivered += [o for o in outputs if o.finished and o.request_id not in last]
+                for output in [o for o in outputs if o.request_id in last]:
+                    last[output.request_id] = output
+                    yield last.pop(output.request_id) if output.finished else output
+                for request_id in [r for r in last if r not in self.output_processor.groups]:  # ended elsewhere:
+                    taken = [o for o in self.undelivered if o.request_id == request_id]  # in a generate() run
+                    self.undelivered = [o for o in self.undelivered if o.request_id != request_id]  # meanwhile,
+                    output = last.pop(request_id)  # or by abort()
+                    yield taken[0] if taken else replace(output, finished=True, outputs=[
                         replace(c, finish_reason=c.finish_reason or "abort") for c in output.outputs])
         finally:  # an exception, Ctrl-C, or a caller that stopped reading: never leave blocks nobody will read
             for request_id in last:
@@ -446,8 +446,9 @@ class OutputProcessor:
         request, params = completion.request, completion.request.sampling_params
         text = self._detokenize(completion)
         if len(request.output_token_ids) > params.min_tokens:
-            start = max(0, completion.num_searched - max(map(len, params.stop)) + 1)
-            if hits := [(at, stop) for stop in params.stop if (at := text.find(stop, start)) >= 0]:
+            # a stop string ending in text not searched yet (vLLM's rule: past min_tokens, an older one stays)
+            if hits := [(at, stop) for stop in params.stop
+                        if (at := text.find(stop, max(0, completion.num_searched - len(stop) + 1))) >= 0]:
                 at, stop = min(hits)
                 completion.text = text[:at + len(stop) if params.include_stop_str_in_output else at]
                 request.stop_reason = stop
@@ -756,7 +757,7 @@ class ModelRunner:
         """Logits of the sampling rows, then of the prompt-logprobs rows: a graph replay for
         decode-only batches, else eager."""
         num_logits = plan.num_sampling + len(plan.prompt_positions)
-        calibrating = self.model.layers[0].calibrate_kv_scale  # the graphs do not calibrate: run eager
+        calibrating = any(layer.calibrate_kv_scale for layer in self.model.layers)  # graphs do not: run eager
         if plan.num_rows in self.graphs and plan.max_query_len == 1 and not calibrating:
             graph, logits = self.graphs[plan.num_rows]
             graph.replay()
@@ -1040,7 +1041,8 @@ def _delta(output: RequestOutput, previous: RequestOutput | None) -> RequestOutp
     """What `output` adds to `previous`, an earlier output of the same request (None: nothing sent)."""
     if previous is None:
         return output
-    return replace(output, prompt_logprobs=None, outputs=[
+    prompt = output.prompt_logprobs and output.prompt_logprobs[len(previous.prompt_logprobs):] or None
+    return replace(output, prompt_logprobs=prompt, outputs=[
         replace(now, text=now.text[len(then.text):], token_ids=now.token_ids[len(then.token_ids):],
                 logprobs=None if now.logprobs is None else now.logprobs[len(then.logprobs):])
         for now, then in zip(output.outputs, previous.outputs)])

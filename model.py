@@ -341,8 +341,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = _empty(config.hidden_size, config=config)
         self.gate_up_proj = _empty(2 * config.intermediate_size, config.hidden_size, config=config)
         self.down_proj = _empty(config.hidden_size, config.intermediate_size, config=config)
-        # fp8 KV caches hold K / kv_scale[0] and V / kv_scale[1] (per tensor, vLLM's k_scale and v_scale):
-        # 1.0, or a checkpoint's, or set from the first batch when calibrate_kv_scale is on.
+        # fp8 caches hold K / kv_scale[0], V / kv_scale[1]: 1.0, a checkpoint's, or the first batch's (calibrate)
         self.register_buffer("kv_scale", torch.ones(2), persistent=False)
         self.calibrate_kv_scale = False
 
@@ -474,6 +473,8 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target = targets[name]
+        if name.endswith("_scale") and not (torch.isfinite(tensor).all() and (tensor > 0).all()):
+            raise ValueError(f"tensor {name!r} in {source}: a KV cache scale must be finite and > 0, got {tensor}")
         if tensor.shape != target.shape and not tensor.numel() == target.numel() == 1:  # a scale: [] or [1]
             raise ValueError(f"tensor {name!r} in {source}: shape {tuple(tensor.shape)}, "
                              f"expected {tuple(target.shape)} from config.json")

@@ -1820,6 +1820,15 @@ class TestEngine:
         output = llm.generate([[1, 2, 3] * 5], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
         assert len(output.outputs[0].token_ids) == 5
 
+    @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+    def test_a_bad_kv_scale_in_a_checkpoint_is_refused(self, tmp_path, bad):
+        _hf_checkpoint(tmp_path, "LlamaForCausalLM")
+        tensors = load_file(tmp_path / "model.safetensors")
+        tensors["model.layers.1.self_attn.v_scale"] = torch.tensor(bad)
+        save_file(tensors, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match="model.layers.1.self_attn.v_scale.*finite and > 0"):
+            LLM(str(tmp_path), dtype=torch.float32, kv_cache_dtype="fp8")
+
     def test_bad_kv_cache_dtype_lists_the_choices(self):
         with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', 'fp8', 'fp8_e4m3', got 'int4'"):
             LLM("tiny", kv_cache_dtype="int4")
@@ -2285,6 +2294,51 @@ class TestEngine:
         while llm.has_unfinished_requests():
             assert not any(o.finished and o.outputs[0].finish_reason != "abort" for o in llm.step())
         _assert_pool_free(llm)
+
+    def test_stream_keeps_every_final_output_when_loops_nest_or_close_early(self):
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        seen = []
+        for output in llm.stream([[1, 2, 3]], params):  # a generate() run inside the loop takes the stream's final
+            seen.append(output)
+            if len(seen) == 1:
+                llm.generate([[4, 5]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+        assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "length"
+        assert sum(len(o.outputs[0].token_ids) for o in seen) == 6 and not llm.undelivered
+        stream = llm.stream([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        next(stream)
+        llm.add_request("bystander", [9, 9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        for _ in stream:  # stop reading right after the step that finished the bystander
+            if "bystander" not in llm.output_processor.groups:
+                break
+        stream.close()
+        finals = [o for _ in range(40) if llm.has_unfinished_requests() for o in llm.step() if o.finished]
+        assert [(o.request_id, len(o.outputs[0].token_ids)) for o in finals] == [("bystander", 3)]
+        _assert_pool_free(llm)
+        stream = llm.stream([{"prompt": "no tokenizer"}, [1, 2, 3]], params)
+        assert next(stream).error  # closed while the bad prompt's output is read: the good one is aborted
+        stream.close()
+        assert not llm.has_unfinished_requests() and not llm.scheduler.requests
+        _assert_pool_free(llm)
+
+    def test_stream_sends_prompt_logprobs_as_they_are_scored(self):
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=4)  # 4 prompt rows a step: 40 take 10
+        params = SamplingParams(temperature=0, max_tokens=3, n=2, prompt_logprobs=1, ignore_eos=True)
+        [whole] = llm.generate([list(range(1, 41))], params, use_tqdm=False)
+        deltas = [o.prompt_logprobs for o in llm.stream([list(range(1, 41))], params)]
+        assert len(whole.prompt_logprobs) == 40 and [e for d in deltas if d for e in d] == whole.prompt_logprobs
+        assert deltas[0] is not None and len(deltas[0]) < 40  # completion 1 samples before 0 has scored the prompt
+
+    def test_a_stop_string_inside_min_tokens_is_not_found_later(self, tmp_path, monkeypatch):
+        _byte_tokenizer_checkpoint(tmp_path)
+        llm = LLM(str(tmp_path), dtype=torch.float32, block_size=4, max_num_seqs=4)
+        ids = [llm.get_tokenizer().encoding.encode_single_token(c.encode()) for c in "xzzqqqq"]
+        params = SamplingParams(max_tokens=7, min_tokens=3, stop=["zz", "abcd"])
+        _scripted_sampler(monkeypatch, ids)
+        [output] = llm.generate([[5, 6]], params, use_tqdm=False)
+        assert (output.outputs[0].text, output.outputs[0].finish_reason) == ("xzzqqqq", "length")  # vLLM's rule
+        _scripted_sampler(monkeypatch, ids)
+        assert "".join(o.outputs[0].text for o in llm.stream([[5, 6]], params)) == "xzzqqqq"
 
     def test_an_interrupted_add_request_queues_nothing(self, monkeypatch):
         llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
