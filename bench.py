@@ -165,6 +165,29 @@ def matmul_rate():
     return 2 * 8192 ** 3 / (ms * 1e-3)
 
 
+def record_gpu_spans(llm):
+    """CUDA events around each step's device work: recorded when the step's forward is launched (its
+    inputs already built on the host) and when its sampling is. Summed, the spans over the wall time
+    are the share of time the GPU was busy (an upper bound: gaps between an eager step's launches
+    count as busy). An empty list without a GPU."""
+    spans, run_model, execute = [], llm.runner.run_model, llm.runner.execute
+    if not llm.runner.on_cuda:
+        return spans
+
+    def timed_run_model(plan):
+        spans.append([torch.cuda.Event(enable_timing=True)])
+        spans[-1][0].record()
+        return run_model(plan)
+
+    def timed_execute(schedule, previous):
+        flight = execute(schedule, previous)
+        spans[-1].append(torch.cuda.Event(enable_timing=True))
+        spans[-1][1].record()
+        return flight
+    llm.runner.run_model, llm.runner.execute = timed_run_model, timed_execute
+    return spans
+
+
 def record_steps(llm):
     """Note, per step, when its tokens reached the host and what it computed: (time, requests,
     context tokens read, new tokens, sampled rows, attention key-query pairs). With async overlap the
@@ -562,7 +585,7 @@ def run(args, on_gpu, **overrides):
         torch.cuda.reset_peak_memory_stats()
 
     online = args.workload in ONLINE_WORKLOADS or args.request_rate is not None
-    steps_seen = record_steps(llm)
+    steps_seen, gpu_spans = record_steps(llm), record_gpu_spans(llm)
     start = time.perf_counter()
     if online:
         arrivals = arrival_times(len(prompts), args.request_rate)
@@ -602,6 +625,10 @@ def run(args, on_gpu, **overrides):
             result["itl_points"] = [(b, 1e3 * (b - a)) for i, c in enumerate(classes) if c != "document"
                                     for a, b in zip(token_times[i], token_times[i][1:])]
     result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate)
+    if on_gpu:
+        torch.cuda.synchronize()
+        busy_ms = sum(begin.elapsed_time(end) for begin, end in gpu_spans)
+        result["gpu_busy_fraction"] = round(busy_ms / 1e3 / seconds, 4)
     if on_gpu:
         limit_seconds = needed / bandwidth
         roofline_seconds = sum(row["roofline_seconds"] for row in result["timeline"])  # already per step

@@ -2511,6 +2511,17 @@ class TestBench:
         assert sum(row["steps"] for row in rows) == result["steps"]
         assert sum(row["seconds"] for row in rows) == pytest.approx(result["seconds"], abs=0.01)
 
+    def test_gpu_busy_fraction_is_a_share_of_the_wall_time(self, tmp_path, monkeypatch):
+        out = tmp_path / "bench.json"
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--workload", "short", "--num-seqs", "64",
+                                          "--json", str(out)])
+        bench.main()
+        result = json.loads(out.read_text())
+        if _CUDA:  # one span per step, inside the run's wall time
+            assert 0 < result["gpu_busy_fraction"] <= 1
+        else:
+            assert "gpu_busy_fraction" not in result and bench.record_gpu_spans(LLM("tiny", max_num_seqs=4)) == []
+
     def test_roofline_counts_every_matmul_weight(self):
         """step_limits' FLOPs of one token equal 2 x the model's matmul weights (lm_head included)."""
         llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4)
