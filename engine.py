@@ -298,9 +298,8 @@ class LLM:
         return order, failed
 
     def _run_until_done(self, request_ids: list[str], report_running: bool, first=()):
-        """Yield `first`, then step until these requests finish, yielding their outputs (each time they
-        move, or only the final ones); other callers' final outputs wait for step(). One aborted meanwhile
-        ends with a final output too. If anything raises or the caller stops reading, the rest are aborted."""
+        """Yield `first`, then step until these requests finish, yielding their outputs (as they move, or the final
+        ones); others' final outputs wait for step(). If anything raises or the reader stops, the rest are aborted."""
         last = {r: self.output_processor.group_output(self.output_processor.groups[r]) for r in request_ids}
         try:
             yield from first
@@ -311,10 +310,11 @@ class LLM:
                 for output in [o for o in outputs if o.request_id in last]:
                     last[output.request_id] = output
                     yield last.pop(output.request_id) if output.finished else output
-                for request_id in [r for r in last if r not in self.output_processor.groups]:  # ended elsewhere:
-                    taken = [o for o in self.undelivered if o.request_id == request_id]  # in a generate() run
-                    self.undelivered = [o for o in self.undelivered if o.request_id != request_id]  # meanwhile,
-                    output = last.pop(request_id)  # or by abort()
+                # only a stream's reader runs code between yields, so only it ends one elsewhere (abort, generate())
+                for request_id in [r for r in last if r not in self.output_processor.groups] if report_running else []:
+                    taken = [o for o in self.undelivered if o.request_id == request_id]
+                    self.undelivered = [o for o in self.undelivered if o.request_id != request_id]
+                    output = last.pop(request_id)
                     yield taken[0] if taken else replace(output, finished=True, outputs=[
                         replace(c, finish_reason=c.finish_reason or "abort") for c in output.outputs])
         finally:  # an exception, Ctrl-C, or a caller that stopped reading: never leave blocks nobody will read
