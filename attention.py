@@ -13,6 +13,9 @@ request's pages are scattered over the pool.
 How the attention kernel works (FlashAttention-2 + flash-decoding, over pages):
 - One program owns a tile of query rows of one request and one KV head: (query token, query head)
   pairs for all query heads sharing that KV head (GQA packing), so each K/V tile is loaded once.
+  The KV head varies fastest over the grid: the programs of one query tile run side by side and
+  together read whole cache blocks (all heads of a key are adjacent), not 256-byte strips of
+  blocks spread over the run (H100: 4k-token prefill 15% faster, mixed-length decode 1.5-3%).
 - It walks the request's keys in tiles of BLOCK_N, finding each key's page in the block table,
   with an online softmax in fp32: running max m, running sum l and an unnormalised output acc,
   rescaled by exp(m_old - m_new) whenever the max grows. No score matrix is stored.
@@ -279,14 +282,14 @@ def _attend_key_tiles(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ro
             k = tl.load(k_cache_ptr + offsets)
             v = tl.load(v_cache_ptr + offsets)
         k, v = k.to(q.dtype), v.to(q.dtype)  # fp8 caches: dequantized in registers (the scales apply outside)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled: qk_scale joins the exp2's FMA
         if MASKED:
             scores = tl.where(key_pos[None, :] <= row_pos[:, None], scores, float("-inf"))
-        # Online softmax. m_i starts at -1e30, not -inf, so a row that sees no key in this tile
-        # gets exp2(-inf) = 0 terms and alpha = 1 instead of NaN from (-inf) - (-inf).
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # Online softmax in log2 units. m_i starts at -1e30, not -inf, so a row that sees no key in this
+        # tile gets exp2(-inf) = 0 terms and alpha = 1 instead of NaN from (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        p = tl.exp2(scores * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -301,14 +304,14 @@ def _paged_attention_kernel(
         stride_cache_block, stride_cache_offset, stride_cache_head, stride_block_table,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
-    # Reversed order: with causal prefill the last tiles of a request see the most keys; starting
-    # them first leaves the short ones for the end of the grid (a guard against a long tail; on a
-    # 4k prompt it measured the same as forward order).
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+    # Tiles in reversed order: with causal prefill the last tiles of a request see the most keys;
+    # starting them first leaves the short ones for the end of the grid (a guard against a long
+    # tail; on a 4k prompt it measured the same as forward order).
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    tile = tl.num_programs(0) // NUM_KV_HEADS - 1 - tl.program_id(0) // NUM_KV_HEADS
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     if ONE_TILE_PER_SEQ:  # every request has at most BLOCK_Q query rows (e.g. all decodes)
         seq = tile
         q_lo = 0
@@ -369,7 +372,7 @@ def _paged_attention_kernel(
     if SPLIT:
         # Partials are [num_tokens, num_q_heads, num_splits, HEAD_DIM] fp32, plus one log2-sum-exp
         # per row, so the reduce reads each row's splits contiguously.
-        partial = (token * (GROUP * tl.num_programs(1)) + q_head) * num_splits + split
+        partial = (token * (GROUP * NUM_KV_HEADS) + q_head) * num_splits + split
         tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(partial_lse_ptr + partial, lse, mask=row_valid)
@@ -499,7 +502,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
         partial_lse = torch.empty(num_tokens, num_q_heads, config.num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = out  # unused by the kernel when SPLIT is False
-    _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
+    _paged_attention_kernel[(num_tiles * num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
         meta.query_start_loc, meta.seq_lens, meta.block_table, q if kv_scale is None else kv_scale,
         scale * 1.4426950408889634, num_seqs,
@@ -508,7 +511,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size, ONE_TILE_PER_SEQ=one_tile_per_seq, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=k_cache.dtype == FP8,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        NUM_KV_HEADS=num_kv_heads, num_warps=config.num_warps, num_stages=config.num_stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out, partial_lse, out, config.num_splits, out.stride(0), out.stride(1),

@@ -794,7 +794,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute(SchedulerOutput(entries, num_tokens, [], step=0), None).sampled_token_ids()
         peak = torch.cuda.max_memory_allocated(self.device) - self.kv_caches.numel() * self.kv_caches.element_size()
-        # Each decode graph keeps its own fp32 logits alive after capture, which comes after this; a
+        # Each decode graph keeps its own logits alive after capture, which comes after this; a
         # step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
         peak += (sum(self.graph_sizes) + 4 * len(lengths)) * self.model.config.vocab_size * 4
         del self.kv_caches
@@ -919,13 +919,13 @@ def sample(logits, params: SamplingTensors):
     pass over the vocabulary with no softmax, cumsum or search. Each row's U comes from a seed of
     (the request's seed, the token's index), so a seeded request draws the same tokens in any batch."""
     if params.adjust is not None:
-        logits = adjust_logits(logits, params.adjust)
+        logits = adjust_logits(logits.float(), params.adjust)
     if params.all_greedy:
         return logits.argmax(-1)
     temperature = params.temperature
     if params.needs_top_k_top_p:  # rare: sort-based masking on logits / T, then draw at T = 1
         sampled = temperature > 0
-        logits = apply_top_k_top_p(logits / torch.where(sampled, temperature, 1.0)[:, None],
+        logits = apply_top_k_top_p(logits.float() / torch.where(sampled, temperature, 1.0)[:, None],
                                    params.top_k, params.top_p, params.min_p)
         temperature = sampled.float()
     draw = gumbel_argmax if logits.is_cuda else gumbel_argmax_reference
@@ -935,43 +935,39 @@ def sample(logits, params: SamplingTensors):
 def logprobs_of(logits, token_ids, k: int):
     """vLLM's raw logprobs (log_softmax of the model's logits): ints [rows, 1 + k] (the rank of
     token_ids[row], 1 = most likely, then the top k ids) and floats [rows, 1 + k] (their logprobs)."""
-    logprobs = logits.log_softmax(-1)
+    logprobs = logits.log_softmax(-1, dtype=torch.float32)
     chosen = logprobs.gather(1, token_ids[:, None])
     top_values, top_ids = logprobs.topk(k, dim=-1)
     ranks = (logprobs > chosen).sum(-1, keepdim=True) + 1
     return torch.cat([ranks, top_ids], 1), torch.cat([chosen, top_values], 1)
 
 
+GUMBEL_BLOCK = 2048  # vocabulary entries per program: rows x slices programs fill the GPU even for one row
+
+
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, seeds_ptr, out_ptr, vocab_size, stride_row, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, seeds_ptr, value_ptr, index_ptr, vocab_size, stride_row,
+                          BLOCK: tl.constexpr):
+    row, part = tl.program_id(0), tl.program_id(1)  # the best of one slice of one row's vocabulary
+    offsets = part * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(logits_ptr + row * stride_row + offsets, mask=offsets < vocab_size, other=float("-inf")).to(tl.float32)
     temperature = tl.load(temperature_ptr + row)
-    seed = tl.load(seeds_ptr + row)
-    best_value = tl.full((), float("-inf"), tl.float32)
-    best_index = tl.full((), 0, tl.int32)
-    for start in range(0, vocab_size, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        x = tl.load(logits_ptr + row * stride_row + offsets, mask=offsets < vocab_size, other=float("-inf"))
-        x = x.to(tl.float32)
-        if temperature > 0:
-            gumbel = -tl.log(-tl.log(tl.rand(seed, offsets)))  # U = 0 gives -inf: never chosen
-            x = x / temperature + gumbel
-        block_best = tl.max(x, axis=0)
-        block_index = tl.argmax(x, axis=0) + start
-        better = block_best > best_value  # strict: ties keep the lowest index, as torch.argmax
-        best_index = tl.where(better, block_index, best_index)
-        best_value = tl.where(better, block_best, best_value)
-    tl.store(out_ptr + row, best_index)
+    if temperature > 0:  # U = 0 gives -inf: never chosen
+        x = x / temperature - tl.log(-tl.log(tl.rand(tl.load(seeds_ptr + row), offsets)))
+    tl.store(value_ptr + row * tl.num_programs(1) + part, tl.max(x, 0))
+    tl.store(index_ptr + row * tl.num_programs(1) + part, tl.argmax(x, 0) + part * BLOCK)
 
 
 def gumbel_argmax(logits, temperature, seeds):
-    """argmax(logits / T + Gumbel noise) per row (T = 0: plain argmax), one read of the logits."""
-    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    if logits.shape[0]:
-        block = min(4096, triton.next_power_of_2(logits.shape[1]))
-        _gumbel_argmax_kernel[(logits.shape[0],)](logits, temperature, seeds, out, logits.shape[1],
-                                                  logits.stride(0), BLOCK=block, num_warps=8)
-    return out
+    """argmax(logits / T + Gumbel noise) per row (T = 0: plain argmax), one read of the logits. Ties go to the
+    lowest index, as torch.argmax: the first best within a slice (tl.argmax), then the first slice's."""
+    rows, parts = logits.shape[0], triton.cdiv(logits.shape[1], GUMBEL_BLOCK)
+    values = torch.empty(rows, parts, device=logits.device)
+    index = torch.empty(rows, parts, dtype=torch.int64, device=logits.device)
+    if rows:
+        _gumbel_argmax_kernel[(rows, parts)](logits, temperature, seeds, values, index, logits.shape[1],
+                                             logits.stride(0), BLOCK=GUMBEL_BLOCK)
+    return index.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
 
 
 def gumbel_argmax_reference(logits, temperature, seeds):

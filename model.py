@@ -394,9 +394,9 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions [T] int64 (flat batch) -> float32 logits [S, vocab] for the rows in
-        logits_indices [S] (None: every row). kv_caches: [num_layers, 2, num_blocks, block_size,
-        num_kv_heads, head_dim]; this step's K/V are written into it at meta.slot_mapping."""
+        """input_ids, positions [T] int64 (flat batch) -> logits [S, vocab] in the model's dtype, as HF's (an fp32
+        copy costs more than the lm_head), for the rows in logits_indices [S] (None: every row). kv_caches:
+        [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; this step's K/V are written at slot_mapping."""
         c = self.config
         if (kv_caches.dim() != 6 or kv_caches.dtype not in (c.dtype, attention.FP8)
                 or kv_caches.shape[:2] != (c.num_layers, 2) or kv_caches.shape[4:] != (c.num_kv_heads, c.head_dim)):
@@ -414,7 +414,7 @@ class Transformer(nn.Module):
         if logits_indices is not None:  # the final norm and lm_head only for rows that sample
             hidden, residual = hidden[logits_indices], residual[logits_indices]
         hidden = kernels.add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
-        return F.linear(hidden, self.lm_head).float()
+        return F.linear(hidden, self.lm_head)
 
 
 # ----------------------------------------------------------------------------------- weights
