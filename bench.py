@@ -5,6 +5,7 @@
     python bench.py --workload shared-prefix --json out.json
     python bench.py --timeline           # steps bucketed by requests per step, against their limits
     python bench.py --kernel [--sweep]   # the paged-attention kernel alone (GPU)
+    python bench.py --latency            # batch-1 decode: ms per step at a 1k-token context
 
 Decoding is memory-bound: each step must read every weight once plus the K/V of every running
 request's context. The engine counts those contexts, so the run's bytes over the measured
@@ -513,6 +514,8 @@ def main():
                    "--compare, both runs; needs matplotlib)")
     p.add_argument("--timeline", action="store_true",
                    help="print the steps bucketed by requests per step against their limits (always in the JSON)")
+    p.add_argument("--latency", action="store_true", help="batch-1 decode: one request with a --max-input-len "
+                   "prompt, ms per step over LATENCY_STEPS steps against the step's byte limit")
     p.add_argument("--kernel", action="store_true", help="benchmark the paged-attention kernel alone (GPU)")
     p.add_argument("--sweep", action="store_true", help="with --kernel: also time other launch configurations")
     args = p.parse_args()
@@ -529,6 +532,8 @@ def main():
         print(f"No GPU: running the {args.arch!r} shape on a small version of the workload "
               f"({args.num_seqs} requests, prompts <= {args.max_input_len}, outputs <= {args.max_output_len}).")
 
+    if args.latency:
+        return show(decode_latency(args, on_gpu), False)
     result = run(args, on_gpu)
     if args.compare:  # the same workload with the feature it shows off switched off, in this process
         off = {"chat": dict(enable_prefix_caching=False), "fp8": dict(kv_cache_dtype="auto"),
@@ -638,6 +643,36 @@ def run(args, on_gpu, **overrides):
                       limit_output_tokens_per_s=round(output_tokens / limit_seconds, 1),
                       fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4),
                       fraction_of_roofline_limit=round(roofline_seconds / seconds, 4))
+    return result
+
+
+LATENCY_STEPS = 256
+
+
+def decode_latency(args, on_gpu):
+    """One request decoding alone, as an interactive user sees it: the median time between two of its
+    steps (with async overlap, one step's wall time), against that step's byte limit (every weight once
+    plus its K/V context). The prompt is --max-input-len random ids; a warm-up request compiles first."""
+    llm, settings = build_llm(args)
+    rng, vocab_limit = random.Random(0), min(10000, llm.runner.model.config.vocab_size - 1)
+    prompt, warm = ([rng.randrange(vocab_limit) for _ in range(args.max_input_len)] for _ in range(2))
+    params = SamplingParams(temperature=0.6, max_tokens=min(LATENCY_STEPS, args.max_output_len), ignore_eos=True)
+    llm.generate([warm], params, use_tqdm=False)
+    steps = record_steps(llm)
+    output = llm.generate([prompt], params, use_tqdm=False)[0]
+    if output.error:
+        raise SystemExit(f"the request failed: {output.error}")
+    decode = [(b[0] - a[0], b[2]) for a, b in zip(steps, steps[1:]) if b[3] == 1]  # (seconds, context)
+    seconds = sorted(t for t, _ in decode)[len(decode) // 2]
+    result = dict(arch=args.model or args.arch, gpu=torch.cuda.get_device_name() if on_gpu else None,
+                  async_scheduling=settings["async_scheduling"], context=f"{args.max_input_len}-{decode[-1][1]}",
+                  steps=len(decode), ms_per_step=round(seconds * 1e3, 3))
+    if on_gpu:
+        bandwidth = copy_bandwidth()
+        limit = step_limits(llm, (0, 1, decode[len(decode) // 2][1], 1, 1, decode[len(decode) // 2][1]),
+                            bandwidth, matmul_rate())[0]
+        result.update(copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), limit_ms_per_step=round(limit * 1e3, 3),
+                      fraction_of_bandwidth_limit=round(limit / seconds, 3))
     return result
 
 
