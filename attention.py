@@ -13,9 +13,8 @@ request's pages are scattered over the pool.
 How the attention kernel works (FlashAttention-2 + flash-decoding, over pages):
 - One program owns a tile of query rows of one request and one KV head: (query token, query head)
   pairs for all query heads sharing that KV head (GQA packing), so each K/V tile is loaded once.
-  The KV head varies fastest over the grid: the programs of one query tile run side by side and
-  together read whole cache blocks (all heads of a key are adjacent), not 256-byte strips of
-  blocks spread over the run (H100: 4k-token prefill 15% faster, mixed-length decode 1.5-3%).
+  KV heads vary fastest over the grid: one query tile's programs run together and read whole cache
+  blocks, not 256-byte strips spread over the run (H100: 4k prefill 17% faster, mixed decode 1.5-3%).
 - It walks the request's keys in tiles of BLOCK_N, finding each key's page in the block table,
   with an online softmax in fp32: running max m, running sum l and an unnormalised output acc,
   rescaled by exp(m_old - m_new) whenever the max grows. No score matrix is stored.

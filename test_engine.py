@@ -1992,6 +1992,25 @@ class TestEngine:
         greedy = engine.gumbel_argmax(wide, torch.zeros(5, device=device), seeds[:5])
         assert torch.equal(greedy, wide.argmax(-1)) and greedy[:2].tolist() == [3, 4097]
 
+    def test_batch_rows_run_shortest_context_first_and_tokens_reach_their_requests(self):
+        """The runner orders each step's rows by context (attention starts the longest first); every
+        request still gets its own tokens: the same as when it runs alone."""
+        prompts = _prompts(6, 512, seed=5, longest=60)
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+        orders, execute = [], llm.runner.execute
+
+        def recording_execute(schedule, previous):
+            flight = execute(schedule, previous)
+            orders.append([entry.start + entry.num_new_tokens for entry in schedule.scheduled])
+            return flight
+        llm.runner.execute = recording_execute
+        batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert all(order == sorted(order) for order in orders) and any(len(set(order)) > 1 for order in orders)
+        llm.runner.execute = execute
+        assert batched == [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        _assert_pool_free(llm)
+
     def test_top_k_1_equals_greedy_and_seeds_are_batch_independent(self):
         prompts = _prompts(5, 512, seed=3)
         llm = LLM("tiny", dtype=torch.float32, block_size=8, max_num_seqs=16)
