@@ -223,15 +223,16 @@ def step_limits(llm, step, bandwidth, flops_rate):
 
 
 def timeline(llm, steps, start, bandwidth, flops_rate):
-    """Steps bucketed by how many requests they ran (1-16, 17-32, ..., up to max_num_seqs): steps,
-    seconds, byte-limit seconds, roofline-limit seconds, fractions, and each bucket's share of the
-    time lost to the byte limit. Limits need a GPU (None elsewhere)."""
+    """Decode-only steps bucketed by how many requests they ran (1-16, 17-32, ..., up to max_num_seqs),
+    then one row for the steps that carry prompt tokens (their matmuls, not their bytes, set their
+    speed): steps, seconds, byte-limit seconds, roofline-limit seconds, fractions, and each row's share
+    of the time lost to the byte limit. Limits need a GPU (None elsewhere)."""
     buckets, previous = {}, start
     for step in steps:
         upper = 16
         while upper < step[1]:
             upper *= 2
-        row = buckets.setdefault(upper, [0, 0.0, 0.0, 0.0])
+        row = buckets.setdefault(upper if step[3] == step[1] else math.inf, [0, 0.0, 0.0, 0.0])
         row[0], row[1] = row[0] + 1, row[1] + step[0] - previous
         if bandwidth:
             byte_seconds, roofline_seconds = step_limits(llm, step, bandwidth, flops_rate)
@@ -242,7 +243,8 @@ def timeline(llm, steps, start, bandwidth, flops_rate):
     for upper in sorted(buckets):
         count, seconds, limit, roofline = buckets[upper]
         table.append(dict(
-            requests=f"{1 if upper == 16 else upper // 2 + 1}-{upper}", steps=count, seconds=round(seconds, 3),
+            requests="with prefill" if upper == math.inf else f"{1 if upper == 16 else upper // 2 + 1}-{upper}",
+            steps=count, seconds=round(seconds, 3),
             ms_per_step=round(1e3 * seconds / count, 2),
             limit_seconds=round(limit, 3) if bandwidth else None,
             fraction=round(limit / seconds, 3) if bandwidth else None,
@@ -532,10 +534,8 @@ def main():
         print(f"No GPU: running the {args.arch!r} shape on a small version of the workload "
               f"({args.num_seqs} requests, prompts <= {args.max_input_len}, outputs <= {args.max_output_len}).")
 
-    if args.latency:
-        return show(decode_latency(args, on_gpu), False)
-    result = run(args, on_gpu)
-    if args.compare:  # the same workload with the feature it shows off switched off, in this process
+    result = decode_latency(args, on_gpu) if args.latency else run(args, on_gpu)
+    if args.compare and not args.latency:  # the same workload with the feature it shows off switched off, in this process
         off = {"chat": dict(enable_prefix_caching=False), "fp8": dict(kv_cache_dtype="auto"),
                "mixed": dict(max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_input_len))}
         feature = "fp8" if args.kv_cache_dtype != "auto" else args.workload

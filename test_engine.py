@@ -2527,9 +2527,20 @@ class TestBench:
         bench.main()
         result = json.loads(out.read_text())
         rows = result["timeline"]
-        assert [row["requests"] for row in rows] == ["1-16", "17-32", "33-64"]  # 40 requests, then fewer (100-140 tokens)
+        # the prompts' step, then 40 decoding, then fewer (outputs of 100-140 tokens)
+        assert [row["requests"] for row in rows] == ["1-16", "17-32", "33-64", "with prefill"]
+        assert rows[-1]["steps"] == 1
         assert sum(row["steps"] for row in rows) == result["steps"]
         assert sum(row["seconds"] for row in rows) == pytest.approx(result["seconds"], abs=0.01)
+
+    def test_latency_times_every_decode_step_of_one_request(self, tmp_path, monkeypatch):
+        out = tmp_path / "bench.json"
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--latency", "--max-input-len", "40",
+                                          "--max-output-len", "50", "--json", str(out)])
+        bench.main()
+        result = json.loads(out.read_text())
+        # 50 tokens: the first comes with the prompt, then 49 one-token steps, up to a context of 40 + 49
+        assert result["steps"] == 49 and result["context"] == "40-89" and result["ms_per_step"] > 0
 
     def test_gpu_busy_fraction_is_a_share_of_the_wall_time(self, tmp_path, monkeypatch):
         out = tmp_path / "bench.json"
@@ -2554,9 +2565,10 @@ class TestBench:
         assert with_attention - roofline == 4 * c.num_layers * c.num_q_heads * c.head_dim * 10  # QK and PV
         steps, start = bench.record_steps(llm), time.perf_counter()  # the GPU's table, with made-up ceilings
         llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-        [row] = bench.timeline(llm, steps, start, bandwidth=1e12, flops_rate=1e12)
-        assert row["steps"] == len(steps) == 4 and row["share_of_lost_time"] == 1.0
-        assert row["roofline_seconds"] >= row["limit_seconds"] and row["fraction"] is not None
+        decode, prefill = bench.timeline(llm, steps, start, bandwidth=1e12, flops_rate=1e12)
+        assert (decode["steps"], prefill["steps"]) == (3, 1) and len(steps) == 4
+        assert decode["share_of_lost_time"] + prefill["share_of_lost_time"] == pytest.approx(1.0, abs=0.002)
+        assert prefill["roofline_seconds"] >= prefill["limit_seconds"] and decode["fraction"] is not None
 
     def test_workloads_are_deterministic_and_have_the_lengths_they_claim(self):
         for name in bench.WORKLOADS:
