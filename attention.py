@@ -445,8 +445,7 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     num_seqs = meta.block_table.shape[0]
-    decode = meta.max_query_len == 1
-    if decode:
+    if meta.max_query_len == 1:  # decode only
         block_m = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
         tile_bytes, num_warps, num_stages = DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES
         max_context = meta.block_table.shape[1] * block_size
@@ -461,8 +460,7 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
     block_n = min(128, max(16, tile_bytes // (head_dim * k_cache.element_size())))
     block_q = block_m // group
     num_tiles = num_seqs if meta.max_query_len <= block_q else num_tokens // block_q + num_seqs
-    programs = num_tiles * num_kv_heads
-    num_splits = 1
+    programs, num_splits = num_tiles * num_kv_heads, 1
     while (programs * num_splits < SPLIT_TARGET_PROGRAMS
            and triton.cdiv(max_context, block_n) >= 2 * num_splits * MIN_TILES_PER_SPLIT):
         num_splits *= 2

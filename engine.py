@@ -14,6 +14,7 @@ model internals, kernel internals, block bookkeeping.
 """
 import contextlib
 import functools
+import gc
 import itertools
 import random
 import sys
@@ -810,6 +811,7 @@ class ModelRunner:
 
         Without graphs a small model's decode step costs more in kernel launches than in work."""
         sizes, buffer, layout = self.graph_sizes, self.device_buffer, self.layout
+        gc.collect()  # an earlier engine's graphs freed by the collector mid-capture would invalidate the capture
         layout.view(buffer, "slot_mapping", sizes[-1]).fill_(-1)      # capture writes no KV
         layout.view(buffer, "query_start_loc", sizes[-1] + 1).copy_(torch.arange(sizes[-1] + 1))
         layout.view(buffer, "seq_lens", sizes[-1]).fill_(1)
