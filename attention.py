@@ -480,8 +480,8 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit caches {tuple(k_cache.shape)} {k_cache.dtype}: "
                          "same dtype (fp8 caches: a float dtype, and kv_scale) and head_dim, num_q_heads a multiple "
                          "of num_kv_heads")
-    if q.stride(2) != 1:
-        raise ValueError("q must be contiguous along head_dim (stride 1)")
+    if q.stride(2) != 1 or not scale > 0:  # (the kernel's masked -inf scores times scale: NaN at 0)
+        raise ValueError(f"q must be contiguous along head_dim and scale > 0; got stride {q.stride(2)}, scale {scale}")
     group = num_q_heads // num_kv_heads
     block_q = config.block_m // group
     if block_q < 1:

@@ -521,6 +521,9 @@ def main():
     p.add_argument("--kernel", action="store_true", help="benchmark the paged-attention kernel alone (GPU)")
     p.add_argument("--sweep", action="store_true", help="with --kernel: also time other launch configurations")
     args = p.parse_args()
+    if args.latency and (args.compare or args.plot or args.max_output_len < 2):
+        raise SystemExit("--latency times decode steps of one request: it needs --max-output-len of at least 2, "
+                         "and takes no --compare or --plot")
     if args.kernel:
         if not on_gpu:
             raise SystemExit("--kernel needs a GPU")
@@ -535,7 +538,7 @@ def main():
               f"({args.num_seqs} requests, prompts <= {args.max_input_len}, outputs <= {args.max_output_len}).")
 
     result = decode_latency(args, on_gpu) if args.latency else run(args, on_gpu)
-    if args.compare and not args.latency:  # the same workload with the feature it shows off switched off, in this process
+    if args.compare:  # the same workload with the feature it shows off switched off, in this process
         off = {"chat": dict(enable_prefix_caching=False), "fp8": dict(kv_cache_dtype="auto"),
                "mixed": dict(max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_input_len))}
         feature = "fp8" if args.kv_cache_dtype != "auto" else args.workload
@@ -665,7 +668,7 @@ def decode_latency(args, on_gpu):
     decode = [(b[0] - a[0], b[2]) for a, b in zip(steps, steps[1:]) if b[3] == 1]  # (seconds, context)
     seconds = sorted(t for t, _ in decode)[len(decode) // 2]
     result = dict(arch=args.model or args.arch, gpu=torch.cuda.get_device_name() if on_gpu else None,
-                  async_scheduling=settings["async_scheduling"], context=f"{args.max_input_len}-{decode[-1][1]}",
+                  async_scheduling=settings["async_scheduling"], context=f"{decode[0][1]}-{decode[-1][1]}",
                   steps=len(decode), ms_per_step=round(seconds * 1e3, 3))
     if on_gpu:
         bandwidth = copy_bandwidth()

@@ -1293,6 +1293,8 @@ class TestAttention:
             paged_attention(q[..., :24], k_cache[..., :24], v_cache[..., :24], meta, 1.0)
         with pytest.raises(ValueError, match="dtype"):
             paged_attention(q.double(), k_cache, v_cache, meta, 1.0)
+        with pytest.raises(ValueError, match="scale > 0"):  # the kernel masks before it scales
+            paged_attention(q, k_cache, v_cache, meta, 0.0)
 
     @pytest.mark.skipif(not _CUDA, reason="CUDA graphs need a GPU")
     def test_decode_cuda_graph_replay_with_new_seq_lens(self):
@@ -2541,8 +2543,8 @@ class TestBench:
                                           "--max-output-len", "50", "--json", str(out)])
         bench.main()
         result = json.loads(out.read_text())
-        # 50 tokens: the first comes with the prompt, then 49 one-token steps, up to a context of 40 + 49
-        assert result["steps"] == 49 and result["context"] == "40-89" and result["ms_per_step"] > 0
+        # 50 tokens: the first comes with the prompt, then 49 one-token steps, contexts 41 to 40 + 49
+        assert result["steps"] == 49 and result["context"] == "41-89" and result["ms_per_step"] > 0
 
     def test_gpu_busy_fraction_is_a_share_of_the_wall_time(self, tmp_path, monkeypatch):
         out = tmp_path / "bench.json"
