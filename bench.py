@@ -449,7 +449,8 @@ def kernel_benchmark(args):
         moved = bytes_needed(query_lens, seq_lens, cache_dtype)
         print(f"{batch:>11} x {context:<8} {config.num_splits:>6} {t:8.1f} {moved / 1e6:8.1f} "
               f"{moved / t / 1e6:5.2f} {_percent(moved, t, copy_bw):5.1f}% "
-              f"{DECODE_TARGETS.get((batch, context), ''):>7} {host:7.1f} {ts:8.1f} {_percent(moved, ts, copy_bw):5.1f}%"
+              f"{DECODE_TARGETS.get((batch, context), ''):>7} {host:7.1f} {ts:8.1f} "
+              f"{_percent(moved, ts, copy_bw):5.1f}%"
               f" {how}")
         del q, kc, vc, meta
     print(f"{'prefill / mixed':>32} {'block_m':>7} {'us':>8} {'TFLOP/s':>8} {'host us':>7} {'SDPA us':>8} {'ratio':>6}")
@@ -493,8 +494,9 @@ def main():
     p.add_argument("--workload", default="default", choices=WORKLOADS,
                    help="offline: default, shared-prefix, long-prompt; online (served, with latencies): chat, "
                         "chat-multiturn, mixed, short")
-    p.add_argument("--request-rate", type=positive_number, metavar="R", help="requests arrive as a Poisson process of R per "
-                   "second (online); without it, online workloads arrive all at once")
+    p.add_argument("--request-rate", type=positive_number, metavar="R",
+                   help="requests arrive as a Poisson process of R per second (online); without it, online "
+                        "workloads arrive all at once")
     p.add_argument("--compare", action="store_true", help="rerun with the workload's feature off: prefix caching "
                    "(chat, others), chunked prefill (mixed: a budget as large as the longest prompt)")
     p.add_argument("--num-seqs", type=positive_int, default=256 if on_gpu else 16)
