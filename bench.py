@@ -672,10 +672,9 @@ def decode_latency(args, on_gpu):
     result = dict(arch=args.model or args.arch, gpu=torch.cuda.get_device_name() if on_gpu else None,
                   async_scheduling=settings["async_scheduling"], context=f"{decode[0][1]}-{decode[-1][1]}",
                   steps=len(decode), ms_per_step=round(seconds * 1e3, 3))
-    if on_gpu:
-        bandwidth = copy_bandwidth()
-        limit = step_limits(llm, (0, 1, decode[len(decode) // 2][1], 1, 1, decode[len(decode) // 2][1]),
-                            bandwidth, matmul_rate())[0]
+    if on_gpu:  # the byte limit of the middle step (one new token; no matmul rate: its roofline is not reported)
+        bandwidth, context = copy_bandwidth(), decode[len(decode) // 2][1]
+        limit = step_limits(llm, (0, 1, context, 1, 1, context), bandwidth, flops_rate=math.inf)[0]
         result.update(copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), limit_ms_per_step=round(limit * 1e3, 3),
                       fraction_of_bandwidth_limit=round(limit / seconds, 3))
     return result

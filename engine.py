@@ -986,7 +986,6 @@ def gumbel_argmax_reference(logits, temperature, seeds):
     return out
 
 
-
 def _seed_for(seed: int, index: int) -> int:
     """A 31-bit seed derived from (seed, index): the k-th draw of a request, the k-th of n completions."""
     return hash((seed, index)) & 0x7FFFFFFF
