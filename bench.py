@@ -208,18 +208,21 @@ def record_steps(llm):
 
 def step_limits(llm, step, bandwidth, flops_rate):
     """One step's byte limit (every weight once plus its K/V context, over the copy bandwidth) and
-    roofline limit: the larger of that and its FLOPs (matmuls of its new tokens, lm_head of its
-    sampled rows, attention's QK and PV) over the measured matmul rate."""
+    roofline limit: the sum over its two phases of the larger of bytes and FLOPs over the measured
+    matmul rate. The matmuls stream the weights and compute every new token (lm_head: only the
+    sampled rows); attention streams the K/V context and computes QK and PV. A step mixing long
+    prompts with decodes is bound by the matmuls' FLOPs and the decodes' K/V bytes, one after the other."""
     c = llm.runner.model.config
     _, _, context, new_tokens, sampled, pairs = step
     per_token = kv_cache.kv_cache_bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim,
                                                   llm.runner.kv_cache_dtype)
-    byte_seconds = (_weight_bytes(llm) + context * per_token) / bandwidth
+    weight_seconds, kv_seconds = _weight_bytes(llm) / bandwidth, context * per_token / bandwidth
     q, kv = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim
     layer_params = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.intermediate_size * c.hidden_size
-    flops = (2 * c.num_layers * layer_params * new_tokens + 2 * c.vocab_size * c.hidden_size * sampled
-             + 4 * c.num_layers * q * pairs)
-    return byte_seconds, max(byte_seconds, flops / flops_rate)
+    matmul_flops = 2 * c.num_layers * layer_params * new_tokens + 2 * c.vocab_size * c.hidden_size * sampled
+    roofline = (max(weight_seconds, matmul_flops / flops_rate)
+                + max(kv_seconds, 4 * c.num_layers * q * pairs / flops_rate))
+    return weight_seconds + kv_seconds, roofline
 
 
 def timeline(llm, steps, start, bandwidth, flops_rate):

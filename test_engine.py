@@ -13,7 +13,6 @@ from collections import Counter
 import math
 import os
 import random
-import unicodedata
 from dataclasses import replace
 
 import torch
@@ -2567,6 +2566,12 @@ class TestBench:
         assert roofline == 2 * weights
         _, with_attention = bench.step_limits(llm, (0, 1, 0, 1, 1, 10), bandwidth=float("inf"), flops_rate=1.0)
         assert with_attention - roofline == 4 * c.num_layers * c.num_q_heads * c.head_dim * 10  # QK and PV
+        # Phases add up: 4 prompt tokens are FLOP-bound in the matmuls, a 1,000-token context's
+        # decode is byte-bound in attention; the step needs both, one after the other.
+        _, matmuls = bench.step_limits(llm, (0, 2, 0, 4, 1, 0), bandwidth=float("inf"), flops_rate=1.0)
+        weights_only, _ = bench.step_limits(llm, (0, 2, 0, 4, 1, 0), bandwidth=1.0, flops_rate=1.0)
+        byte_limit, mixed = bench.step_limits(llm, (0, 2, 1000, 4, 1, 0), bandwidth=1.0, flops_rate=1.0)
+        assert matmuls > weights_only and mixed == matmuls + (byte_limit - weights_only)
         steps, start = bench.record_steps(llm), time.perf_counter()  # the GPU's table, with made-up ceilings
         llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
         decode, prefill = bench.timeline(llm, steps, start, bandwidth=1e12, flops_rate=1e12)
