@@ -95,17 +95,13 @@ class KVCacheManager:
     and free. Every call costs O(blocks it touches); nothing scans the pool."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
+        self.num_blocks, self.block_size, self.enable_prefix_caching = num_blocks, block_size, enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[bytes, KVBlock] = {}  # block hash -> the block holding that prefix
         self.num_query_tokens = 0  # tokens looked up at admissions
         self.num_hit_tokens = 0    # of which found in the prefix cache
         self.step = 0              # the step being scheduled: stamped on the blocks it registers
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
 
     def lookup(self, table: BlockTable, token_ids: list[int]) -> list[KVBlock]:
         """The longest chain of cached blocks equal to the start of token_ids. Capped so that at

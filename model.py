@@ -388,10 +388,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.use_triton = torch.device(device).type == "cuda"
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.config.dtype
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] int64 (flat batch) -> logits [S, vocab] in the model's dtype, as HF's (an fp32
@@ -682,9 +678,12 @@ def _special_id(token, added: dict[str, int]) -> int | None:
     return added.get(content) if content is not None else None
 
 
-def tokenizer_from_hf_json(path: str) -> Tokenizer:
-    """An HF tokenizer.json of the byte-level BPE kind, as a tiktoken.Encoding."""
-    spec = _read_json(os.path.join(path, "tokenizer.json"), required=True)
+def load_tokenizer(path: str) -> Tokenizer:
+    """A checkpoint directory's tokenizer.json (every HF Llama 3, Qwen2/3 and Mistral-Nemo repo has
+    one; Meta's original/tokenizer.model is not read), of the byte-level BPE kind, as a tiktoken.Encoding."""
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"{path}: no tokenizer.json")
+    spec = _read_json(os.path.join(path, "tokenizer.json"))
     model = spec["model"]
     kind = model.get("type", "BPE" if "merges" in model else "(unknown)")
     if kind != "BPE":
@@ -728,10 +727,3 @@ def tokenizer_from_hf_json(path: str) -> Tokenizer:
     return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids,
                      *_chat_template(path, config))
 
-
-def load_tokenizer(path: str) -> Tokenizer:
-    """A checkpoint directory's tokenizer.json (every HF Llama 3, Qwen2/3 and Mistral-Nemo repo has
-    one; Meta's original/tokenizer.model is not read)."""
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        raise FileNotFoundError(f"{path}: no tokenizer.json")
-    return tokenizer_from_hf_json(path)
