@@ -429,14 +429,15 @@ class LaunchConfig:
 # (block_n 64 at bf16/128), 4 warps, 2 stages ran at 89-104% of copy bandwidth on the large
 # decode batches; 32-key tiles were 13-19% slower, 8 warps up to 15%, 3-4 stages within 3%.
 DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES = 16384, 4, 2
-# Batches with prefills, keyed on the mean query length num_tokens / num_seqs (shapes only):
-# long chunks reuse each K/V tile for 128 rows (best measured: 128 x 128 tiles, 8 warps, 3
-# stages); a batch of decodes plus a chunk wastes less arithmetic on the padded decode rows with
-# block_m 64 (223 us against 315-364 us with block_m 128 on the benchmark's mixed step).
+# Batches with prefills, keyed on the mean query length num_tokens / num_seqs and on max_seq_len:
+# long chunks that see long contexts reuse each K/V tile for 128 rows (128 x 128 tiles, 8 warps,
+# 3 stages: H100, 4 chunks of 1k after 3k 302 us, against 308 with the short config). Short
+# contexts (fresh prompts up to 1k, 8 x 1,000 134 us against 148) and decodes plus chunks waste
+# less on causal and padded rows with block_m 64 (a 1k chunk + 128 decodes: 232 us against 263).
 # (block_m, tile_bytes, num_warps, num_stages)
 PREFILL_LONG = (128, 32768, 8, 3)
-PREFILL_SHORT = (64, 16384, 4, 2)
-LONG_MEAN_QUERY_LEN = 128
+PREFILL_SHORT = (64, 16384, 4, 3)
+LONG_MEAN_QUERY_LEN, LONG_MIN_CONTEXT = 128, 2048
 # A query row wider than this many bytes (head_dim 256, or fp32 at 128) halves block_m: the q
 # tile and the fp32 accumulator live in registers (the bf16/128 long config already uses 255).
 WIDE_ROW_BYTES = 256
@@ -459,7 +460,7 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
         tile_bytes, num_warps, num_stages = DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES
         max_context = meta.block_table.shape[1] * block_size
     else:
-        long_queries = num_tokens >= LONG_MEAN_QUERY_LEN * num_seqs
+        long_queries = num_tokens >= LONG_MEAN_QUERY_LEN * num_seqs and meta.max_seq_len >= LONG_MIN_CONTEXT
         max_block_m, tile_bytes, num_warps, num_stages = PREFILL_LONG if long_queries else PREFILL_SHORT
         if head_dim * q.element_size() > WIDE_ROW_BYTES:
             max_block_m //= 2

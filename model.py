@@ -716,8 +716,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         previous = token_id
     encoding = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=pattern,
                                  mergeable_ranks=ranks, special_tokens=added)
-    # BOS and EOS ids named in tokenizer_config.json. (Generation stops on these and on the model's eos_token_ids
-    # from generation_config.json: the engine takes the union, e.g. Llama 3 Instruct's <|eot_id|> and <|end_of_text|>.)
+    # BOS and EOS ids named in tokenizer_config.json (the engine adds the model's: Llama 3 Instruct's <|eot_id|>).
     config, named = _read_json(os.path.join(path, "tokenizer_config.json")), {**vocab, **added}
     bos, eos = _special_id(config.get("bos_token"), named), _special_id(config.get("eos_token"), named)
     eos = [] if eos is None else [eos]
