@@ -642,7 +642,6 @@ def run(args, on_gpu, **overrides):
         torch.cuda.synchronize()
         busy_ms = sum(begin.elapsed_time(end) for begin, end in gpu_spans)
         result["gpu_busy_fraction"] = round(busy_ms / 1e3 / seconds, 4)
-    if on_gpu:
         limit_seconds = needed / bandwidth
         roofline_seconds = sum(row["roofline_seconds"] for row in result["timeline"])  # already per step
         result.update(peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
