@@ -63,12 +63,6 @@ class AttentionMetadata:
                                             dtype=torch.int32, device=device),
                    max_query_len=max(query_lens), max_seq_len=max(seq_lens))
 
-    def positions(self) -> torch.Tensor:
-        """[num_tokens] int64: each query token's position, the last query_len of its seq_len."""
-        query_lens = self.query_start_loc.diff()
-        offset = (self.seq_lens - query_lens - self.query_start_loc[:-1]).repeat_interleave(query_lens)
-        return torch.arange(len(offset), device=offset.device) + offset
-
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 FP8 = torch.float8_e4m3fn
@@ -161,7 +155,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
                               stride_cache_head, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                               Q_HEADS_POW2: tl.constexpr, KV_HEADS_POW2: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr,
-                              FP8: tl.constexpr):
+                              FP8_KV: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, HEAD_DIM // 2)[None, :]
     table = tl.load(positions_ptr + token) * stride_table + half
@@ -192,7 +186,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
              + kv_heads * stride_cache_head)
     dims = tl.arange(0, HEAD_DIM)[None, :]
     v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=kv_mask)
-    if FP8:  # per-tensor scales, saturated: what write_kv_reference does
+    if FP8_KV:  # per-tensor scales, saturated: what write_kv_reference does
         k_scale, v_scale = tl.load(kv_scale_ptr), tl.load(kv_scale_ptr + 1)
         k1 = tl.clamp(k1 / k_scale, -448.0, 448.0)  # FP8_MAX
         k2 = tl.clamp(k2 / k_scale, -448.0, 448.0)
@@ -234,7 +228,7 @@ def rope_and_write_kv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
         qkv.stride(0), cos_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, Q_HEADS_POW2=triton.next_power_of_2(num_q_heads),
         KV_HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        HAS_NORM=has_norm, FP8=k_cache.dtype == FP8)
+        HAS_NORM=has_norm, FP8_KV=k_cache.dtype == FP8)
     return q
 
 
@@ -310,7 +304,7 @@ def _paged_attention_kernel(
         stride_cache_block, stride_cache_offset, stride_cache_head, stride_block_table,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
     # Tiles in reversed order: with causal prefill the last tiles of a request see the most keys;
     # starting them first leaves the short ones for the end of the grid (a guard against a long
     # tail; on a 4k prompt it measured the same as forward order).
@@ -352,7 +346,7 @@ def _paged_attention_kernel(
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
-    if FP8:  # the cache holds K / k_scale and V / v_scale: fold k_scale into the scores' scale
+    if FP8_KV:  # the cache holds K / k_scale and V / v_scale: fold k_scale into the scores' scale
         qk_scale = qk_scale * tl.load(kv_scale_ptr)
         if q.dtype == tl.bfloat16:  # e4m3 -> fp16 is one instruction a pair, -> bf16 goes through fp32:
             q = q.to(tl.float16)    # 1.1-1.3x faster decode (H100), and fp16 keeps more of p and q
@@ -375,7 +369,7 @@ def _paged_attention_kernel(
     # l_i == 0: the row saw no key (seq_len 0 padding, or an empty split): output 0.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    if FP8:  # ... and v_scale into the output
+    if FP8_KV:  # ... and v_scale into the output
         out = out * tl.load(kv_scale_ptr + 1)
     if SPLIT:
         # Partials are [num_tokens, num_q_heads, num_splits, HEAD_DIM] fp32, plus one log2-sum-exp
@@ -517,7 +511,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size, ONE_TILE_PER_SEQ=one_tile_per_seq, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=k_cache.dtype == FP8,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_KV=k_cache.dtype == FP8,
         NUM_KV_HEADS=num_kv_heads, num_warps=config.num_warps, num_stages=config.num_stages)
     if split:
         _merge_splits_kernel[(num_tokens, num_q_heads)](

@@ -195,8 +195,8 @@ def record_steps(llm):
     time between two notes is one step's wall time."""
     steps, collect = [], llm._collect
 
-    def timed_collect(flight, report_running):
-        outputs = collect(flight, report_running)
+    def timed_collect(flight):
+        outputs = collect(flight)
         entries = flight.plan.schedule.scheduled
         steps.append((time.perf_counter(), len(entries), sum(e.start + e.num_new_tokens for e in entries),
                       sum(e.num_new_tokens for e in entries), flight.plan.num_sampling,
@@ -624,7 +624,7 @@ def run(args, on_gpu, **overrides):
         output_tokens_per_s=round(output_tokens / seconds, 1),
         total_tokens_per_s=round((output_tokens + prompt_tokens) / seconds, 1),
         requests_per_s=round(len(prompts) / seconds, 1),
-        kv_capacity_tokens=kv.num_blocks * llm.runner.block_size,
+        kv_capacity_tokens=kv.num_blocks * llm.config.block_size,
         prefix_cache_hit_rate=round((kv.num_hit_tokens - hits_before) / queries, 4) if queries else 0.0,
         setup_seconds=round(setup_seconds, 1))
     needed, steps = bytes_read(llm, stats_before, llm.stats)

@@ -1,40 +1,47 @@
-"""The engine: the public API (LLM) and the device side of one step (ModelRunner).
+"""The engine: the public API (LLM), what the user sees (OutputProcessor), one step on the device (ModelRunner).
 
 The idea (vLLM V1): each step the scheduler hands a token budget to requests; the runner lays the
 scheduled tokens of every request out as ONE flat batch (prefill chunks and decodes mixed), runs
 the model once and samples a token for each request that reached the end of its known tokens; the
-scheduler takes the tokens back. A request's path: LLM.generate -> add_request -> _step ->
-ModelRunner.execute (prepare_inputs, run_model, sample) -> LLM._collect -> OutputProcessor.process_step.
+scheduler takes the tokens back. A request's path, each call going downward:
 
-LLM owns the requests and the async loop; OutputProcessor what the user sees (n completions,
-text, stop strings, logprobs); ModelRunner the device: the step's inputs and their one copy, the
-forward (CUDA graphs for decode-only batches), sampling (a Gumbel-max Triton kernel beside its
-torch reference) and KV-cache sizing: what every tensor-parallel rank would run. Never touches:
-model internals, kernel internals, block bookkeeping.
+  LLM.generate -> add_request (OutputProcessor.new_group makes its n completions; Scheduler.add)
+  -> _run_until_done -> _step: Scheduler.schedule -> ModelRunner.execute (prepare_inputs, run_model,
+  sampler.sample) -> _collect: Scheduler.update -> OutputProcessor.find_stop_strings, groups_of
+  -> a RequestOutput back in generate.
+
+Output flows one way: LLM alone calls the scheduler. The OutputProcessor turns the scheduler's
+requests into what the user sees and returns what to stop; the runner never changes the plan (it
+lays rows out in its own order and keys each sampled token by its request). A final output stays
+in the engine until it is in its caller's hands, so an interrupt can never lose one.
+
+Owns: the public API and the step loop with async overlap; outputs (n completions, text, stop
+strings' cuts, logprobs); the device side of a step (one packed input buffer, the forward, CUDA
+graphs, the KV tensors and their size). Never touches: block bookkeeping (kv_cache.py), the stop
+rules (scheduler.py), arithmetic on logits (sampler.py), model and kernel internals.
 """
 import contextlib
-import functools
 import gc
 import itertools
 import random
 import sys
+import threading
 import time
 import warnings
 from array import array
 from dataclasses import dataclass, field, replace
 
 import torch
-import triton
-import triton.language as tl
 
 from attention import FP8, AttentionMetadata, token_slots
-from kv_cache import allocate_kv_cache, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
+from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
                    resolve_device_and_dtype)
-from scheduler import (Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput,
-                       check_fields, int_at_least, is_int, number_in)
+from sampler import PenaltyInputs, SamplingTensors, logprobs_of, sample, seed_for, to_device
+from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
+                       SchedulerOutput, find_stop_string)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
 
 
 @dataclass
@@ -88,6 +95,11 @@ class RequestGroup:
     prompt: str | None
     completions: list[Completion]
     prompt_logprobs: list[dict[int, Logprob] | None] | None
+    owner: int | None  # the generate() or stream() loop waiting for it; None: add_request's, for step()
+
+    @property
+    def finished(self) -> bool:
+        return all(completion.request.status.is_finished for completion in self.completions)
 
 
 @dataclass
@@ -101,46 +113,43 @@ class EngineStats:  # counters for bench.py: what each step had to read from mem
 # ---- LLM: requests in, outputs out. ---------------------------------------------------------------------------------
 
 class LLM:
-    def __init__(self, model: str, *, dtype=None, device=None, block_size: int = 16, max_num_batched_tokens: int = 8192,
-                 max_num_seqs: int = 256, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, async_scheduling: bool = True, enforce_eager: bool = False,
-                 seed: int = 0, num_blocks: int | None = None, long_prefill_token_threshold: int = 0,
-                 kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False):
-        _check_engine_args(locals())  # every argument as the user passed it
-        device, dtype = resolve_device_and_dtype(device, dtype)
+    """`model`: a Hugging Face checkpoint directory, or a name in model.SHAPES (random weights, prompts
+    are token ids). `engine_args`: EngineConfig's fields, vLLM's names; a bad one raises ValueError.
+    Safe to call from several threads: one lock runs one call's step at a time, and each generate()
+    or stream() gets exactly its own outputs."""
+
+    def __init__(self, model: str, **engine_args):
+        config = EngineConfig.from_arguments(engine_args)
+        device, dtype = resolve_device_and_dtype(config.device, config.dtype)
         if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
             device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
             torch.cuda.set_device(device)
-        if model in SHAPES:  # random weights of a named shape: no tokenizer, prompts are ids
-            network, self.tokenizer = random_model(model, dtype, device, seed=seed), None
+        if model in SHAPES:
+            network, self.tokenizer = random_model(model, dtype, device, seed=config.seed), None
         else:
             network, self.tokenizer = load_model(model, dtype, device), None
             try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
                 self.tokenizer = load_tokenizer(model)
             except FileNotFoundError as missing:
                 warnings.warn(f"{missing}: prompts must be token ids, and outputs will have no text", stacklevel=2)
-        config = network.config
-        max_model_len = config.max_position_embeddings if max_model_len is None else max_model_len
-        if max_model_len > config.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len}: must be at most {config.max_position_embeddings} "
+            try:  # the defaults every generate() without SamplingParams uses: a bad one is the file's fault
+                SamplingParams(**network.config.sampling_defaults)
+            except ValueError as error:
+                raise ValueError(f"{model}/generation_config.json: a bad sampling default: {error}") from None
+        limit = network.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
                              "(the model's max_position_embeddings)")
+        self.config = config = replace(config, max_model_len=config.max_model_len or limit)
         # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
-        eos = list(dict.fromkeys([*config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]))
-        self.runner = ModelRunner(network, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
-                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_blocks=num_blocks,
-                                  gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                                  eos_token_ids=eos, kv_cache_dtype=config.dtype if kv_cache_dtype == "auto" else FP8,
-                                  calculate_kv_scales=calculate_kv_scales and kv_cache_dtype != "auto")
-        self.scheduler = Scheduler(num_blocks=self.runner.num_blocks, enable_prefix_caching=enable_prefix_caching,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                   block_size=block_size, vocab_size=config.vocab_size, eos_token_ids=eos,
-                                   max_num_seqs=max_num_seqs, long_prefill_token_threshold=long_prefill_token_threshold)
-        self.async_scheduling, self.stats = async_scheduling, self.runner.stats
-        self.rng = random.Random(seed)  # seeds of requests that bring none
+        eos = [*network.config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]
+        self.runner = ModelRunner(network, config)
+        self.scheduler = Scheduler(config, self.runner.num_blocks, network.config.vocab_size, eos)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.stats, self.rng = self.runner.stats, random.Random(config.seed)  # rng: seeds of requests that bring none
         self.in_flight: InFlight | None = None
-        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
-        self.undelivered: list[RequestOutput] = []  # final outputs that step() has not returned yet
-        self.request_ids = itertools.count()
+        self.lock = threading.RLock()
+        self.request_ids, self.loop_ids = itertools.count(), itertools.count(1)
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -149,12 +158,14 @@ class LLM:
         order. A bad prompt fails alone (finish_reason "error", `error` says why). Requests added
         with add_request() share the batches, but generate() returns once its own are done; the next
         step() returns what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
-        order, results = self._add_prompts(prompts, sampling_params)
+        owner, order, results = self._add_prompts(prompts, sampling_params)
         progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
-        with contextlib.closing(self._run_until_done([r for r in order if r not in results], False)) as outputs:
-            for output in outputs:  # final outputs only
+        try:
+            for output in self._run_until_done(owner, [r for r in order if r not in results], stream=False):
                 results[output.request_id] = output
                 progress.update(len(results))
+        finally:
+            self._abandon(owner, order)
         return [results[request_id] for request_id in order]
 
     def stream(self, prompts, sampling_params=None):
@@ -162,12 +173,15 @@ class LLM:
         last one (token ids, text, logprobs, prompt logprobs), requests interleaved in the order their tokens
         come; each request's last one has finished=True. Text comes in whole characters, held back while it
         may still become a stop string. Closing it early (close(), break) aborts the requests still running."""
-        ids, bad = self._add_prompts(prompts, sampling_params)
+        owner, order, bad = self._add_prompts(prompts, sampling_params)
         sent = {}  # request id -> its last output, as the engine reported it (cumulative)
-        with contextlib.closing(self._run_until_done([r for r in ids if r not in bad], True, bad.values())) as outputs:
-            for output in outputs:
+        try:
+            for output in itertools.chain(bad.values(), self._run_until_done(
+                    owner, [r for r in order if r not in bad], stream=True)):
                 yield _delta(output, sent.get(output.request_id))
                 sent[output.request_id] = output
+        finally:  # also when the reader stops reading: its requests end now, not when this is collected
+            self._abandon(owner, order)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None) -> list[RequestOutput]:
@@ -181,33 +195,38 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None) -> None:
-        """Queue one request (its n completions). Raises ValueError naming what is wrong with it."""
-        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
-        if request_id in self.output_processor.groups:
-            raise ValueError(f"request_id {request_id!r} is already used by an unfinished request")
-        # The request's own copy, validated again (the caller may have changed the fields since), with
-        # a seed: one drawn from the engine's seed if it brings none, so every run is reproducible.
-        params = replace(params, seed=self.rng.getrandbits(31) if params.seed is None else params.seed)
-        if params.stop and (self.tokenizer is None or not params.detokenize):
-            raise ValueError("SamplingParams.stop: stop strings are found in the text; this needs a tokenizer "
-                             "and detokenize=True (stop_token_ids work on ids)")
-        text, token_ids = self._tokenize(prompt)
-        self.output_processor.add_request(request_id, text, token_ids, params)
+        """Queue one request (its n completions) for step(). Raises ValueError naming what is wrong with it."""
+        self._add_request(request_id, prompt, sampling_params, owner=None)
 
     def step(self) -> list[RequestOutput]:
-        """One step: the outputs of requests that moved or finished (and of those generate() passed)."""
-        outputs, self.undelivered = self.undelivered + self._step(report_running=True), []
-        return outputs
+        """One step: the outputs of add_request()'s requests that moved, and their final outputs (those
+        that finished while generate() or stream() ran the steps too), each final exactly once."""
+        with self.lock:
+            outputs, finals = [self.output_processor.output_of(g) for g in self._step() if g.owner is None
+                               and not g.finished], {}
+            try:
+                finals = self.output_processor.finals.pop(None, {})
+                return outputs + list(finals.values())
+            except BaseException:  # an interrupt before they reached the caller: the next step() returns them
+                self.output_processor.finals.setdefault(None, {}).update(finals)
+                raise
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """End a request (all its completions) now and free its blocks; its final output, or None if
-        it had already ended."""
-        return self.output_processor.abort(request_id)
+        """End a request (all its completions) now and free its blocks: its final output, or None if it
+        had already ended. A request aborted inside a stream() ends there too."""
+        with self.lock:
+            if (group := self.output_processor.groups.get(request_id)) is None:
+                return None
+            for completion in group.completions:
+                if not completion.request.status.is_finished:
+                    self.scheduler.abort(completion.request.request_id)
+            output = self.output_processor.finish(group, keep=group.owner is not None)
+            self._settle()  # the last request gone: the engine ends idle
+            return output
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.in_flight is not None or bool(self.undelivered)
+        """Whether a request is running, or a final output waits for step()."""
+        return self.scheduler.has_unfinished_requests() or bool(self.output_processor.finals.get(None))
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
@@ -217,111 +236,153 @@ class LLM:
         return SamplingParams(**self.runner.model.config.sampling_defaults)
 
     def load_weights(self, weights) -> None:
-        """Update weights in place from (Hugging Face name, tensor) pairs, through the same name
-        mapping as loading (fused q/k/v and gate/up slices, tied embeddings): for RL loops. The
-        prefix cache is reset (its K/V came from the old weights); CUDA graphs read the same tensors."""
-        if self.has_unfinished_requests():
-            raise RuntimeError("load_weights: requests are still running; finish or abort them first")
-        try:
-            load_tensors(self.runner.model, weights, "load_weights")
-        finally:  # even a load that failed half-way has changed weights
-            self.reset_prefix_cache()
+        """Update weights in place from Hugging Face-named tensors (a dict or (name, tensor) pairs),
+        through the same name mapping as loading (fused q/k/v and gate/up slices, tied embeddings): for
+        RL loops. The prefix cache is reset (its K/V came from the old weights); CUDA graphs read the
+        same tensors. A step still in flight (of requests already ended) is finished first."""
+        with self.lock:
+            if self.scheduler.has_unfinished_requests():
+                raise RuntimeError("load_weights: requests are still running; finish or abort them first")
+            self._settle()
+            try:
+                load_tensors(self.runner.model, weights, "load_weights")
+            finally:  # even a load that failed half-way has changed weights
+                self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix: no later request reuses a block computed before now."""
-        self.scheduler.kv_cache_manager.forget_cached_blocks()
+        with self.lock:
+            self.scheduler.kv_cache_manager.forget_cached_blocks()
 
     # ---- the step loop ------------------------------------------------------------------------
 
-    def _step(self, report_running: bool) -> list[RequestOutput]:
+    def _step(self) -> list[RequestGroup]:
+        """One step; the groups whose requests moved (a token, or an end). With async scheduling it
+        launches step N+1 *before* waiting for step N's tokens, so the CPU's scheduling and input
+        building hide behind the GPU's forward pass. A step that fails or is interrupted is undone."""
         try:
-            outputs = self._step_or_raise(report_running)
-            self.output_processor.forget(outputs)  # only now: an interrupt before leaves them to recovery
-            return outputs
+            schedule = self.scheduler.schedule()
+            launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
+            collect, self.in_flight = (self.in_flight, launched) if self.config.async_scheduling else (launched, None)
+            moved = self._collect(collect) if collect is not None else []
+            if self.in_flight is not None and not self.scheduler.has_unfinished_requests():  # the engine ends idle
+                flight, self.in_flight = self.in_flight, None
+                moved += self._collect(flight)
+            if launched is collect is None and not schedule.finished and self.scheduler.has_unfinished_requests():
+                raise RuntimeError("the scheduler made no progress with requests waiting: this is a bug")
+            return self.output_processor.groups_of(schedule.finished + moved)
         except BaseException:  # Ctrl-C too: an interrupted step is undone like a failed one
             self._recover()
             raise
 
-    def _step_or_raise(self, report_running: bool) -> list[RequestOutput]:
-        """With async scheduling this launches step N+1 *before* waiting for step N's tokens, so the
-        CPU's scheduling and input building hide behind the GPU's forward pass."""
-        schedule = self.scheduler.schedule()
-        launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
-        outputs = self.output_processor.outputs_of(schedule.finished)
-        collect, self.in_flight = (self.in_flight, launched) if self.async_scheduling else (launched, None)
-        if collect is not None:
-            outputs += self._collect(collect, report_running)
-        if launched is collect is None and not schedule.finished and self.scheduler.has_unfinished_requests():
-            raise RuntimeError("the scheduler made no progress with requests waiting: this is a bug")
-        return outputs
+    def _collect(self, flight: "InFlight") -> list[Request]:
+        """Wait for a step's tokens and hand them to the scheduler: the requests that got one."""
+        tokens = flight.sampled_token_ids()
+        moved = [request for request in tokens if not request.status.is_finished]  # update() appends to these
+        self.output_processor.add_logprobs(flight, tokens)
+        self.scheduler.update(flight.plan.schedule, tokens)
+        for request, stop in self.output_processor.find_stop_strings(moved):
+            self.scheduler.stop_at_string(request, stop)
+        self.stats.output_tokens += len(moved)
+        return moved
 
     def _recover(self) -> None:
         """After a failed or interrupted step: drop the steps in flight, let the scheduler undo
         every unfinished step (their requests recompute, their cached blocks are forgotten), and
-        keep the final outputs of requests that finished before the failure for step()."""
+        keep the final outputs of requests that finished before the failure."""
         self.in_flight = None
         if self.runner.on_cuda:  # dropped steps may still read the host buffers: let them finish first
             with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
                 torch.cuda.synchronize(self.runner.device)
         self.scheduler.recover()
-        self.undelivered += self.output_processor.forget(self.output_processor.trim_after_failure())
+        for request, stop in self.output_processor.trim_after_failure():
+            self.scheduler.stop_at_string(request, stop)
+        self.output_processor.groups_of([c.request for c in self.output_processor.live.values()])
 
-    def _collect(self, flight: "InFlight", report_running: bool) -> list[RequestOutput]:
-        """Wait for a step's tokens, hand them to the scheduler, report who moved."""
-        tokens = flight.sampled_token_ids()
-        requests = [entry.request for entry in flight.plan.schedule.scheduled if entry.samples_token]
-        lengths = [len(request.output_token_ids) for request in requests]
-        self.output_processor.add_logprobs(flight, requests, tokens)
-        finished = self.scheduler.update(flight.plan.schedule, tokens)
-        moved = [request for request, n in zip(requests, lengths) if len(request.output_token_ids) > n]
-        self.stats.output_tokens += len(moved)
-        return self.output_processor.process_step(moved, finished, report_running)
+    def _settle(self) -> None:
+        """With no request left to run, collect the step in flight (its tokens are all discarded)."""
+        if self.in_flight is not None and not self.scheduler.has_unfinished_requests():
+            self._step()
 
-    def _add_prompts(self, prompts, sampling_params) -> tuple[list[str], dict[str, RequestOutput]]:
-        """Queue each prompt under a new id: (the ids in order, the error outputs of those that failed)."""
+    def _run_until_done(self, owner: int, request_ids: list[str], stream: bool):
+        """Step until these requests (of loop `owner`) end, yielding their final outputs, and with
+        `stream` their outputs as they move. Other loops' requests move too; their outputs wait for them."""
+        waiting = set(request_ids)
+        while waiting:
+            with self.lock:
+                moved = self._step()
+                outputs = [self.output_processor.output_of(g) for g in moved if g.owner == owner and not g.finished
+                           ] if stream else []
+                outputs += self.output_processor.finals.pop(owner, {}).values()
+            for output in outputs:
+                waiting.discard(output.request_id) if output.finished else None
+                yield output
+
+    def _abandon(self, owner: int, request_ids: list[str]) -> None:
+        """A loop ends (done, raised, or its reader stopped): abort its requests still running and drop
+        its outputs nobody will read, so no block is held for a reader that is gone."""
+        with self.lock:
+            for request_id in request_ids:
+                group = self.output_processor.groups.get(request_id)
+                if group is not None and group.owner == owner:
+                    self.abort(request_id)
+            self.output_processor.finals.pop(owner, None)
+
+    def _add_prompts(self, prompts, sampling_params) -> tuple[int, list[str], dict[str, RequestOutput]]:
+        """Queue each prompt under a new id for a new loop: (the loop, the ids in order, the error
+        outputs of those that failed)."""
         prompts = _as_prompt_list(prompts)
         is_list = isinstance(sampling_params, (list, tuple))
         params_list = list(sampling_params) if is_list else [sampling_params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
-        order, failed = [], {}
+        owner, order, failed = next(self.loop_ids), [], {}
         try:
-            for prompt, params in zip(prompts, params_list):
-                order.append(request_id := self._new_request_id())
-                try:
-                    self.add_request(request_id, prompt, params)
-                except ValueError as error:
-                    failed[request_id] = _error_output(request_id, prompt, str(error))
+            with self.lock:
+                for prompt, params in zip(prompts, params_list):
+                    order.append(request_id := self._new_request_id())
+                    try:
+                        self._add_request(request_id, prompt, params, owner)
+                    except ValueError as error:
+                        failed[request_id] = _error_output(request_id, prompt, str(error))
         except BaseException:  # Ctrl-C while queueing: none of them stays queued
-            for request_id in order:
-                self.abort(request_id)
+            self._abandon(owner, order)
             raise
-        return order, failed
+        return owner, order, failed
 
-    def _run_until_done(self, request_ids: list[str], report_running: bool, first=()):
-        """Yield `first`, then step until these requests finish, yielding their outputs (as they move, or the final
-        ones); others' final outputs wait for step(). If anything raises or the reader stops, the rest are aborted."""
-        last = {r: self.output_processor.group_output(self.output_processor.groups[r]) for r in request_ids}
-        try:
-            yield from first
-            # Once nothing else runs, one more step collects the step in flight: the engine ends idle.
-            while last or (self.in_flight is not None and not self.scheduler.has_unfinished_requests()):
-                outputs = self._step(report_running)  # others' final outputs: kept for step() before any yield
-                self.undelivered += [o for o in outputs if o.finished and o.request_id not in last]
-                for output in [o for o in outputs if o.request_id in last]:
-                    last[output.request_id] = output
-                    yield last.pop(output.request_id) if output.finished else output
-                # only a stream's reader runs code between yields, so only it ends one elsewhere (abort, generate())
-                for request_id in [r for r in last if r not in self.output_processor.groups] if report_running else []:
-                    taken = [o for o in self.undelivered if o.request_id == request_id]
-                    self.undelivered = [o for o in self.undelivered if o.request_id != request_id]
-                    output = last.pop(request_id)
-                    yield taken[0] if taken else replace(output, finished=True, outputs=[
-                        replace(c, finish_reason=c.finish_reason or "abort") for c in output.outputs])
-        finally:  # an exception, Ctrl-C, or a caller that stopped reading: never leave blocks nobody will read
-            for request_id in last:
-                self.abort(request_id)
-            self.undelivered = [output for output in self.undelivered if output.request_id not in request_ids]
+    def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        with self.lock:
+            if request_id in self.output_processor.groups:
+                raise ValueError(f"request_id {request_id!r} is already used by an unfinished request")
+            # The request's own copy, validated again (the caller may have changed the fields since), with
+            # a seed: one drawn from the engine's seed if it brings none, so every run is reproducible.
+            params = replace(params, seed=self.rng.getrandbits(31) if params.seed is None else params.seed)
+            self._check_request_fields(params)
+            text, token_ids = self._tokenize(prompt)
+            group = self.output_processor.new_group(request_id, text, token_ids, params, owner)
+            try:
+                for completion in group.completions:
+                    self.scheduler.add(completion.request)
+            except BaseException:  # Ctrl-C too: nothing of this request stays queued
+                for completion in group.completions:
+                    if self.scheduler.requests.get(completion.request.request_id) is completion.request:
+                        self.scheduler.abort(completion.request.request_id)
+                raise
+            self.output_processor.register(group)
+
+    def _check_request_fields(self, params: SamplingParams) -> None:
+        """What a step could not survive, refused here: nothing a request carries may fail a step for others."""
+        if params.stop and (self.tokenizer is None or not params.detokenize):
+            raise ValueError("SamplingParams.stop: stop strings are found in the text; this needs a tokenizer "
+                             "and detokenize=True (stop_token_ids work on ids)")
+        limit = min(self.config.max_logprobs, self.scheduler.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            if (k := getattr(params, name)) is not None and k > limit:
+                raise ValueError(f"SamplingParams.{name}={k}: at most {limit} (max_logprobs="
+                                 f"{self.config.max_logprobs}, vocab_size={self.scheduler.vocab_size})")
 
     def _new_request_id(self) -> str:
         """generate()'s ids: numbers, skipping any that add_request's callers already use."""
@@ -346,61 +407,60 @@ class LLM:
 
 class OutputProcessor:
     """Each request of the user as n completions (requests of the scheduler), their text
-    (incremental detokenization, stop strings), logprobs, and the RequestOutputs made of them. It
-    stops a request in the scheduler when a stop string appears; it never touches the device."""
+    (incremental detokenization, stop strings' cuts), logprobs, and the RequestOutputs made of them.
+    It reads the scheduler's requests and never changes them: what to stop, it returns to LLM."""
 
-    def __init__(self, tokenizer: Tokenizer | None, scheduler: Scheduler):
-        self.tokenizer, self.scheduler = tokenizer, scheduler
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tokenizer = tokenizer
         self.groups: dict[str, RequestGroup] = {}  # unfinished requests of the user, by their id
-        self.live: dict[str, Completion] = {}      # their completions, by the scheduler's request id
+        self.live: dict[object, Completion] = {}   # their completions, by the scheduler's request id
+        # Final outputs not yet in their caller's hands, by the loop that waits for them (None: step()).
+        self.finals: dict[int | None, dict[str, RequestOutput]] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> None:
-        """Queue its n completions in the scheduler; on an error, none."""
-        group = RequestGroup(request_id, prompt, [], [None] if params.prompt_logprobs is not None else None)
-        requests = [Request(request_id, token_ids, params)] if params.n == 1 else [  # the first scores the prompt
-            Request(f"{i}_{request_id}", token_ids, replace(params, n=1, seed=_seed_for(params.seed, i),
-                                                            prompt_logprobs=None if i else params.prompt_logprobs))
+    def new_group(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+                  owner: int | None) -> RequestGroup:
+        """A request's n completions, as scheduler requests named (request_id, i) when n > 1: a name no
+        user's id can take. The first one scores the prompt; each draws from its own seed."""
+        group = RequestGroup(request_id, prompt, [], [None] if params.prompt_logprobs is not None else None, owner)
+        requests = [Request(request_id, token_ids, params)] if params.n == 1 else [
+            Request((request_id, i), token_ids, replace(params, n=1, seed=seed_for(params.seed, i),
+                                                        prompt_logprobs=None if i else params.prompt_logprobs))
             for i in range(params.n)]
-        try:
-            for index, request in enumerate(requests):
-                self.scheduler.add(request)
-                wants_text = self.tokenizer is not None and params.detokenize
-                stream = self.tokenizer.stream(params.skip_special_tokens) if wants_text else None
-                self.live[request.request_id] = completion = Completion(
-                    request, index, group, stream, logprobs=None if params.logprobs is None else [])
-                group.completions.append(completion)
-        except BaseException:  # Ctrl-C too: nothing of this request stays queued
-            for request in requests:
-                if self.scheduler.requests.get(request.request_id) is request:
-                    self.scheduler.abort(request.request_id)
-                if request.request_id in self.live and self.live[request.request_id].request is request:
-                    del self.live[request.request_id]
-            raise
-        self.groups[request_id] = group
+        wants_text = self.tokenizer is not None and params.detokenize
+        for index, request in enumerate(requests):
+            stream = self.tokenizer.stream(params.skip_special_tokens) if wants_text else None
+            logprobs = None if params.logprobs is None else []
+            group.completions.append(Completion(request, index, group, stream, logprobs=logprobs))
+        return group
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        if (group := self.groups.get(request_id)) is None:
-            return None
+    def register(self, group: RequestGroup) -> None:
+        """Once the scheduler has all of the group's requests."""
         for completion in group.completions:
-            if not completion.request.status.is_finished:
-                self.scheduler.abort(completion.request.request_id)
-        return self.forget([self.group_output(group)])[0]
+            self.live[completion.request.request_id] = completion
+        self.groups[group.request_id] = group
 
-    def add_logprobs(self, flight: "InFlight", requests: list[Request], tokens: list[int]) -> None:
+    def add_logprobs(self, flight: "InFlight", tokens: dict[Request, int]) -> None:
         """A step's logprobs, added before update() appends its tokens: an interrupt in between
         leaves an entry too many (trim_after_failure drops it), never one too few."""
-        logprobs = [(ints.tolist(), floats.tolist()) for ints, floats in flight.logprobs_host]
-        if flight.plan.num_logprobs is not None:
-            ids, values = logprobs.pop(0)
-            for row, (request, token) in enumerate(zip(requests, tokens)):
+        if flight.sampled_logprobs is not None:
+            ids, values = (t.tolist() for t in flight.sampled_logprobs)
+            for request, row in flight.plan.sample_row.items():
                 if request.sampling_params.logprobs is not None and not request.status.is_finished:
-                    self.live[request.request_id].logprobs.append(
-                        self._logprob_dict(token, ids[row], values[row], request.sampling_params.logprobs))
-        if logprobs:
-            self._add_prompt_logprobs(flight.plan.prompt_positions, *logprobs[0])
+                    self.live[request.request_id].logprobs.append(self._logprob_dict(
+                        tokens[request], ids[row], values[row], request.sampling_params.logprobs))
+        if flight.prompt_logprobs is not None:
+            self._add_prompt_logprobs(flight.plan.prompt_positions, *(t.tolist() for t in flight.prompt_logprobs))
 
-    def trim_after_failure(self) -> list[RequestOutput]:
-        """After a failed step: each completion's logprobs, text and stop search made whole again."""
+    def find_stop_strings(self, moved: list[Request]) -> list[tuple[Request, str]]:
+        """After update(): the moved requests whose text now holds a stop string (cut there), with it."""
+        return [(request, stop) for request in moved if request.sampling_params.stop
+                and request.status is not RequestStatus.FINISHED_STOPPED
+                and (stop := self._find_stop_string(self.live[request.request_id])) is not None]
+
+    def trim_after_failure(self) -> list[tuple[Request, str]]:
+        """After a failed step: each completion's logprobs, text and stop search made whole again;
+        the stop strings found in text whose search the failure cut off."""
+        stops = []
         for completion in self.live.values():
             request = completion.request
             if completion.logprobs is not None:
@@ -408,20 +468,37 @@ class OutputProcessor:
             if completion.stream is not None and not isinstance(request.stop_reason, str):  # decode text anew
                 completion.stream, completion.text, completion.num_decoded = completion.stream.restart(), "", 0
             if request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
-                self._found_stop_string(completion)  # its last step may have died before the search
-        done = [group for group in self.groups.values() if all(c.request.status.is_finished for c in group.completions)]
-        return [self.group_output(group) for group in done]
+                if (stop := self._find_stop_string(completion)) is not None:  # its last step may have died first
+                    stops.append((request, stop))
+        return stops
 
-    def process_step(self, moved: list[Request], finished: list[Request], report_running: bool) -> list[RequestOutput]:
-        """After update(): stop strings in the moved requests' text; outputs (all, or the finished)."""
-        for request in moved:  # stop strings are found in the text as it grows, token by token
-            if request.sampling_params.stop and request.status is not RequestStatus.FINISHED_STOPPED:
-                was_finished = request.status.is_finished  # by length: a stop string still cuts its text
-                if self._found_stop_string(self.live[request.request_id]) and not was_finished:
-                    finished.append(request)
-        if report_running:
-            return self.outputs_of(moved + finished)
-        return [output for output in self.outputs_of(finished) if output.finished]  # n > 1: all of them
+    def groups_of(self, requests: list[Request]) -> list[RequestGroup]:
+        """The groups these scheduler requests are completions of; each finished one's final output
+        is kept in `finals` for its loop (or step()) and the group forgotten."""
+        groups = list(dict.fromkeys(self.live[request.request_id].group for request in requests))
+        for group in groups:
+            if group.finished:
+                self.finish(group, keep=True)
+        return groups
+
+    def finish(self, group: RequestGroup, keep: bool) -> RequestOutput:
+        """A finished group's final output, kept for its caller (`keep`) before the group is forgotten:
+        an interrupt in between leaves it in both places, which recovery makes one."""
+        output = self.output_of(group)
+        if keep:
+            self.finals.setdefault(group.owner, {})[group.request_id] = output
+        for completion in group.completions:
+            self.live.pop(completion.request.request_id, None)
+        self.groups.pop(group.request_id, None)
+        return output
+
+    def output_of(self, group: RequestGroup) -> RequestOutput:
+        outputs = [self._completion_output(completion) for completion in group.completions]
+        first = group.completions[0].request
+        error = next((c.request.error for c in group.completions if c.request.error), None)
+        prompt_logprobs = None if group.prompt_logprobs is None else list(group.prompt_logprobs)
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, prompt_logprobs, outputs,
+                             group.finished, first.num_cached_tokens, error)
 
     def _logprob_dict(self, token: int, ids: list[int], values: list[float], k: int) -> dict[int, Logprob]:
         """The chosen token's logprob and rank (ids[0], values[0]), then the top k."""
@@ -440,49 +517,22 @@ class OutputProcessor:
                     request.prompt_token_ids[position], ids[row], values[row], request.sampling_params.prompt_logprobs))
 
     def _decode_one(self, token: int) -> str | None:
-        return self.tokenizer.decode([token]) if self.tokenizer and token < self.tokenizer.vocab_size else None
+        """A logprob's text: None without a tokenizer, or for an id the tokenizer has no bytes for."""
+        with contextlib.suppress(ValueError):
+            return self.tokenizer.decode([token]) if self.tokenizer else None
+        return None
 
-    def _found_stop_string(self, completion: Completion) -> bool:
-        """Past min_tokens, search the newest text (across tokens) for a stop string: cut there, stop."""
-        request, params = completion.request, completion.request.sampling_params
+    def _find_stop_string(self, completion: Completion) -> str | None:
+        """Search the newest text (across tokens) for a stop string, as the scheduler's rule says: cut there."""
+        request = completion.request
         text = self._detokenize(completion)
-        if len(request.output_token_ids) > params.min_tokens:
-            # a stop string ending in text not searched yet (vLLM's rule: past min_tokens, an older one stays)
-            if hits := [(at, stop) for stop in params.stop
-                        if (at := text.find(stop, max(0, completion.num_searched - len(stop) + 1))) >= 0]:
-                at, stop = min(hits)
-                completion.text = text[:at + len(stop) if params.include_stop_str_in_output else at]
-                request.stop_reason = stop
-                if request.status.is_finished:
-                    request.status = RequestStatus.FINISHED_STOPPED
-                else:
-                    self.scheduler.abort(request.request_id, RequestStatus.FINISHED_STOPPED)
-                return True
+        if (hit := find_stop_string(request.sampling_params, len(request.output_token_ids), text,
+                                    completion.num_searched)) is not None:
+            end, stop = hit
+            completion.text = text[:end]
+            return stop
         completion.num_searched = len(text)
-        return False
-
-    def outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
-        """The outputs of the requests these scheduler requests are completions of."""
-        groups = dict.fromkeys(self.live[request.request_id].group for request in requests)
-        return [self.group_output(group) for group in groups]
-
-    def forget(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Forget the requests whose final outputs these are, once they are on their way to the user."""
-        for output in outputs:
-            if output.finished and (group := self.groups.get(output.request_id)) is not None:
-                for completion in group.completions:
-                    self.live.pop(completion.request.request_id, None)
-                del self.groups[output.request_id]  # last: an interrupt before leaves it to recovery
-        return outputs
-
-    def group_output(self, group: RequestGroup) -> RequestOutput:
-        finished = all(completion.request.status.is_finished for completion in group.completions)
-        outputs = [self._completion_output(completion) for completion in group.completions]
-        first = group.completions[0].request
-        error = next((c.request.error for c in group.completions if c.request.error), None)
-        prompt_logprobs = None if group.prompt_logprobs is None else list(group.prompt_logprobs)
-        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, prompt_logprobs, outputs,
-                             finished, first.num_cached_tokens, error)
+        return None
 
     def _completion_output(self, completion: Completion) -> CompletionOutput:
         request, params = completion.request, completion.request.sampling_params
@@ -498,16 +548,15 @@ class OutputProcessor:
 
     def _detokenize(self, completion: Completion) -> str:
         """The output's text so far, decoding only the tokens not decoded before (O(1) a token). The
-        token that stopped a request and ids past the tokenizer's vocabulary (padded embedding rows)
-        have no text; a stop string has fixed the text for good."""
+        token that stopped a request and ids the tokenizer has no bytes for (padded embedding rows,
+        holes in its vocabulary) have no text; a stop string has fixed the text for good."""
         request = completion.request
         if completion.stream is None or isinstance(request.stop_reason, str):
             return completion.text
         tokens = request.output_token_ids
         end = len(tokens) - (request.status is RequestStatus.FINISHED_STOPPED)
         for token in tokens[completion.num_decoded:end]:
-            if token < self.tokenizer.vocab_size:
-                completion.text += completion.stream.push(token)
+            completion.text += completion.stream.push(token)
         completion.num_decoded = max(end, completion.num_decoded)
         if request.status.is_finished:
             completion.text += completion.stream.finish()
@@ -516,6 +565,9 @@ class OutputProcessor:
 
 
 # ---- ModelRunner: one step on the device. Every step's integers go to the device in ONE copy. -----------------------
+
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")  # float32 values bit-cast into the int32 buffer
+
 
 class InputLayout:
     """Fixed offsets of each field in one int32 buffer (floats bit-cast): the device-side views are
@@ -527,15 +579,16 @@ class InputLayout:
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
                      temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
-        *starts, self.block_table = itertools.accumulate(sizes.values(), initial=0)
+        *starts, self.block_table_offset = itertools.accumulate(sizes.values(), initial=0)
         self.offset = dict(zip(sizes, starts))
-        self.width, self.size = max_blocks_per_seq, self.block_table + max_seqs * max_blocks_per_seq
+        self.width, self.size = max_blocks_per_seq, self.block_table_offset + max_seqs * max_blocks_per_seq
 
     def view(self, buffer, name, n):
-        return buffer[self.offset[name]: self.offset[name] + n]
+        view = buffer[self.offset[name]: self.offset[name] + n]
+        return view.view(torch.float32) if name in FLOAT_FIELDS else view
 
     def block_table_view(self, buffer, rows):
-        return buffer[self.block_table: self.block_table + rows * self.width].view(rows, self.width)
+        return buffer[self.block_table_offset: self.block_table_offset + rows * self.width].view(rows, self.width)
 
 
 @dataclass
@@ -547,8 +600,8 @@ class StepPlan:
     num_sampling: int
     max_query_len: int
     max_seq_len: int
-    sample_row: dict[str, int]  # request_id -> row of this step's sampled tokens
-    sampling: "SamplingTensors"
+    sample_row: dict[Request, int]  # each sampling request's row of the sampled tokens (and logprobs)
+    sampling: SamplingTensors
     num_logprobs: int | None = None  # top-k logprobs for the sampled tokens (the most any row asks)
     # Prompt logprobs: logits rows after the sampling ones, each (request, prompt position it scores).
     prompt_positions: list[tuple[Request, int]] = field(default_factory=list)
@@ -563,100 +616,104 @@ class InFlight:
     sampled: torch.Tensor       # [num_sampling] int64 on the device
     sampled_host: torch.Tensor  # pinned host copy
     ready: torch.cuda.Event | None
-    logprobs_host: list[tuple[torch.Tensor, torch.Tensor]]  # logprobs_of's (ints, floats): sampled, prompt
+    sampled_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # logprobs_of's (ints, floats), on the host
+    prompt_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def sampled_token_ids(self) -> list[int]:
-        """Wait for the step, then its tokens (one per scheduled entry that samples, in order)."""
+    def sampled_token_ids(self) -> dict[Request, int]:
+        """Wait for the step, then each sampling request's token."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.sampled_host.tolist()
+        tokens = self.sampled_host.tolist()
+        return {request: tokens[row] for request, row in self.plan.sample_row.items()}
+
+
+def batch_order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+    """The step's rows, shortest context first: attention starts from the last row, so the longest programs
+    start first and none runs alone at the end (H100, mixed contexts, batch 256: 92% -> 96.5% of copy)."""
+    return sorted(scheduled, key=lambda entry: entry.start + entry.num_new_tokens)
 
 
 class ModelRunner:
     """Runs steps of a Transformer on its device: execute(schedule) launches one and returns at once."""
 
-    def __init__(self, model: Transformer, *, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, gpu_memory_utilization: float, num_blocks: int | None, enforce_eager: bool,
-                 eos_token_ids: list[int], kv_cache_dtype: torch.dtype, calculate_kv_scales: bool = False):
-        self.model, config, self.kv_cache_dtype = model, model.config, kv_cache_dtype
-        self.eos_token_ids = eos_token_ids  # banned until a request's min_tokens
+    def __init__(self, model: Transformer, config: EngineConfig):
+        self.model, self.config = model, config
+        self.kv_cache_dtype = model.config.dtype if config.kv_cache_dtype == "auto" else FP8
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
-        self.block_size, self.max_model_len = block_size, max_model_len
-        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
-        self.stats = EngineStats()
+        self.stats, self._num_steps = EngineStats(), 0  # _num_steps: which host buffers this step fills
         # A decode batch padded up to its graph size can hold more tokens than the budget.
-        self.layout = InputLayout(max(max_num_batched_tokens, max_num_seqs), max_num_seqs,
-                                  -(-max_model_len // block_size))
+        self.layout = InputLayout(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+                                  cdiv(config.max_model_len, config.block_size))
         self.device_buffer = torch.zeros(self.layout.size, dtype=torch.int32, device=self.device)
         # Two host buffers: while step N's copy may still be pending, step N+1 fills the other one.
         self.host_buffers = [torch.zeros(self.layout.size, dtype=torch.int32, pin_memory=self.on_cuda)
                              for _ in range(2)]
         self.zeros = [0] * self.layout.width  # padding for block-table rows
-        self.sampled_host = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda) for _ in range(2)]
-        self.graph_sizes = _graph_ladder(max_num_seqs) if self.on_cuda and not enforce_eager else []
+        self.sampled_host = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda)
+                             for _ in range(2)]
+        self.graph_sizes = _graph_ladder(config.max_num_seqs) if self.on_cuda and not config.enforce_eager else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-        per_block = kv_cache_bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim,
-                                             kv_cache_dtype)
+        c = model.config
+        per_block = kv_cache_bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
+                                             self.kv_cache_dtype)
+        num_blocks = config.num_blocks
         if num_blocks is None:
             # Never more than every sequence at full length can use: more blocks could only keep
             # more finished prefixes cached, and the pool keeps a Python object per block.
-            useful = max_num_seqs * self.layout.width
-            num_blocks = min(useful, self._profile_num_blocks(per_block, gpu_memory_utilization) if self.on_cuda
+            useful = config.max_num_seqs * self.layout.width
+            num_blocks = min(useful, self._profile_num_blocks(per_block) if self.on_cuda
                              else (1 << 30) // per_block)  # CPU: at most 1 GiB of cache
-        check_kv_capacity(num_blocks, block_size, max_model_len)
+        check_kv_capacity(num_blocks, config.block_size, config.max_model_len)
         self.num_blocks, self.kv_caches = num_blocks, self._allocate_kv_caches(num_blocks)
         if self.graph_sizes:
             self._capture_graphs()
         for layer in model.layers:  # only now: profiling and capture run on dummy inputs
-            layer.calibrate_kv_scale = calculate_kv_scales
+            layer.calibrate_kv_scale = config.calculate_kv_scales and config.kv_cache_dtype != "auto"
 
     def execute(self, schedule: SchedulerOutput, previous: InFlight | None) -> InFlight:
         """Launch one step: its inputs, the forward, sampling and the tokens' copy to the host. It
         does not wait for the device. `previous` is the step still in flight, whose sampled tokens
         this step's placeholders read on the device."""
-        # Rows by context, shortest first: attention starts from the last row, so the longest programs start first
-        # and none runs alone at the end (H100, mixed contexts, batch 256: 92% -> 96.5% of copy). update() reads it.
-        schedule.scheduled.sort(key=lambda entry: entry.start + entry.num_new_tokens)
-        plan = self.prepare_inputs(schedule, previous)
+        plan = self.prepare_inputs(schedule, batch_order(schedule.scheduled), previous)
         logits = self.run_model(plan)
         sampling_logits = logits[: plan.num_sampling]
         sampled = sample(sampling_logits, plan.sampling)
-        host = self.sampled_host[self.stats.steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
-        logprobs = []  # only steps that ask for them pay for log_softmax and the copies
-        if plan.num_logprobs is not None:
-            logprobs.append(logprobs_of(sampling_logits, sampled, plan.num_logprobs))
+        host = self.sampled_host[self._num_steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
+        flight = InFlight(plan, sampled, host, None)
+        if plan.num_logprobs is not None:  # only steps that ask for them pay for log_softmax and the copies
+            flight.sampled_logprobs = self._to_host(logprobs_of(sampling_logits, sampled, plan.num_logprobs))
         if plan.prompt_positions:
-            logprobs.append(logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs))
-        logprobs_host = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
-                               for t in pair) for pair in logprobs]
-        ready = torch.cuda.Event() if self.on_cuda else None
-        if ready is not None:
-            ready.record()
+            flight.prompt_logprobs = self._to_host(
+                logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs))
+        if self.on_cuda:
+            flight.ready = torch.cuda.Event()
+            flight.ready.record()
+        self._num_steps += 1
         self.stats.steps += 1
-        return InFlight(plan, sampled, host, ready, logprobs_host)
+        return flight
 
-    def prepare_inputs(self, schedule: SchedulerOutput, previous: InFlight | None) -> StepPlan:
-        """Lay the step's requests out as one flat batch in the host buffer, then copy it once.
-
-        This runs on the CPU for every step, so it is written for speed: plain lists, a short path
-        for decodes (one token each), and one array -> tensor conversion per field."""
-        block_size, vocab_size = self.block_size, self.model.config.vocab_size
+    def prepare_inputs(self, schedule: SchedulerOutput, rows: list[ScheduledRequest],
+                       previous: InFlight | None) -> StepPlan:
+        """Lay the step's rows out as one flat batch in a pinned host buffer and copy it to the
+        device in one copy (a step with penalties, min_tokens bans or prompt logprobs copies a few
+        small tensors more). This runs on the CPU for every step, so it is written for speed: plain
+        lists, a short path for decodes (one token each), one array -> tensor conversion per field."""
+        block_size = self.config.block_size
         previous_rows = previous.plan.sample_row if previous is not None else {}
-        input_ids, positions, slots, query_start, seq_lens, logits_indices = [], [], [], [0], [], []
-        temperature, top_p, top_k, min_p, seeds, sample_row = [], [], [], [], [], {}
-        placeholder_dst, placeholder_src, tables = [], [], []
-        num_logprobs, adjusted, prompt_rows, prompt_positions, prompt_targets = None, [], [], [], []
-        for entry in schedule.scheduled:
+        input_ids, positions, slots, query_start, seq_lens, tables = [], [], [], [0], [], []
+        placeholder_dst, placeholder_src, logits_indices, samplers = [], [], [], []
+        prompt_rows, prompt_positions, prompt_targets = [], [], []
+        for entry in rows:
             request, start = entry.request, entry.start
             end = start + entry.num_new_tokens
-            known, blocks, params = request.num_tokens, request.block_ids, request.sampling_params
+            known, blocks = request.num_tokens, request.block_ids
             pending = None  # the newest token, sampled by the step still in flight: read on the device
             input_ids += request.all_token_ids[start:min(end, known)]
             if end > known:
                 assert end == known + 1, "only a request's newest token may be a placeholder"
-                pending = previous_rows[request.request_id]
+                pending = previous_rows[request]
                 placeholder_dst.append(len(input_ids))
                 placeholder_src.append(pending)
                 input_ids.append(0)
@@ -666,7 +723,7 @@ class ModelRunner:
             else:
                 positions += range(start, end)
                 slots += token_slots(blocks, start, end, block_size)
-            if params.prompt_logprobs is not None and start < len(request.prompt_token_ids) - 1:
+            if request.sampling_params.prompt_logprobs is not None and start < len(request.prompt_token_ids) - 1:
                 # Row of position p: the logprob of prompt token p + 1 (up to the prompt's last).
                 last = min(end, len(request.prompt_token_ids) - 1)
                 prompt_rows += range(len(input_ids) - (end - start), len(input_ids) - (end - last))
@@ -674,64 +731,83 @@ class ModelRunner:
                 prompt_targets += request.prompt_token_ids[start + 1:last + 1]
             query_start.append(len(input_ids))
             seq_lens.append(end)
-            tables.append(blocks[: -(-end // block_size)])
+            tables.append(blocks[: cdiv(end, block_size)])
             if entry.samples_token:
-                row = sample_row[request.request_id] = len(logits_indices)
-                # The noise of the k-th token a request draws depends on (its seed, k) alone.
-                index = len(request.output_token_ids) + request.num_output_placeholders
-                seeds.append(_seed_for(params.seed, index))
                 logits_indices.append(len(input_ids) - 1)
-                temperature.append(0.0 if params.is_greedy else params.temperature)
-                top_p.append(params.top_p)
-                top_k.append(params.top_k if 0 < params.top_k < vocab_size else 0)
-                min_p.append(params.min_p)
-                if params.logprobs is not None:
-                    num_logprobs = max(num_logprobs or 0, params.logprobs)
-                under_min_tokens = index <= params.min_tokens  # index counts this step's token already
-                if params.has_penalties or under_min_tokens:
-                    adjusted.append((row, request, pending, under_min_tokens))
-        num_tokens, num_seqs, num_sampling = len(input_ids), len(seq_lens), len(logits_indices)
-        max_query_len = max(b - a for a, b in zip(query_start, query_start[1:]))
-        rows = num_seqs
-        if max_query_len == 1 and self.graphs:
-            rows = next((size for size in self.graphs if size >= num_seqs), num_seqs)
-            pad = rows - num_seqs  # padding rows: no token written, no key read (seq_len 0)
-            for values, fill in ((input_ids, 0), (positions, 0), (slots, -1), (seq_lens, 0)):
-                values += [fill] * pad
-            query_start += range(num_seqs + 1, rows + 1)
-            num_tokens = rows
-
-        self._copy_to_device(rows, tables, dict(
-            input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start, top_k=top_k,
-            seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows, seeds=seeds, temperature=temperature,
-            top_p=top_p, min_p=min_p, placeholder_dst=placeholder_dst, placeholder_src=placeholder_src))
-        layout, device = self.layout, self.device_buffer
+                samplers.append((entry, pending))
+        num_seqs, max_query_len = len(seq_lens), max(b - a for a, b in zip(query_start, query_start[1:]))
+        fields = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
+                      seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows,
+                      placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
+        sample_fields, num_logprobs, penalties = self._sampling_rows(samplers)
+        num_rows = self._pad_for_graph(fields, num_seqs) if max_query_len == 1 and self.graphs else num_seqs
+        self._copy_to_device(num_rows, tables, fields | sample_fields)
         if placeholder_dst:
-            dst = layout.view(device, "placeholder_dst", len(placeholder_dst)).long()
-            src = layout.view(device, "placeholder_src", len(placeholder_src)).long()
-            tokens = previous.sampled.index_select(0, src).to(torch.int32)
-            layout.view(device, "input_ids", num_tokens).index_copy_(0, dst, tokens)
-        sampling = SamplingTensors(
-            temperature=layout.view(device, "temperature", num_sampling).view(torch.float32),
-            top_p=layout.view(device, "top_p", num_sampling).view(torch.float32),
-            top_k=layout.view(device, "top_k", num_sampling), seeds=layout.view(device, "seeds", num_sampling),
-            all_greedy=not any(temperature), needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p) or any(min_p),
-            min_p=layout.view(device, "min_p", num_sampling).view(torch.float32) if any(min_p) else None,
-            adjust=logits_adjustment(adjusted, num_sampling, vocab_size, self.eos_token_ids, previous, self.device)
-            if adjusted else None)
+            self._fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
         self.stats.context_tokens_read += sum(seq_lens)
-        return StepPlan(schedule, num_tokens, rows, num_sampling, max_query_len, max(seq_lens), sample_row, sampling,
-                        num_logprobs, prompt_positions,
-                        _to_device(prompt_targets, self.device) if prompt_rows else None,
-                        max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
+        return StepPlan(
+            schedule, len(fields["input_ids"]), num_rows, len(samplers), max_query_len, max(seq_lens),
+            {entry.request: row for row, (entry, _) in enumerate(samplers)},
+            self._sampling_tensors(sample_fields, penalties, previous), num_logprobs, prompt_positions,
+            to_device(prompt_targets, self.device) if prompt_rows else None,
+            max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
+
+    def _sampling_rows(self, samplers) -> tuple[dict[str, list], int | None, PenaltyInputs | None]:
+        """Per sampling row: its sampling fields, the top-k logprobs the step needs, and the penalties'
+        and bans' inputs when some row has them (None for most steps)."""
+        vocab_size = self.model.config.vocab_size
+        fields = dict(temperature=[], top_p=[], top_k=[], min_p=[], seeds=[])
+        num_logprobs, penalties = None, None
+        for row, (entry, pending) in enumerate(samplers):
+            request = entry.request
+            params = request.sampling_params
+            # The noise of the k-th token a request draws depends on (its seed, k) alone.
+            fields["seeds"].append(seed_for(params.seed, len(request.output_token_ids)
+                                            + request.num_output_placeholders))
+            fields["temperature"].append(0.0 if params.is_greedy else params.temperature)
+            fields["top_p"].append(params.top_p)
+            fields["top_k"].append(params.top_k if 0 < params.top_k < vocab_size else 0)
+            fields["min_p"].append(params.min_p)
+            if params.logprobs is not None:
+                num_logprobs = max(num_logprobs or 0, params.logprobs)
+            if params.has_penalties or entry.banned_token_ids:
+                penalties = penalties or PenaltyInputs.empty(len(samplers))
+                _add_penalty_row(penalties, row, request, pending, entry.banned_token_ids)
+        return fields, num_logprobs, penalties
+
+    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int) -> int:
+        """A decode batch runs the graph of the next size up: padding rows write no token and read no key."""
+        rows = next((size for size in self.graphs if size >= num_seqs), num_seqs)
+        for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0)):
+            fields[name] += [fill] * (rows - num_seqs)
+        fields["query_start_loc"] += range(num_seqs + 1, rows + 1)
+        return rows
+
+    def _fill_placeholders(self, num_tokens: int, count: int, previous_sampled: torch.Tensor) -> None:
+        """Write the previous step's sampled tokens, still on the device, into their input positions."""
+        layout, buffer = self.layout, self.device_buffer
+        dst = layout.view(buffer, "placeholder_dst", count).long()
+        src = layout.view(buffer, "placeholder_src", count).long()
+        layout.view(buffer, "input_ids", num_tokens).index_copy_(0, dst, previous_sampled.index_select(0, src).int())
+
+    def _sampling_tensors(self, fields: dict[str, list], penalties: PenaltyInputs | None,
+                          previous: InFlight | None) -> SamplingTensors:
+        layout, buffer, rows = self.layout, self.device_buffer, len(fields["seeds"])
+        temperature, top_p, top_k, min_p = fields["temperature"], fields["top_p"], fields["top_k"], fields["min_p"]
+        return SamplingTensors(
+            *(layout.view(buffer, name, rows) for name in ("temperature", "top_p", "top_k", "seeds")),
+            all_greedy=not any(temperature), needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p) or any(min_p),
+            min_p=layout.view(buffer, "min_p", rows) if any(min_p) else None,
+            adjust=None if penalties is None else penalties.to_device(
+                self.model.config.vocab_size, previous.sampled if previous else None, self.device))
 
     def _copy_to_device(self, rows, tables, fields):
         """Write every field into this step's pinned host buffer, then copy the used prefix once."""
-        host, layout = self.host_buffers[self.stats.steps % 2], self.layout
+        host, layout = self.host_buffers[self._num_steps % 2], self.layout
         for name, values in fields.items():
             if values:
-                as_bits = array("f" if name in ("temperature", "top_p", "min_p") else "i", values)
-                layout.view(host, name, len(values)).copy_(torch.frombuffer(as_bits, dtype=torch.int32))
+                as_bits = array("f" if name in FLOAT_FIELDS else "i", values)
+                layout.view(host, name, len(values)).view(torch.int32).copy_(torch.frombuffer(as_bits, dtype=torch.int32))
         # The block table: only the columns this batch uses are filled; the kernels never read past
         # a request's own blocks, so what earlier steps left in the other columns does no harm.
         used_width = max(map(len, tables))
@@ -741,8 +817,12 @@ class ModelRunner:
             flat.extend(self.zeros[: used_width - len(table)])
         layout.block_table_view(host, rows)[: len(tables), :used_width].copy_(
             torch.frombuffer(flat, dtype=torch.int32).view(len(tables), used_width))
-        used = layout.block_table + rows * layout.width
+        used = layout.block_table_offset + rows * layout.width
         self.device_buffer[:used].copy_(host[:used], non_blocking=True)
+
+    def _to_host(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
+                     for t in pair)
 
     def _model_inputs(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
         """Views of the device buffer as the model's arguments (static for a given shape)."""
@@ -775,36 +855,41 @@ class ModelRunner:
 
     def _allocate_kv_caches(self, num_blocks: int) -> torch.Tensor:
         c = self.model.config
-        return allocate_kv_cache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+        return allocate_kv_cache(c.num_layers, num_blocks, self.config.block_size, c.num_kv_heads, c.head_dim,
                                  self.kv_cache_dtype, self.device)
 
-    def _profile_num_blocks(self, bytes_per_block, gpu_memory_utilization):
+    def _profile_num_blocks(self, bytes_per_block):
         """Run the largest step the engine can schedule through execute(), on dummy requests and a
         scratch cache, and size the KV cache from the memory left at its peak."""
-        num_seqs = min(self.max_num_seqs, self.max_num_batched_tokens)
-        per_seq = min(-(-self.max_num_batched_tokens // num_seqs), self.max_model_len)
-        num_tokens = min(self.max_num_batched_tokens, num_seqs * per_seq)
+        config = self.config
+        num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
+        per_seq = min(cdiv(config.max_num_batched_tokens, num_seqs), config.max_model_len)
+        num_tokens = min(config.max_num_batched_tokens, num_seqs * per_seq)
         lengths = [per_seq] * (num_tokens // per_seq) + ([num_tokens % per_seq] if num_tokens % per_seq else [])
         params = SamplingParams(top_p=0.5, top_k=5, seed=0)  # the sampler's sorting path: its largest
         entries, num_scratch_blocks = [], 0
-        for length in lengths:
-            request = Request("profile", [0] * length, params)
-            num_blocks = -(-length // self.block_size)
+        for i, length in enumerate(lengths):
+            request = Request(f"profile-{i}", [0] * length, params)
+            num_blocks = cdiv(length, config.block_size)
             request.block_table.block_ids = list(range(num_scratch_blocks, num_scratch_blocks + num_blocks))
             num_scratch_blocks += num_blocks
             entries.append(ScheduledRequest(request, 0, length, samples_token=True))
         self.kv_caches = self._allocate_kv_caches(num_scratch_blocks)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute(SchedulerOutput(entries, num_tokens, [], step=0), None).sampled_token_ids()
+        self.execute(SchedulerOutput(entries, [], step=0), None).sampled_token_ids()
         peak = torch.cuda.max_memory_allocated(self.device) - self.kv_caches.numel() * self.kv_caches.element_size()
-        # Each decode graph keeps its own logits alive after capture, which comes after this; a
-        # step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
-        peak += (sum(self.graph_sizes) + 4 * len(lengths)) * self.model.config.vocab_size * 4
+        # A step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
+        peak += self.graph_logits_bytes() + 4 * len(lengths) * self.model.config.vocab_size * 4
         del self.kv_caches
-        self.stats = EngineStats()
+        self.stats, self._num_steps = EngineStats(), 0
         torch.cuda.empty_cache()
-        return num_blocks_from_memory(bytes_per_block, gpu_memory_utilization, peak, self.device)
+        return num_blocks_from_memory(bytes_per_block, config.gpu_memory_utilization, peak, self.device)
+
+    def graph_logits_bytes(self) -> int:
+        """What the decode graphs keep alive after capture (which comes after profiling): each its
+        logits, [size, vocab] in the model's dtype."""
+        return sum(self.graph_sizes) * self.model.config.vocab_size * self.model.config.dtype.itemsize
 
     def _capture_graphs(self):
         """One CUDA graph per decode batch size of a ladder; a batch is padded up to the next size.
@@ -820,7 +905,7 @@ class ModelRunner:
             for size in reversed(sizes):  # largest first: smaller graphs reuse its scratch memory
                 # The inputs are built inside the capture too: their int32 -> int64 casts must replay.
                 def forward():
-                    return self.model(*self._model_inputs(size, size, 1, self.max_model_len, None))
+                    return self.model(*self._model_inputs(size, size, 1, self.config.max_model_len, None))
                 forward()  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -831,187 +916,28 @@ class ModelRunner:
         torch.cuda.synchronize()
 
 
-# ---- Sampling: one pass over the batch on the device, no host sync. -------------------------------------------------
-
-@dataclass
-class SamplingTensors:
-    temperature: torch.Tensor  # [rows] float32; 0 = greedy
-    top_p: torch.Tensor        # [rows] float32
-    top_k: torch.Tensor        # [rows] int32; 0 = off
-    seeds: torch.Tensor        # [rows] int32: the noise of each row's draw (see sample)
-    all_greedy: bool
-    needs_top_k_top_p: bool    # some row has top_k, top_p or min_p on
-    min_p: torch.Tensor | None = None          # [rows] float32
-    adjust: "LogitsAdjustment | None" = None  # penalties, min_tokens: None for most steps
-
-
-@dataclass
-class LogitsAdjustment:
-    """A step's changes to its rows' logits before the draw (after logprobs): penalties, min_tokens' bans."""
-    output_counts: torch.Tensor  # [rows, vocab] float32: how often each token is in the row's output
-    prompt_mask: torch.Tensor    # [rows, vocab] bool: tokens of the row's prompt
-    repetition: torch.Tensor     # [rows] float32 (1 = off)
-    frequency: torch.Tensor      # [rows] float32 (0 = off)
-    presence: torch.Tensor       # [rows] float32 (0 = off)
-    banned_rows: torch.Tensor    # [n] int64, with banned_tokens: (row, token) pairs set to -inf
-    banned_tokens: torch.Tensor
-
-
-def adjust_logits(logits, adjust: LogitsAdjustment):
-    """vLLM's order: repetition penalty (HF: over prompt and output, a positive logit divided by it,
-    a negative one multiplied), then frequency and presence (OpenAI: output tokens only), then bans."""
-    seen = adjust.prompt_mask | (adjust.output_counts > 0)
-    penalty = torch.where(seen, adjust.repetition[:, None], 1.0)
-    logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits = logits - adjust.frequency[:, None] * adjust.output_counts
-    logits = logits - adjust.presence[:, None] * (adjust.output_counts > 0)
-    return logits.index_put((adjust.banned_rows, adjust.banned_tokens), logits.new_tensor(float("-inf")))
-
-
-def logits_adjustment(adjusted, num_rows: int, vocab_size: int, eos_token_ids: list[int],
-                      previous: "InFlight | None", device) -> LogitsAdjustment:
-    """Penalties' token counts and min_tokens' bans for `adjusted`: (row, request, row of its token
-    in flight or None, under min_tokens) each. A token in flight is counted on the device."""
-    to_device = functools.partial(_to_device, device=device)
-    factors = [[1.0, 0.0, 0.0] for _ in range(num_rows)]  # repetition, frequency, presence
-    counted, prompt, pending, banned = ([], []), ([], []), ([], []), ([], [])
-    for row, request, pending_src, under_min_tokens in adjusted:
-        params = request.sampling_params
-        if params.has_penalties:
-            factors[row] = [params.repetition_penalty, params.frequency_penalty, params.presence_penalty]
-            counted[0].extend([row] * len(request.output_token_ids))
-            counted[1].extend(request.output_token_ids)
-            prompt[0].extend([row] * len(request.prompt_token_ids))
-            prompt[1].extend(request.prompt_token_ids)
-            if pending_src is not None:
-                pending[0].append(row)
-                pending[1].append(pending_src)
-        if under_min_tokens:  # EOS (unless ignored) and stop tokens may not come yet
-            stops = [*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids)]
-            stops = [token for token in stops if 0 <= token < vocab_size]
-            banned[0].extend([row] * len(stops))
-            banned[1].extend(stops)
-    counts = torch.zeros(num_rows, vocab_size, device=device)
-    counts.index_put_(tuple(map(to_device, counted)), torch.ones(len(counted[0]), device=device), accumulate=True)
-    if pending[0]:
-        tokens = previous.sampled.index_select(0, to_device(pending[1]))
-        counts.index_put_((to_device(pending[0]), tokens), torch.ones(len(pending[0]), device=device), accumulate=True)
-    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
-    prompt_mask[tuple(map(to_device, prompt))] = True
-    factors = to_device(factors, dtype=torch.float32)
-    return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2], *map(to_device, banned))
-
-
-def apply_top_k_top_p(logits, top_k, top_p, min_p=None):
-    """Mask every token outside each row's top-k or less likely than min_p times the most likely
-    one, then outside the smallest set of the rest whose mass reaches top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)
-    k = torch.where(top_k > 0, top_k, logits.shape[-1]).to(ranks.dtype)
-    drop = ranks[None, :] >= k[:, None]
-    if min_p is not None:  # vLLM's order: min_p and top-k cut the tail, top-p what is left of it
-        drop |= sorted_logits < sorted_logits[:, :1] + min_p.log()[:, None]  # p < min_p * p_max
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # A token is kept while the mass *before* it is below top_p; the most likely one always stays.
-    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
-    drop[:, 0] = False
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-
-
-def sample(logits, params: SamplingTensors):
-    """One token per row: the argmax for greedy rows, else a draw from softmax(logits / T) by the
-    Gumbel-max trick: argmax(logits / T + G), G = -log(-log(U)), U uniform, is such a draw, in one
-    pass over the vocabulary with no softmax, cumsum or search. Each row's U comes from a seed of
-    (the request's seed, the token's index), so a seeded request draws the same tokens in any batch."""
-    if params.adjust is not None:
-        logits = adjust_logits(logits.float(), params.adjust)
-    if params.all_greedy:
-        return logits.argmax(-1)
-    temperature = params.temperature
-    if params.needs_top_k_top_p:  # rare: sort-based masking on logits / T, then draw at T = 1
-        sampled = temperature > 0
-        logits = apply_top_k_top_p(logits.float() / torch.where(sampled, temperature, 1.0)[:, None],
-                                   params.top_k, params.top_p, params.min_p)
-        temperature = sampled.float()
-    draw = gumbel_argmax if logits.is_cuda else gumbel_argmax_reference
-    return draw(logits, temperature, params.seeds)
-
-
-def logprobs_of(logits, token_ids, k: int):
-    """vLLM's raw logprobs (log_softmax of the model's logits): ints [rows, 1 + k] (the rank of
-    token_ids[row], 1 = most likely, then the top k ids) and floats [rows, 1 + k] (their logprobs)."""
-    logprobs = logits.log_softmax(-1, dtype=torch.float32)
-    chosen = logprobs.gather(1, token_ids[:, None])
-    top_values, top_ids = logprobs.topk(k, dim=-1)
-    ranks = (logprobs > chosen).sum(-1, keepdim=True) + 1
-    return torch.cat([ranks, top_ids], 1), torch.cat([chosen, top_values], 1)
-
-
-GUMBEL_BLOCK = 2048  # vocabulary entries per program: rows x slices programs fill the GPU even for one row
-
-
-@triton.jit
-def _gumbel_argmax_kernel(logits_ptr, temperature_ptr, seeds_ptr, value_ptr, index_ptr, vocab_size, stride_row,
-                          BLOCK: tl.constexpr):
-    row, part = tl.program_id(0), tl.program_id(1)  # the best of one slice of one row's vocabulary
-    offsets = part * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(logits_ptr + row * stride_row + offsets, mask=offsets < vocab_size, other=float("-inf")).to(tl.float32)
-    temperature = tl.load(temperature_ptr + row)
-    if temperature > 0:  # rand4x: 4 uniforms per Philox call, 1.5x faster at 256 rows than rand. U = 0: never chosen
-        u = tl.rand4x(tl.load(seeds_ptr + row), part * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
-        u = tl.reshape(tl.join(tl.join(u[0], u[1]), tl.join(u[2], u[3])), [BLOCK])
-        x = x * (1.0 / temperature) - tl.log(-tl.log(u))
-    tl.store(value_ptr + row * tl.num_programs(1) + part, tl.max(x, 0))
-    tl.store(index_ptr + row * tl.num_programs(1) + part, tl.argmax(x, 0) + part * BLOCK)
-
-
-def gumbel_argmax(logits, temperature, seeds):
-    """argmax(logits / T + Gumbel noise) per row (T = 0: plain argmax), one read of the logits. Ties go to the
-    lowest index, as torch.argmax: the first best within a slice (tl.argmax), then the first slice's."""
-    rows, parts = logits.shape[0], triton.cdiv(logits.shape[1], GUMBEL_BLOCK)
-    values, index = (torch.empty(rows, parts, dtype=t, device=logits.device) for t in (torch.float32, torch.int64))
-    if rows:
-        _gumbel_argmax_kernel[(rows, parts)](logits, temperature, seeds, values, index, logits.shape[1],
-                                             logits.stride(0), BLOCK=GUMBEL_BLOCK)
-    return index.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
-
-
-def gumbel_argmax_reference(logits, temperature, seeds):
-    """gumbel_argmax in plain torch (the noise comes from torch's generator, not Triton's)."""
-    out = logits.argmax(-1)
-    for row in (temperature > 0).nonzero().flatten().tolist():
-        generator = torch.Generator(logits.device).manual_seed(int(seeds[row]))
-        uniform = torch.rand(logits.shape[1], generator=generator, device=logits.device)
-        out[row] = (logits[row].float() / temperature[row] - torch.log(-torch.log(uniform))).argmax()
-    return out
-
-
-def _seed_for(seed: int, index: int) -> int:
-    """A 31-bit seed derived from (seed, index): the k-th draw of a request, the k-th of n completions."""
-    return hash((seed, index)) & 0x7FFFFFFF
-
-
-def _to_device(values: list, device, dtype=torch.int64) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+def _add_penalty_row(penalties: PenaltyInputs, row: int, request: Request, pending: int | None,
+                     banned: list[int] | None) -> None:
+    """One sampling row's penalties (its output and prompt tokens; a token still in flight is counted on
+    the device) and the tokens the scheduler bans at this row (min_tokens)."""
+    params = request.sampling_params
+    if params.has_penalties:
+        penalties.factors[row] = [params.repetition_penalty, params.frequency_penalty, params.presence_penalty]
+        for (rows, tokens), ids in ((penalties.output, request.output_token_ids),
+                                    (penalties.prompt, request.prompt_token_ids)):
+            rows.extend([row] * len(ids))
+            tokens.extend(ids)
+        if pending is not None:
+            penalties.pending[0].append(row)
+            penalties.pending[1].append(pending)
+    if banned:
+        penalties.banned[0].extend([row] * len(banned))
+        penalties.banned[1].extend(banned)
 
 
 def _graph_ladder(max_num_seqs):
     """Decode batch sizes with a CUDA graph: 1, 2, 4, then every multiple of 8 (padding wastes < 8 rows)."""
     return sorted({size for size in (1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs) if size <= max_num_seqs})
-
-
-def _check_engine_args(args: dict) -> None:
-    """ValueError naming the first bad LLM argument: each is checked here, once, where the user passes it."""
-    flag = (lambda v: isinstance(v, bool), "a bool")
-    check_fields("", args, {
-        "block_size": (lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
-        "max_num_batched_tokens": (int_at_least(1), "an int >= 1"), "max_num_seqs": (int_at_least(1), "an int >= 1"),
-        "max_model_len": (int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
-        "num_blocks": (int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
-        "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"), "seed": (is_int, "an int"),
-        "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
-        "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
-        "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'")})
 
 
 def _as_token_ids(ids) -> list[int]:
@@ -1033,8 +959,11 @@ def _as_prompt_list(prompts) -> list:
 
 
 def _error_output(request_id, prompt, message) -> RequestOutput:
+    """A request refused when added: what it was given (its text, its ids where they are ids) and why."""
     text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
-    return RequestOutput(request_id, text, [], None, [CompletionOutput(0, "", [], None, None, "error")], True, 0,
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+    ids = list(ids) if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids) else []
+    return RequestOutput(request_id, text, ids, None, [CompletionOutput(0, "", [], None, None, "error")], True, 0,
                          message)
 
 

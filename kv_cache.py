@@ -30,6 +30,11 @@ import torch
 ROOT_HASH = b""  # the "parent hash" of a request's first block
 
 
+def cdiv(a: int, b: int) -> int:
+    """a / b rounded up: the blocks that hold a tokens, b to a block."""
+    return -(-a // b)
+
+
 def hash_block(parent_hash: bytes, token_ids) -> bytes:
     """SHA-256 of the parent block's hash and this block's token ids: a hash of the whole prefix.
     (Extra keys such as a LoRA id or a cache salt would be hashed in here; nothing needs them yet.)"""
@@ -90,9 +95,8 @@ class BlockTable:
 
 
 class KVCacheManager:
-    """The block pool, the prefix cache and the block tables, behind four calls:
-    lookup (prefix hits for an empty table), can_allocate / allocate (grow a table, all or nothing)
-    and free. Every call costs O(blocks it touches); nothing scans the pool."""
+    """The block pool, the prefix cache and the block tables, behind three calls:
+    lookup (prefix hits for an empty table), allocate (grow a table, all or nothing) and free. Every call costs O(blocks it touches); nothing scans the pool."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks, self.block_size, self.enable_prefix_caching = num_blocks, block_size, enable_prefix_caching
@@ -123,9 +127,9 @@ class KVCacheManager:
             parent_hash = block_hash
         return hits
 
-    def can_allocate(self, table: BlockTable, num_tokens: int, hits: list[KVBlock] = ()) -> bool:
+    def _can_allocate(self, table: BlockTable, num_tokens: int, hits: list[KVBlock] = ()) -> bool:
         """Exactly whether allocate(table, ..., num_tokens, hits) would succeed."""
-        num_new_blocks = -(-num_tokens // self.block_size) - len(table.block_ids) - len(hits)
+        num_new_blocks = cdiv(num_tokens, self.block_size) - len(table.block_ids) - len(hits)
         # A hit on a free block takes it out of the free queue, so it costs a free block too.
         num_revived = sum(1 for block in hits if block.ref_count == 0)
         return max(num_new_blocks, 0) + num_revived <= self.free_queue.num_free
@@ -137,8 +141,8 @@ class KVCacheManager:
         entered in the prefix cache now, stamped with self.step: the caller computes them in that
         step, before any later step reads them (or calls forget_cached_blocks if it fails)."""
         size = self.block_size
-        if hits or -(-num_tokens // size) > len(table.block_ids):  # most decode steps need no block
-            if not self.can_allocate(table, num_tokens, hits):
+        if hits or cdiv(num_tokens, size) > len(table.block_ids):  # most decode steps need no block
+            if not self._can_allocate(table, num_tokens, hits):
                 return False
             assert not hits or not table.block_ids, "prefix hits go only into an empty block table"
             if not table.block_ids:  # an admission: count it for the hit rate
@@ -150,7 +154,7 @@ class KVCacheManager:
                 block.ref_count += 1
                 table.block_ids.append(block.block_id)
             table.num_registered_blocks += len(hits)
-            for _ in range(-(-num_tokens // size) - len(table.block_ids)):
+            for _ in range(cdiv(num_tokens, size) - len(table.block_ids)):
                 table.block_ids.append(self._take_free_block().block_id)
         num_full_blocks = min(num_tokens, len(token_ids)) // size
         if self.enable_prefix_caching and num_full_blocks > table.num_registered_blocks:
@@ -231,7 +235,7 @@ def num_blocks_from_memory(bytes_per_block: int, gpu_memory_utilization: float, 
 
 def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:
     """ValueError, naming the knobs to turn, unless one request of max_model_len tokens fits."""
-    needed = -(-max_model_len // block_size)
+    needed = cdiv(max_model_len, block_size)
     if num_blocks < needed:
         raise ValueError(f"the KV cache has {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} "
                          f"tokens), but one request of max_model_len={max_model_len} tokens needs {needed} blocks: "

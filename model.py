@@ -74,7 +74,6 @@ class ModelConfig:
     rope_scaling: Llama3RopeScaling | None
     tie_word_embeddings: bool
     eos_token_ids: list[int] = field(default_factory=list)
-    bos_token_id: int | None = None
     dtype: torch.dtype = torch.float32  # the dtype the model runs in; load_model/random_model set it
     sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, as SamplingParams fields
 
@@ -96,7 +95,7 @@ SHAPES = {
         architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_q_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=5e5,
         rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192), tie_word_embeddings=False,
-        eos_token_ids=[128001, 128008, 128009], bos_token_id=128000),
+        eos_token_ids=[128001, 128008, 128009]),
     "tiny": ModelConfig(  # Qwen3-style, for CPU tests
         architecture="Qwen3ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
         num_q_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e4,
@@ -180,7 +179,6 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
-        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
         sampling_defaults=_sampling_defaults(generation))
 
 
@@ -549,9 +547,14 @@ class TokenStream:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        """An id with no bytes (a padded embedding row, a hole in the vocabulary) has no text: generation
+        may sample one, and one request's odd token must not fail the step for the others."""
         if self.skip_special_tokens and token_id in self.tokenizer.special_token_ids:
             return ""
-        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        try:
+            return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        except ValueError:
+            return ""
 
     def finish(self) -> str:
         """Bytes of a character that never completed, as U+FFFD (as decode() would show them)."""

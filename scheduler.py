@@ -15,15 +15,18 @@ one code path for both.
 A step that fails or is interrupted is undone by recover(): every unfinished request is preempted
 (it keeps its tokens and recomputes its KV) and the cache forgets the unfinished steps' blocks.
 
-Owns: requests and their states, the plan of a step, preemption, stop conditions.
-Never touches: tensors, the GPU (it hands the engine positions and block tables).
+Owns: the engine's configuration and SamplingParams (what a user passes, validated where passed),
+requests and their states, the plan of a step, preemption, and every stop rule: stop tokens, EOS,
+min_tokens (the bans the sampler applies come from here), max_tokens, and where a stop string
+ends the text. Never touches: tensors, the GPU, text (it hands the engine positions and block
+tables; the engine asks it about text it has decoded).
 """
 from collections import deque
 from dataclasses import dataclass, field
 import enum
 import math
 
-from kv_cache import BlockTable, KVCacheManager
+from kv_cache import BlockTable, KVCacheManager, cdiv
 
 
 def _max_tokens(params) -> float:
@@ -47,6 +50,49 @@ def check_fields(prefix: str, values: dict, rules: dict) -> None:
     for name, (ok, allowed) in rules.items():
         if not ok(values[name]):
             raise ValueError(f"{prefix}{name} must be {allowed}, got {values[name]!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's limits, with vLLM's names and defaults, checked once where the user passes them
+    (LLM(...)) and handed to the scheduler and the runner. max_model_len None: the model's limit."""
+    dtype: object = None
+    device: object = None
+    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    async_scheduling: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    num_blocks: int | None = None  # None: size the KV cache from memory
+    long_prefill_token_threshold: int = 0
+    kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (vLLM's cap)
+
+    def __post_init__(self):
+        flag = (lambda v: isinstance(v, bool), "a bool")
+        check_fields("", vars(self), {
+            "block_size": (lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
+            "max_num_batched_tokens": (int_at_least(1), "an int >= 1"), "max_num_seqs": (int_at_least(1), "an int >= 1"),
+            "max_model_len": (int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
+            "num_blocks": (int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
+            "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"), "seed": (is_int, "an int"),
+            "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
+            "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
+            "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
+            "max_logprobs": (int_at_least(0), "an int >= 0")})
+
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> "EngineConfig":
+        """ValueError naming an argument LLM does not take (a dataclass would raise a TypeError)."""
+        if unknown := sorted(set(arguments) - set(cls.__dataclass_fields__)):
+            raise ValueError(f"LLM: unknown argument {unknown[0]!r}; the arguments are model and "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**arguments)
 
 
 @dataclass
@@ -125,11 +171,11 @@ class RequestStatus(enum.Enum):
 @dataclass(eq=False)
 class Request:
     """All of one request's state. Positions 0..num_computed_tokens-1 have their KV in the cache."""
-    request_id: str
+    request_id: str | tuple  # the engine names the n completions of one request (id, i): never a user's id
     prompt_token_ids: list[int]
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     output_token_ids: list[int] = field(default_factory=list, init=False)
-    all_token_ids: list[int] = field(init=False, repr=False)  # prompt + outputs, appended to, never rebuilt
+    all_token_ids: list[int] = field(init=False, repr=False)  # prompt + outputs (rebuilt only by recover())
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     num_computed_tokens: int = field(default=0, init=False)
     num_cached_tokens: int = field(default=0, init=False)        # prefix-cache hit at first admission
@@ -165,34 +211,45 @@ class ScheduledRequest:
     start: int           # its num_computed_tokens before this step
     num_new_tokens: int
     samples_token: bool  # the step reaches its last token (placeholders included): sample one
+    banned_token_ids: list[int] | None = None  # tokens it may not sample yet (min_tokens: the stop tokens)
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]  # in batch order
-    num_batched_tokens: int
+    scheduled: list[ScheduledRequest]  # in admission order; the runner may lay its rows out in any other
     finished: list[Request]            # ended inside schedule() (FINISHED_ERROR): report them
     step: int                          # steps are numbered from 1 and update()d in this order
+
+
+def find_stop_string(params: SamplingParams, num_output_tokens: int, text: str, start: int) -> tuple[int, str] | None:
+    """(where the text ends, the stop string) for the first stop string ending at or after text[start]
+    (the text not searched yet); none before the output has more than min_tokens tokens (vLLM's rule)."""
+    if num_output_tokens <= params.min_tokens:
+        return None
+    hits = [(at, stop) for stop in params.stop if (at := text.find(stop, max(0, start - len(stop) + 1))) >= 0]
+    if not hits:
+        return None
+    at, stop = min(hits)
+    return at + len(stop) if params.include_stop_str_in_output else at, stop
 
 
 class Scheduler:
     """Runs requests under a token budget; see the module docstring. Only running requests hold
     blocks; the waiting queue is FCFS, with preempted requests put back at its front."""
 
-    def __init__(self, *, num_blocks: int, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, vocab_size: int, eos_token_ids, enable_prefix_caching: bool = True,
-                 long_prefill_token_threshold: int = 0):
-        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
-        self.max_model_len, self.vocab_size = max_model_len, vocab_size
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.long_prefill_token_threshold = long_prefill_token_threshold
+    def __init__(self, config: EngineConfig, num_blocks: int, vocab_size: int, eos_token_ids):
+        assert config.max_model_len is not None, "the engine resolves max_model_len from the model first"
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.max_num_batched_tokens, self.max_num_seqs = config.max_num_batched_tokens, config.max_num_seqs
+        self.max_model_len, self.vocab_size = config.max_model_len, vocab_size
+        self.eos_token_ids = list(dict.fromkeys(eos_token_ids))  # the one list of EOS ids: stops and min_tokens' bans
+        self.long_prefill_token_threshold = config.long_prefill_token_threshold
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # admission order: the last one is preempted first
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.num_preemptions = self.num_scheduled_steps = 0
         self.num_finished_steps = 0  # update() has run for every step up to this one
-        self.prompt_logprob_rows_left = max_num_seqs  # per step: see _cap
+        self.prompt_logprob_rows_left = config.max_num_seqs  # per step: see _cap
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -212,7 +269,7 @@ class Scheduler:
         if bad := [t for t in prompt if not (is_int(t) and 0 <= t < self.vocab_size)]:
             raise ValueError(f"request {rid!r}: prompt_token_ids holds {bad[0]!r}; token ids must be "
                              f"ints in [0, vocab_size={self.vocab_size})")
-        if -(-len(prompt) // self.kv_cache_manager.block_size) > self.kv_cache_manager.num_blocks:
+        if cdiv(len(prompt), self.kv_cache_manager.block_size) > self.kv_cache_manager.num_blocks:
             raise ValueError(f"request {rid!r}: {self._too_big(len(prompt))}")
         self.requests[rid] = request
         self.waiting.append(request)
@@ -249,17 +306,18 @@ class Scheduler:
                 self.running.append(request)
                 scheduled.append(self._advance(request, num_new_tokens))
                 budget -= num_new_tokens
-        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, finished, self.num_scheduled_steps)
+        return SchedulerOutput(scheduled, finished, self.num_scheduled_steps)
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
-        """Take a step's sampled tokens (one per scheduled entry with samples_token, in order),
-        apply stop conditions, free finished requests. Returns the requests that finished."""
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[Request, int]) -> list[Request]:
+        """Take a step's sampled tokens (one per scheduled request with samples_token, keyed by the
+        request), apply stop conditions, free finished requests. Returns the requests that finished."""
         samplers = [s.request for s in output.scheduled if s.samples_token]
-        if len(samplers) != len(sampled_token_ids):
+        if len(samplers) != len(sampled_token_ids) or not all(r in sampled_token_ids for r in samplers):
             raise ValueError(f"sampled_token_ids has {len(sampled_token_ids)} tokens, but the step "
-                             f"has {len(samplers)} requests that sample")
+                             f"has {len(samplers)} requests that sample, and each needs its own")
         finished, running_finished = [], False
-        for request, token in zip(samplers, sampled_token_ids):
+        for request in samplers:
+            token = sampled_token_ids[request]
             if request.status.is_finished:  # stopped one step earlier, or aborted: an extra token
                 continue
             request.num_output_placeholders -= 1
@@ -300,14 +358,22 @@ class Scheduler:
             self.waiting.append(request)
         self.num_finished_steps = self.num_scheduled_steps
 
-    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request:
-        """End a request now, at any point, and free its blocks (FINISHED_STOPPED: the engine found
-        a stop string in its text)."""
+    def abort(self, request_id, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request:
+        """End a request now, at any point, and free its blocks."""
         if (request := self.requests.get(request_id)) is None:
             raise KeyError(f"abort: no unfinished request has request_id {request_id!r}")
         (self.running if request.status is RequestStatus.RUNNING else self.waiting).remove(request)
         self._finish(request, status)
         return request
+
+    def stop_at_string(self, request: Request, stop: str) -> None:
+        """The engine found stop string `stop` in the request's text (find_stop_string): it ends
+        there, also if it had just finished by length (the string still cuts its text)."""
+        request.stop_reason = stop
+        if request.status.is_finished:
+            request.status = RequestStatus.FINISHED_STOPPED
+        else:
+            self.abort(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         """Tokens a running request computes this step: the rest of its prompt (or recompute), or
@@ -365,9 +431,12 @@ class Scheduler:
         if request.sampling_params.prompt_logprobs is not None:
             self.prompt_logprob_rows_left -= max(0, min(request.num_computed_tokens, len(request.prompt_token_ids))
                                                  - start)
+        banned = None
         if samples_token := (request.num_computed_tokens == request.num_tokens_with_placeholders):
             request.num_output_placeholders += 1
-        return ScheduledRequest(request, start, num_new_tokens, samples_token)
+            if len(request.output_token_ids) + request.num_output_placeholders <= request.sampling_params.min_tokens:
+                banned = self._stop_token_ids(request.sampling_params)  # _stop_status would not stop it yet
+        return ScheduledRequest(request, start, num_new_tokens, samples_token, banned)
 
     def _preempt(self, request: Request) -> None:
         """Preemption by recompute: drop its KV; it keeps its tokens and is prefilled again later
@@ -377,9 +446,13 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
+    def _stop_token_ids(self, params: SamplingParams) -> list[int]:
+        ids = [*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)]
+        return [token for token in ids if 0 <= token < self.vocab_size]
+
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
-        if len(request.output_token_ids) > params.min_tokens:  # before that the sampler masks them
+        if len(request.output_token_ids) > params.min_tokens:  # before that the sampler bans them
             if token in params.stop_token_ids:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
@@ -397,6 +470,6 @@ class Scheduler:
 
     def _too_big(self, num_tokens: int) -> str:
         kv = self.kv_cache_manager
-        return (f"{num_tokens} tokens need {-(-num_tokens // kv.block_size)} KV blocks of {kv.block_size}, "
+        return (f"{num_tokens} tokens need {cdiv(num_tokens, kv.block_size)} KV blocks of {kv.block_size}, "
                 f"but the whole pool has {kv.num_blocks}: raise gpu_memory_utilization (or num_blocks), "
                 f"or lower max_model_len / max_tokens")

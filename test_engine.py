@@ -40,7 +40,8 @@ from kv_cache import (BlockTable, KVCacheManager, allocate_kv_cache, check_kv_ca
 from model import (SHAPES, Llama3RopeScaling, Tokenizer, Transformer, add_rms_norm,  # noqa: E402
                    add_rms_norm_reference, load_model, load_tokenizer, random_model, read_config, rope_tables,
                    silu_and_mul, silu_and_mul_reference)
-from scheduler import Request, RequestStatus, SamplingParams, Scheduler  # noqa: E402
+from scheduler import EngineConfig, Request, RequestStatus, SamplingParams, Scheduler  # noqa: E402
+import sampler  # noqa: E402
 
 _CUDA = torch.cuda.is_available()
 _DEVICE = "cuda" if _CUDA else "cpu"
@@ -104,7 +105,8 @@ def _paged_batch(lengths, starts, block_tables, block_size, device="cpu"):
     prefix of starts[i] tokens already in the cache)."""
     query_lens = [length - start for start, length in zip(starts, lengths)]
     meta = AttentionMetadata.from_lengths(query_lens, lengths, block_tables, block_size, device)
-    return meta.positions(), meta
+    positions = [p for start, length in zip(starts, lengths) for p in range(start, length)]
+    return torch.tensor(positions, dtype=torch.int64, device=device), meta
 
 
 def _kv_cache(config, num_blocks, block_size):
@@ -303,7 +305,7 @@ class TestModel:
         (tmp_path / "config.json").write_text(json.dumps(raw))
         config = read_config(str(tmp_path))
         assert config.rope_theta == 1e6 and config.rope_scaling is None
-        assert config.eos_token_ids == [7, 9] and config.bos_token_id == 1
+        assert config.eos_token_ids == [7, 9]
 
     @pytest.mark.parametrize("changes, message", [
         (dict(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel' is not supported; supported: Llama"),
@@ -598,7 +600,7 @@ class TestKVCache:
                 assert len(hits) * block_size < len(tokens)  # at least one token left to compute
                 num_tokens = len(hits) * block_size + min(n, len(tokens) - len(hits) * block_size)
                 before = _snapshot(kv)
-                can = kv.can_allocate(table, num_tokens, hits)
+                can = kv._can_allocate(table, num_tokens, hits)
                 if kv.allocate(table, tokens, num_tokens, hits):
                     state = live[i] = [tokens, table, len(hits) * block_size]
                     compute(state, num_tokens)
@@ -655,7 +657,7 @@ class TestKVCache:
         assert kv.allocate(b, [1, 2, 9], 3, hits)
         assert first not in [blk.block_id for blk in _free_blocks(kv)] and kv.blocks[first].ref_count == 1
         assert kv.free_queue.num_free == 2
-        assert not kv.can_allocate(BlockTable(), 5) and kv.can_allocate(BlockTable(), 4)
+        assert not kv._can_allocate(BlockTable(), 5) and kv._can_allocate(BlockTable(), 4)
 
     def test_forced_hash_collision_is_a_miss(self, monkeypatch):
         monkeypatch.setattr(kv_cache, "hash_block", lambda parent_hash, token_ids: b"collision")
@@ -754,8 +756,7 @@ class _FakeEngine:
             assert all(entry.request in running_before for entry in output.scheduled)
         if self.check_pool:
             _check_pool(s.kv_cache_manager, [(r.block_table, r.all_token_ids) for r in s.running])
-        assert output.num_batched_tokens == sum(x.num_new_tokens for x in output.scheduled)
-        assert output.num_batched_tokens <= s.max_num_batched_tokens
+        assert sum(x.num_new_tokens for x in output.scheduled) <= s.max_num_batched_tokens
         assert len(output.scheduled) <= s.max_num_seqs
         self.errors += output.finished
         self.num_steps += 1
@@ -787,7 +788,7 @@ class _FakeEngine:
     def _run_model(self, output, fail_after=None):
         s = self.scheduler
         block_size = s.kv_cache_manager.block_size
-        sampled, tokens, self.written = {}, [], []
+        sampled, tokens, self.written = {}, {}, []
         for entry in output.scheduled:
             request, table = entry.request, entry.request.block_ids
             assert entry.num_new_tokens >= 1
@@ -810,8 +811,7 @@ class _FakeEngine:
                 self.written.append(p)
             if entry.samples_token:
                 token = _next_token(digest)
-                sampled[request] = token
-                tokens.append(token)
+                sampled[request] = tokens[request] = token
                 self.num_sampled[request.request_id] = self.num_sampled.get(request.request_id, 0) + 1
         self.last_sampled = sampled
         return tokens
@@ -819,10 +819,10 @@ class _FakeEngine:
 
 def _make_scheduler(num_blocks, block_size, budget=64, max_num_seqs=8, max_model_len=40,
                     prefix_caching=True, threshold=0):
-    return Scheduler(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
-                     max_num_seqs=max_num_seqs, max_model_len=max_model_len, vocab_size=_VOCAB,
-                     eos_token_ids=[_EOS], enable_prefix_caching=prefix_caching,
-                     long_prefill_token_threshold=threshold)
+    config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                          max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
+                          long_prefill_token_threshold=threshold)
+    return Scheduler(config, num_blocks, _VOCAB, [_EOS])
 
 
 def _make_requests(seed, num_requests=8, max_prompt=24):
@@ -1141,7 +1141,7 @@ class TestScheduler:
             engine.step()
         output, tokens = scheduler.schedule(), None  # a third step, whose update is cut off after one append
         tokens = engine._run_model(output)
-        request.output_token_ids.append(tokens[0])
+        request.output_token_ids.append(tokens[request])
         scheduler.recover()
         assert request.all_token_ids == request.prompt_token_ids + request.output_token_ids
         assert request.status is (RequestStatus.FINISHED_LENGTH if max_tokens == 3 else RequestStatus.PREEMPTED)
@@ -1153,8 +1153,11 @@ class TestScheduler:
         scheduler = _make_scheduler(10, 4)
         scheduler.add(Request("a", [1, 2, 3]))
         output = scheduler.schedule()
+        [entry] = output.scheduled
         with pytest.raises(ValueError, match="sampled_token_ids has 2 tokens.*1 request"):
-            scheduler.update(output, [5, 6])
+            scheduler.update(output, {entry.request: 5, Request("b", [1]): 6})
+        with pytest.raises(ValueError, match="sampled_token_ids has 1 tokens.*each needs its own"):
+            scheduler.update(output, {Request("a", [1, 2, 3]): 5})  # the same id, another request
 
     @pytest.mark.parametrize("field,value", [
         ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
@@ -1596,7 +1599,7 @@ def reference_outputs():
 
 
 def _sampling_tensors(rows, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, device="cpu"):
-    return engine.SamplingTensors(
+    return sampler.SamplingTensors(
         temperature=torch.full((rows,), float(temperature), device=device),
         top_p=torch.full((rows,), float(top_p), device=device),
         top_k=torch.full((rows,), top_k, dtype=torch.int32, device=device),
@@ -1607,7 +1610,7 @@ def _sampling_tensors(rows, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, devi
 
 def _frequencies(probabilities, rows=20000, device="cpu", **params):
     logits = torch.tensor(probabilities, device=device).log().repeat(rows, 1)
-    tokens = engine.sample(logits, _sampling_tensors(rows, device=device, **params))
+    tokens = sampler.sample(logits, _sampling_tensors(rows, device=device, **params))
     return (torch.bincount(tokens, minlength=len(probabilities)).float() / rows).tolist()
 
 # Where a step can fail: building its inputs, half-way through the forward (layer 1 of the tiny
@@ -1881,7 +1884,7 @@ class TestEngine:
         assert stopped.outputs[0].text == tokenizer.decode([t for t in expected[:k] if t not in specials])
         # Generation stops on the model's EOS (config: 7) and the tokenizer's (tokenizer_config.json).
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-        assert LLM(str(tmp_path), dtype=torch.float32, max_num_seqs=4).scheduler.eos_token_ids == {7, *specials}
+        assert LLM(str(tmp_path), dtype=torch.float32, max_num_seqs=4).scheduler.eos_token_ids == [7, *specials]
 
 
     def test_dict_prompts_are_the_same_requests_as_token_id_lists(self):
@@ -1981,35 +1984,47 @@ class TestEngine:
         logits = probabilities.log().repeat(rows, 1)
         temperature = torch.ones(rows, device=device)
         seeds = torch.arange(rows, dtype=torch.int32, device=device) * 7919 + 1
-        tokens = engine.gumbel_argmax(logits, temperature, seeds)
+        tokens = sampler.gumbel_argmax(logits, temperature, seeds)
         observed = torch.bincount(tokens, minlength=4).float() / rows
         assert observed.tolist() == pytest.approx(probabilities.tolist(), abs=tolerance)
         few = slice(0, 50)
-        assert torch.equal(engine.gumbel_argmax(logits[few], temperature[few], seeds[few]), tokens[few])  # same seeds
-        assert not torch.equal(engine.gumbel_argmax(logits[few], temperature[few], seeds[few] + 1), tokens[few])
+        assert torch.equal(sampler.gumbel_argmax(logits[few], temperature[few], seeds[few]), tokens[few])  # same seeds
+        assert not torch.equal(sampler.gumbel_argmax(logits[few], temperature[few], seeds[few] + 1), tokens[few])
         # Greedy rows over a vocabulary spanning several tiles give exactly torch.argmax.
         wide = torch.randn(5, 9000, generator=torch.Generator().manual_seed(0)).to(device)
         wide[0, [3, 2100, 7000]] = wide[1, [4097, 6000]] = 9.0  # ties across tiles, within one: lowest index
-        greedy = engine.gumbel_argmax(wide, torch.zeros(5, device=device), seeds[:5])
+        greedy = sampler.gumbel_argmax(wide, torch.zeros(5, device=device), seeds[:5])
         assert torch.equal(greedy, wide.argmax(-1)) and greedy[:2].tolist() == [3, 4097]
 
-    def test_batch_rows_run_shortest_context_first_and_tokens_reach_their_requests(self):
-        """The runner orders each step's rows by context (attention starts the longest first); every
-        request still gets its own tokens: the same as when it runs alone."""
+    @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+    def test_rows_in_any_order_give_each_request_its_own_tokens(self, monkeypatch, async_scheduling):
+        """The runner lays rows out shortest context first (attention starts the longest first) without
+        touching the scheduler's plan; tokens are keyed by request, so rows in any other order (reversed,
+        shuffled) give every request the same tokens as when it runs alone (greedy and seeded, logprobs)."""
         prompts = _prompts(6, 512, seed=5, longest=60)
-        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
-        orders, execute = [], llm.runner.execute
+        params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1),
+                  SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=1)] * 3
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                  async_scheduling=async_scheduling)
+        alone = [llm.generate([p], q, use_tqdm=False)[0].outputs[0] for p, q in zip(prompts, params)]
+        orders, plans, batch_order = [], [], engine.batch_order
 
-        def recording_execute(schedule, previous):
-            flight = execute(schedule, previous)
-            orders.append([entry.start + entry.num_new_tokens for entry in schedule.scheduled])
-            return flight
-        llm.runner.execute = recording_execute
-        batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        def recording_order(scheduled):
+            plans.append([entry.request for entry in scheduled])
+            rows = batch_order(scheduled)
+            orders.append([entry.start + entry.num_new_tokens for entry in rows])
+            return rows
+        monkeypatch.setattr(engine, "batch_order", recording_order)
+        batched = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         assert all(order == sorted(order) for order in orders) and any(len(set(order)) > 1 for order in orders)
-        llm.runner.execute = execute
-        assert batched == [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        assert any(plan != sorted(plan, key=lambda r: r.num_tokens) for plan in plans)  # the plan kept its order
+        rng = random.Random(0)
+        for reorder in (lambda rows: rows[::-1], lambda rows: rng.sample(rows, len(rows))):
+            monkeypatch.setattr(engine, "batch_order", reorder)
+            batched.extend(o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False))
+        for i, output in enumerate(batched):
+            assert output.token_ids == alone[i % 6].token_ids, i
+            assert [list(entry) for entry in output.logprobs] == [list(entry) for entry in alone[i % 6].logprobs]
         _assert_pool_free(llm)
 
     def test_top_k_1_equals_greedy_and_seeds_are_batch_independent(self):
@@ -2325,7 +2340,7 @@ class TestEngine:
             if len(seen) == 1:
                 llm.generate([[4, 5]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
         assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "length"
-        assert sum(len(o.outputs[0].token_ids) for o in seen) == 6 and not llm.undelivered
+        assert sum(len(o.outputs[0].token_ids) for o in seen) == 6 and not any(llm.output_processor.finals.values())
         stream = llm.stream([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
         next(stream)
         llm.add_request("bystander", [9, 9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
