@@ -1,24 +1,16 @@
 """The engine: the public API (LLM), what the user sees (OutputProcessor), one step on the device (ModelRunner).
 
-The idea (vLLM V1): each step the scheduler hands a token budget to requests; the runner lays the
-scheduled tokens of every request out as ONE flat batch (prefill chunks and decodes mixed), runs
-the model once and samples a token for each request that reached the end of its known tokens; the
-scheduler takes the tokens back. A request's path, each call going downward:
+The idea (vLLM V1): each step the scheduler hands a token budget to requests; the runner lays their
+scheduled tokens out as ONE flat batch (prefill chunks and decodes mixed), runs the model once and
+samples a token for each request that reached the end of its known tokens. A request's path:
+LLM.generate -> add_request -> _run_until_done -> _step: Scheduler.schedule -> ModelRunner.execute
+(prepare_inputs, run_model, sampler.sample) -> _collect: Scheduler.update -> a RequestOutput.
 
-  LLM.generate -> add_request (OutputProcessor.new_group makes its n completions; Scheduler.add)
-  -> _run_until_done -> _step: Scheduler.schedule -> ModelRunner.execute (prepare_inputs, run_model,
-  sampler.sample) -> _collect: Scheduler.update -> OutputProcessor.find_stop_strings, groups_of
-  -> a RequestOutput back in generate.
-
-Output flows one way: LLM alone calls the scheduler. The OutputProcessor turns the scheduler's
-requests into what the user sees and returns what to stop; the runner never changes the plan (it
-lays rows out in its own order and keys each sampled token by its request). A final output stays
-in the engine until it is in its caller's hands, so an interrupt can never lose one.
-
-Owns: the public API and the step loop with async overlap; outputs (n completions, text, stop
-strings' cuts, logprobs); the device side of a step (one packed input buffer, the forward, CUDA
-graphs, the KV tensors and their size). Never touches: block bookkeeping (kv_cache.py), the stop
-rules (scheduler.py), arithmetic on logits (sampler.py), model and kernel internals.
+Output flows one way: LLM alone calls the scheduler; the OutputProcessor returns what to stop; the
+runner lays rows out in its own order and keys each sampled token by its request. A final output
+stays in the engine until it is in its caller's hands, so an interrupt never loses one.
+Never touches: block bookkeeping (kv_cache.py), stop rules (scheduler.py), arithmetic on logits
+(sampler.py), model and kernel internals.
 """
 import contextlib
 import gc
@@ -37,7 +29,7 @@ from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
                    resolve_device_and_dtype)
-from sampler import PenaltyInputs, SamplingTensors, logprobs_of, sample, seed_for, to_device
+from sampler import SamplingTensors, logits_adjustment, logprobs_of, sample, seed_for, to_device
 from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
                        SchedulerOutput, find_stop_string)
 
@@ -113,13 +105,12 @@ class EngineStats:  # counters for bench.py: what each step had to read from mem
 # ---- LLM: requests in, outputs out. ---------------------------------------------------------------------------------
 
 class LLM:
-    """`model`: a Hugging Face checkpoint directory, or a name in model.SHAPES (random weights, prompts
-    are token ids). `engine_args`: EngineConfig's fields, vLLM's names; a bad one raises ValueError.
-    Safe to call from several threads: one lock runs one call's step at a time, and each generate()
-    or stream() gets exactly its own outputs."""
+    """`model`: a Hugging Face checkpoint directory, or a name in model.SHAPES (random weights, token-id
+    prompts); `engine_args`: EngineConfig's. Thread-safe: a lock runs one step at a time, and each
+    generate() or stream() gets exactly its own outputs."""
 
     def __init__(self, model: str, **engine_args):
-        config = EngineConfig.from_arguments(engine_args)
+        config = EngineConfig(**engine_args)
         device, dtype = resolve_device_and_dtype(config.device, config.dtype)
         if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
             device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
@@ -149,7 +140,7 @@ class LLM:
         self.stats, self.rng = self.runner.stats, random.Random(config.seed)  # rng: seeds of requests that bring none
         self.in_flight: InFlight | None = None
         self.lock = threading.RLock()
-        self.request_ids, self.loop_ids = itertools.count(), itertools.count(1)
+        self.loop_ids = itertools.count(1)
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -199,8 +190,8 @@ class LLM:
         self._add_request(request_id, prompt, sampling_params, owner=None)
 
     def step(self) -> list[RequestOutput]:
-        """One step: the outputs of add_request()'s requests that moved, and their final outputs (those
-        that finished while generate() or stream() ran the steps too), each final exactly once."""
+        """One step: add_request()'s requests that moved, and each final output once (also of requests
+        that finished while generate() or stream() ran the steps)."""
         with self.lock:
             outputs, finals = [self.output_processor.output_of(g) for g in self._step() if g.owner is None
                                and not g.finished], {}
@@ -213,7 +204,7 @@ class LLM:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request (all its completions) now and free its blocks: its final output, or None if it
-        had already ended. A request aborted inside a stream() ends there too."""
+        had already ended. A stream()'s request ends in the stream too."""
         with self.lock:
             if (group := self.output_processor.groups.get(request_id)) is None:
                 return None
@@ -340,7 +331,7 @@ class LLM:
         try:
             with self.lock:
                 for prompt, params in zip(prompts, params_list):
-                    order.append(request_id := self._new_request_id())
+                    order.append(request_id := self.output_processor.new_request_id())
                     try:
                         self._add_request(request_id, prompt, params, owner)
                     except ValueError as error:
@@ -360,9 +351,7 @@ class LLM:
             # The request's own copy, validated again (the caller may have changed the fields since), with
             # a seed: one drawn from the engine's seed if it brings none, so every run is reproducible.
             params = replace(params, seed=self.rng.getrandbits(31) if params.seed is None else params.seed)
-            self._check_request_fields(params)
-            text, token_ids = self._tokenize(prompt)
-            group = self.output_processor.new_group(request_id, text, token_ids, params, owner)
+            group = self.output_processor.new_group(request_id, prompt, params, owner)
             try:
                 for completion in group.completions:
                     self.scheduler.add(completion.request)
@@ -373,20 +362,44 @@ class LLM:
                 raise
             self.output_processor.register(group)
 
-    def _check_request_fields(self, params: SamplingParams) -> None:
-        """What a step could not survive, refused here: nothing a request carries may fail a step for others."""
+
+
+# ---- OutputProcessor: what the user sees of the requests. -----------------------------------------------------------
+
+class OutputProcessor:
+    """Each request of the user as n completions (requests of the scheduler), their text
+    (incremental detokenization, stop strings' cuts), logprobs, and the RequestOutputs made of them.
+    It reads the scheduler's requests and never changes them: what to stop, it returns to LLM."""
+
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tokenizer, self.request_ids = tokenizer, itertools.count()
+        self.groups: dict[str, RequestGroup] = {}  # unfinished requests of the user, by their id
+        self.live: dict[object, Completion] = {}   # their completions, by the scheduler's request id
+        # Final outputs not yet in their caller's hands, by the loop that waits for them (None: step()).
+        self.finals: dict[int | None, dict[str, RequestOutput]] = {}
+
+    def new_request_id(self) -> str:
+        """generate()'s ids: numbers, skipping any that add_request's callers already use."""
+        return next(rid for rid in map(str, self.request_ids) if rid not in self.groups)
+
+    def new_group(self, request_id: str, prompt, params: SamplingParams, owner: int | None) -> RequestGroup:
+        """A request's prompt as ids, and its n completions as scheduler requests named (request_id, i)
+        when n > 1: a name no user's id can take. The first one scores the prompt; each has its own seed."""
         if params.stop and (self.tokenizer is None or not params.detokenize):
             raise ValueError("SamplingParams.stop: stop strings are found in the text; this needs a tokenizer "
                              "and detokenize=True (stop_token_ids work on ids)")
-        limit = min(self.config.max_logprobs, self.scheduler.vocab_size)
-        for name in ("logprobs", "prompt_logprobs"):
-            if (k := getattr(params, name)) is not None and k > limit:
-                raise ValueError(f"SamplingParams.{name}={k}: at most {limit} (max_logprobs="
-                                 f"{self.config.max_logprobs}, vocab_size={self.scheduler.vocab_size})")
-
-    def _new_request_id(self) -> str:
-        """generate()'s ids: numbers, skipping any that add_request's callers already use."""
-        return next(rid for rid in map(str, self.request_ids) if rid not in self.output_processor.groups)
+        prompt, token_ids = self._tokenize(prompt)
+        group = RequestGroup(request_id, prompt, [], [None] if params.prompt_logprobs is not None else None, owner)
+        requests = [Request(request_id, token_ids, params)] if params.n == 1 else [
+            Request((request_id, i), token_ids, replace(params, n=1, seed=seed_for(params.seed, i),
+                                                        prompt_logprobs=None if i else params.prompt_logprobs))
+            for i in range(params.n)]
+        wants_text = self.tokenizer is not None and params.detokenize
+        for index, request in enumerate(requests):
+            stream = self.tokenizer.stream(params.skip_special_tokens) if wants_text else None
+            logprobs = None if params.logprobs is None else []
+            group.completions.append(Completion(request, index, group, stream, logprobs=logprobs))
+        return group
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -401,37 +414,6 @@ class LLM:
                                  "(a list of ints or {'prompt_token_ids': [...]})")
             return prompt, self.tokenizer.encode(prompt)
         return None, _as_token_ids(prompt)
-
-
-# ---- OutputProcessor: what the user sees of the requests. -----------------------------------------------------------
-
-class OutputProcessor:
-    """Each request of the user as n completions (requests of the scheduler), their text
-    (incremental detokenization, stop strings' cuts), logprobs, and the RequestOutputs made of them.
-    It reads the scheduler's requests and never changes them: what to stop, it returns to LLM."""
-
-    def __init__(self, tokenizer: Tokenizer | None):
-        self.tokenizer = tokenizer
-        self.groups: dict[str, RequestGroup] = {}  # unfinished requests of the user, by their id
-        self.live: dict[object, Completion] = {}   # their completions, by the scheduler's request id
-        # Final outputs not yet in their caller's hands, by the loop that waits for them (None: step()).
-        self.finals: dict[int | None, dict[str, RequestOutput]] = {}
-
-    def new_group(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
-                  owner: int | None) -> RequestGroup:
-        """A request's n completions, as scheduler requests named (request_id, i) when n > 1: a name no
-        user's id can take. The first one scores the prompt; each draws from its own seed."""
-        group = RequestGroup(request_id, prompt, [], [None] if params.prompt_logprobs is not None else None, owner)
-        requests = [Request(request_id, token_ids, params)] if params.n == 1 else [
-            Request((request_id, i), token_ids, replace(params, n=1, seed=seed_for(params.seed, i),
-                                                        prompt_logprobs=None if i else params.prompt_logprobs))
-            for i in range(params.n)]
-        wants_text = self.tokenizer is not None and params.detokenize
-        for index, request in enumerate(requests):
-            stream = self.tokenizer.stream(params.skip_special_tokens) if wants_text else None
-            logprobs = None if params.logprobs is None else []
-            group.completions.append(Completion(request, index, group, stream, logprobs=logprobs))
-        return group
 
     def register(self, group: RequestGroup) -> None:
         """Once the scheduler has all of the group's requests."""
@@ -569,26 +551,65 @@ class OutputProcessor:
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")  # float32 values bit-cast into the int32 buffer
 
 
-class InputLayout:
-    """Fixed offsets of each field in one int32 buffer (floats bit-cast): the device-side views are
-    static, so a CUDA graph captured on them replays after each step's copy. The block table comes
-    last, so a step copies only the prefix that holds its rows."""
+class InputBuffer:
+    """Every integer of a step (floats bit-cast) in ONE int32 buffer at fixed offsets: a pinned host
+    buffer is filled and its used prefix copied to the device buffer in one copy. The device-side
+    views are static, so a CUDA graph captured on them replays after each step's copy. The block
+    table comes last, so a step copies only the prefix that holds its rows."""
 
-    def __init__(self, max_tokens, max_seqs, max_blocks_per_seq):
+    def __init__(self, max_tokens, max_seqs, max_blocks_per_seq, device, pin_memory):
         sizes = dict(input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
                      temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
         *starts, self.block_table_offset = itertools.accumulate(sizes.values(), initial=0)
-        self.offset = dict(zip(sizes, starts))
-        self.width, self.size = max_blocks_per_seq, self.block_table_offset + max_seqs * max_blocks_per_seq
+        self.offset, self.width = dict(zip(sizes, starts)), max_blocks_per_seq
+        size = self.block_table_offset + max_seqs * max_blocks_per_seq
+        self.device = torch.zeros(size, dtype=torch.int32, device=device)
+        # Two host buffers: while step N's copy may still be pending, step N+1 fills the other one.
+        self.hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=pin_memory) for _ in range(2)]
+        self.zeros, self.num_writes = [0] * max_blocks_per_seq, 0  # zeros: padding for block-table rows
 
-    def view(self, buffer, name, n):
-        view = buffer[self.offset[name]: self.offset[name] + n]
+    def view(self, name, n, buffer=None):
+        view = (self.device if buffer is None else buffer)[self.offset[name]: self.offset[name] + n]
         return view.view(torch.float32) if name in FLOAT_FIELDS else view
 
-    def block_table_view(self, buffer, rows):
-        return buffer[self.block_table_offset: self.block_table_offset + rows * self.width].view(rows, self.width)
+    def block_table(self, rows, buffer=None):
+        start = self.block_table_offset
+        return (self.device if buffer is None else buffer)[start: start + rows * self.width].view(rows, self.width)
+
+    def write(self, rows, tables, fields):
+        """Write every field into the next pinned host buffer, then copy the used prefix once."""
+        host = self.hosts[self.num_writes % 2]
+        self.num_writes += 1
+        for name, values in fields.items():
+            if values:
+                bits = array("f" if name in FLOAT_FIELDS else "i", values)
+                self.view(name, len(values), host).view(torch.int32).copy_(torch.frombuffer(bits, dtype=torch.int32))
+        # The block table: only the columns this batch uses are filled; the kernels never read past
+        # a request's own blocks, so what earlier steps left in the other columns does no harm.
+        used_width, flat = max(map(len, tables)), array("i")
+        for table in tables:
+            flat.extend(table)
+            flat.extend(self.zeros[: used_width - len(table)])
+        self.block_table(rows, host)[: len(tables), :used_width].copy_(
+            torch.frombuffer(flat, dtype=torch.int32).view(len(tables), used_width))
+        used = self.block_table_offset + rows * self.width
+        self.device[:used].copy_(host[:used], non_blocking=True)
+
+    def fill_placeholders(self, num_tokens: int, count: int, previous_sampled: torch.Tensor) -> None:
+        """Write the previous step's sampled tokens, still on the device, into their input positions."""
+        dst, src = self.view("placeholder_dst", count).long(), self.view("placeholder_src", count).long()
+        self.view("input_ids", num_tokens).index_copy_(0, dst, previous_sampled.index_select(0, src).int())
+
+    def model_inputs(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
+        """Views of the device buffer as the model's arguments (static for a given shape)."""
+        meta = AttentionMetadata(
+            slot_mapping=self.view("slot_mapping", num_tokens).long(),
+            query_start_loc=self.view("query_start_loc", num_seqs + 1), seq_lens=self.view("seq_lens", num_seqs),
+            block_table=self.block_table(num_seqs), max_query_len=max_query_len, max_seq_len=max_seq_len)
+        logits_indices = None if num_logits is None else self.view("logits_indices", num_logits).long()
+        return self.view("input_ids", num_tokens).long(), self.view("positions", num_tokens).long(), meta, logits_indices
 
 
 @dataclass
@@ -643,13 +664,8 @@ class ModelRunner:
         self.on_cuda = self.device.type == "cuda"
         self.stats, self._num_steps = EngineStats(), 0  # _num_steps: which host buffers this step fills
         # A decode batch padded up to its graph size can hold more tokens than the budget.
-        self.layout = InputLayout(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
-                                  cdiv(config.max_model_len, config.block_size))
-        self.device_buffer = torch.zeros(self.layout.size, dtype=torch.int32, device=self.device)
-        # Two host buffers: while step N's copy may still be pending, step N+1 fills the other one.
-        self.host_buffers = [torch.zeros(self.layout.size, dtype=torch.int32, pin_memory=self.on_cuda)
-                             for _ in range(2)]
-        self.zeros = [0] * self.layout.width  # padding for block-table rows
+        self.inputs = InputBuffer(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+                                  cdiv(config.max_model_len, config.block_size), self.device, self.on_cuda)
         self.sampled_host = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda)
                              for _ in range(2)]
         self.graph_sizes = _graph_ladder(config.max_num_seqs) if self.on_cuda and not config.enforce_eager else []
@@ -662,7 +678,7 @@ class ModelRunner:
         if num_blocks is None:
             # Never more than every sequence at full length can use: more blocks could only keep
             # more finished prefixes cached, and the pool keeps a Python object per block.
-            useful = config.max_num_seqs * self.layout.width
+            useful = config.max_num_seqs * self.inputs.width
             num_blocks = min(useful, self._profile_num_blocks(per_block) if self.on_cuda
                              else (1 << 30) // per_block)  # CPU: at most 1 GiB of cache
         check_kv_capacity(num_blocks, config.block_size, config.max_model_len)
@@ -739,31 +755,28 @@ class ModelRunner:
         fields = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
                       seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows,
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
-        sample_fields, num_logprobs, penalties = self._sampling_rows(samplers)
+        sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
         num_rows = self._pad_for_graph(fields, num_seqs) if max_query_len == 1 and self.graphs else num_seqs
-        self._copy_to_device(num_rows, tables, fields | sample_fields)
+        self.inputs.write(num_rows, tables, fields | sample_fields)
         if placeholder_dst:
-            self._fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
+            self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
         self.stats.context_tokens_read += sum(seq_lens)
         return StepPlan(
             schedule, len(fields["input_ids"]), num_rows, len(samplers), max_query_len, max(seq_lens),
-            {entry.request: row for row, (entry, _) in enumerate(samplers)},
-            self._sampling_tensors(sample_fields, penalties, previous), num_logprobs, prompt_positions,
+            {entry.request: row for row, (entry, _) in enumerate(samplers)}, sampling, num_logprobs, prompt_positions,
             to_device(prompt_targets, self.device) if prompt_rows else None,
             max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
 
-    def _sampling_rows(self, samplers) -> tuple[dict[str, list], int | None, PenaltyInputs | None]:
-        """Per sampling row: its sampling fields, the top-k logprobs the step needs, and the penalties'
-        and bans' inputs when some row has them (None for most steps)."""
-        vocab_size = self.model.config.vocab_size
+    def _sampling_inputs(self, samplers, previous: InFlight | None) -> tuple[dict[str, list], SamplingTensors, int | None]:
+        """The sampling rows' fields for the buffer, the SamplingTensors that view them (plus the penalties'
+        and bans' tensors when a row has some), and the most top-k logprobs a row asks for."""
+        vocab_size, rows = self.model.config.vocab_size, len(samplers)
         fields = dict(temperature=[], top_p=[], top_k=[], min_p=[], seeds=[])
-        num_logprobs, penalties = None, None
+        num_logprobs, adjusted = None, []
         for row, (entry, pending) in enumerate(samplers):
-            request = entry.request
-            params = request.sampling_params
+            request, params = entry.request, entry.request.sampling_params
             # The noise of the k-th token a request draws depends on (its seed, k) alone.
-            fields["seeds"].append(seed_for(params.seed, len(request.output_token_ids)
-                                            + request.num_output_placeholders))
+            fields["seeds"].append(seed_for(params.seed, len(request.output_token_ids) + request.num_output_placeholders))
             fields["temperature"].append(0.0 if params.is_greedy else params.temperature)
             fields["top_p"].append(params.top_p)
             fields["top_k"].append(params.top_k if 0 < params.top_k < vocab_size else 0)
@@ -771,9 +784,17 @@ class ModelRunner:
             if params.logprobs is not None:
                 num_logprobs = max(num_logprobs or 0, params.logprobs)
             if params.has_penalties or entry.banned_token_ids:
-                penalties = penalties or PenaltyInputs.empty(len(samplers))
-                _add_penalty_row(penalties, row, request, pending, entry.banned_token_ids)
-        return fields, num_logprobs, penalties
+                penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty)
+                adjusted.append((row, request.output_token_ids, request.prompt_token_ids,
+                                 penalties if params.has_penalties else None, pending, entry.banned_token_ids or ()))
+        top_p, top_k, min_p = fields["top_p"], fields["top_k"], fields["min_p"]
+        sampling = SamplingTensors(
+            *(self.inputs.view(name, rows) for name in ("temperature", "top_p", "top_k", "seeds")),
+            all_greedy=not any(fields["temperature"]), needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p)
+            or any(min_p), min_p=self.inputs.view("min_p", rows) if any(min_p) else None,
+            adjust=logits_adjustment(adjusted, rows, vocab_size, previous and previous.sampled, self.device)
+            if adjusted else None)
+        return fields, sampling, num_logprobs
 
     def _pad_for_graph(self, fields: dict[str, list], num_seqs: int) -> int:
         """A decode batch runs the graph of the next size up: padding rows write no token and read no key."""
@@ -783,59 +804,9 @@ class ModelRunner:
         fields["query_start_loc"] += range(num_seqs + 1, rows + 1)
         return rows
 
-    def _fill_placeholders(self, num_tokens: int, count: int, previous_sampled: torch.Tensor) -> None:
-        """Write the previous step's sampled tokens, still on the device, into their input positions."""
-        layout, buffer = self.layout, self.device_buffer
-        dst = layout.view(buffer, "placeholder_dst", count).long()
-        src = layout.view(buffer, "placeholder_src", count).long()
-        layout.view(buffer, "input_ids", num_tokens).index_copy_(0, dst, previous_sampled.index_select(0, src).int())
-
-    def _sampling_tensors(self, fields: dict[str, list], penalties: PenaltyInputs | None,
-                          previous: InFlight | None) -> SamplingTensors:
-        layout, buffer, rows = self.layout, self.device_buffer, len(fields["seeds"])
-        temperature, top_p, top_k, min_p = fields["temperature"], fields["top_p"], fields["top_k"], fields["min_p"]
-        return SamplingTensors(
-            *(layout.view(buffer, name, rows) for name in ("temperature", "top_p", "top_k", "seeds")),
-            all_greedy=not any(temperature), needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p) or any(min_p),
-            min_p=layout.view(buffer, "min_p", rows) if any(min_p) else None,
-            adjust=None if penalties is None else penalties.to_device(
-                self.model.config.vocab_size, previous.sampled if previous else None, self.device))
-
-    def _copy_to_device(self, rows, tables, fields):
-        """Write every field into this step's pinned host buffer, then copy the used prefix once."""
-        host, layout = self.host_buffers[self._num_steps % 2], self.layout
-        for name, values in fields.items():
-            if values:
-                as_bits = array("f" if name in FLOAT_FIELDS else "i", values)
-                layout.view(host, name, len(values)).view(torch.int32).copy_(torch.frombuffer(as_bits, dtype=torch.int32))
-        # The block table: only the columns this batch uses are filled; the kernels never read past
-        # a request's own blocks, so what earlier steps left in the other columns does no harm.
-        used_width = max(map(len, tables))
-        flat = array("i")
-        for table in tables:
-            flat.extend(table)
-            flat.extend(self.zeros[: used_width - len(table)])
-        layout.block_table_view(host, rows)[: len(tables), :used_width].copy_(
-            torch.frombuffer(flat, dtype=torch.int32).view(len(tables), used_width))
-        used = layout.block_table_offset + rows * layout.width
-        self.device_buffer[:used].copy_(host[:used], non_blocking=True)
-
     def _to_host(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
                      for t in pair)
-
-    def _model_inputs(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
-        """Views of the device buffer as the model's arguments (static for a given shape)."""
-        layout, buffer = self.layout, self.device_buffer
-        meta = AttentionMetadata(
-            slot_mapping=layout.view(buffer, "slot_mapping", num_tokens).long(),
-            query_start_loc=layout.view(buffer, "query_start_loc", num_seqs + 1),
-            seq_lens=layout.view(buffer, "seq_lens", num_seqs),
-            block_table=layout.block_table_view(buffer, num_seqs),
-            max_query_len=max_query_len, max_seq_len=max_seq_len)
-        logits_indices = None if num_logits is None else layout.view(buffer, "logits_indices", num_logits).long()
-        return (layout.view(buffer, "input_ids", num_tokens).long(),
-                layout.view(buffer, "positions", num_tokens).long(), self.kv_caches, meta, logits_indices)
 
     def run_model(self, plan: StepPlan) -> torch.Tensor:
         """Logits of the sampling rows, then of the prompt-logprobs rows: a graph replay for
@@ -848,10 +819,14 @@ class ModelRunner:
             self.stats.graph_steps += 1
             if num_logits == plan.num_sampling == plan.num_rows:
                 return logits[:num_logits]
-            return logits.index_select(0, self.layout.view(self.device_buffer, "logits_indices", num_logits).long())
+            return logits.index_select(0, self.inputs.view("logits_indices", num_logits).long())
         with torch.inference_mode():
-            return self.model(*self._model_inputs(plan.num_tokens, plan.num_rows, plan.max_query_len,
-                                                  plan.max_seq_len, num_logits))
+            return self._forward(plan.num_tokens, plan.num_rows, plan.max_query_len, plan.max_seq_len, num_logits)
+
+    def _forward(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
+        input_ids, positions, meta, logits_indices = self.inputs.model_inputs(
+            num_tokens, num_seqs, max_query_len, max_seq_len, num_logits)
+        return self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
 
     def _allocate_kv_caches(self, num_blocks: int) -> torch.Tensor:
         c = self.model.config
@@ -895,17 +870,17 @@ class ModelRunner:
         """One CUDA graph per decode batch size of a ladder; a batch is padded up to the next size.
 
         Without graphs a small model's decode step costs more in kernel launches than in work."""
-        sizes, buffer, layout = self.graph_sizes, self.device_buffer, self.layout
+        sizes = self.graph_sizes
         gc.collect()  # an earlier engine's graphs freed by the collector mid-capture would invalidate the capture
-        layout.view(buffer, "slot_mapping", sizes[-1]).fill_(-1)      # capture writes no KV
-        layout.view(buffer, "query_start_loc", sizes[-1] + 1).copy_(torch.arange(sizes[-1] + 1))
-        layout.view(buffer, "seq_lens", sizes[-1]).fill_(1)
+        self.inputs.view("slot_mapping", sizes[-1]).fill_(-1)      # capture writes no KV
+        self.inputs.view("query_start_loc", sizes[-1] + 1).copy_(torch.arange(sizes[-1] + 1))
+        self.inputs.view("seq_lens", sizes[-1]).fill_(1)
         pool = None
         with torch.inference_mode():
             for size in reversed(sizes):  # largest first: smaller graphs reuse its scratch memory
                 # The inputs are built inside the capture too: their int32 -> int64 casts must replay.
                 def forward():
-                    return self.model(*self._model_inputs(size, size, 1, self.config.max_model_len, None))
+                    return self._forward(size, size, 1, self.config.max_model_len, None)
                 forward()  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -914,25 +889,6 @@ class ModelRunner:
                 pool, self.graphs[size] = graph.pool(), (graph, logits)
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
-
-
-def _add_penalty_row(penalties: PenaltyInputs, row: int, request: Request, pending: int | None,
-                     banned: list[int] | None) -> None:
-    """One sampling row's penalties (its output and prompt tokens; a token still in flight is counted on
-    the device) and the tokens the scheduler bans at this row (min_tokens)."""
-    params = request.sampling_params
-    if params.has_penalties:
-        penalties.factors[row] = [params.repetition_penalty, params.frequency_penalty, params.presence_penalty]
-        for (rows, tokens), ids in ((penalties.output, request.output_token_ids),
-                                    (penalties.prompt, request.prompt_token_ids)):
-            rows.extend([row] * len(ids))
-            tokens.extend(ids)
-        if pending is not None:
-            penalties.pending[0].append(row)
-            penalties.pending[1].append(pending)
-    if banned:
-        penalties.banned[0].extend([row] * len(banned))
-        penalties.banned[1].extend(banned)
 
 
 def _graph_ladder(max_num_seqs):

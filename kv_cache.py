@@ -22,6 +22,7 @@ bookkeeping, hit counters; sizing and allocating the KV tensor.
 Never touches: the tensor's contents, scheduling decisions, model code.
 """
 from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 import hashlib
 
@@ -50,38 +51,6 @@ class KVBlock:
     parent_hash: bytes = ROOT_HASH   # with token_ids: what a hit is checked against
     token_ids: tuple = ()
     step: int = 0                    # the scheduler step that computes it (when cached)
-    prev_free: "KVBlock | None" = field(default=None, repr=False)  # free-queue links
-    next_free: "KVBlock | None" = field(default=None, repr=False)
-
-
-class FreeBlockQueue:
-    """Free blocks in eviction order, head first: an intrusive doubly linked list, so a prefix hit
-    can take a free block out of the middle in O(1) (a deque would need a scan)."""
-
-    def __init__(self, blocks: list[KVBlock]):
-        self.head, self.tail = KVBlock(-1), KVBlock(-1)  # sentinels: no empty-list special cases
-        self.head.next_free, self.tail.prev_free = self.tail, self.head
-        self.num_free = 0
-        for block in blocks:
-            self.append(block)
-
-    def append(self, block: KVBlock) -> None:
-        last = self.tail.prev_free
-        last.next_free, block.prev_free = block, last
-        block.next_free, self.tail.prev_free = self.tail, block
-        self.num_free += 1
-
-    def remove(self, block: KVBlock) -> None:
-        block.prev_free.next_free = block.next_free
-        block.next_free.prev_free = block.prev_free
-        block.prev_free = block.next_free = None
-        self.num_free -= 1
-
-    def popleft(self) -> KVBlock:
-        block = self.head.next_free
-        assert block is not self.tail, "popleft from an empty free queue"
-        self.remove(block)
-        return block
 
 
 @dataclass(eq=False)
@@ -101,7 +70,9 @@ class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks, self.block_size, self.enable_prefix_caching = num_blocks, block_size, enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue(self.blocks)
+        # Free blocks in eviction order, first out first: a linked hash map (C), so a prefix hit takes a
+        # free block out of the middle in O(1), where a deque would need a scan.
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((block.block_id, block) for block in self.blocks)
         self.cached_blocks: dict[bytes, KVBlock] = {}  # block hash -> the block holding that prefix
         self.num_query_tokens = 0  # tokens looked up at admissions
         self.num_hit_tokens = 0    # of which found in the prefix cache
@@ -132,7 +103,7 @@ class KVCacheManager:
         num_new_blocks = cdiv(num_tokens, self.block_size) - len(table.block_ids) - len(hits)
         # A hit on a free block takes it out of the free queue, so it costs a free block too.
         num_revived = sum(1 for block in hits if block.ref_count == 0)
-        return max(num_new_blocks, 0) + num_revived <= self.free_queue.num_free
+        return max(num_new_blocks, 0) + num_revived <= len(self.free_queue)
 
     def allocate(self, table: BlockTable, token_ids: list[int], num_tokens: int, hits: list[KVBlock] = ()) -> bool:
         """Grow `table` to cover slots 0..num_tokens-1, taking `hits` (from lookup(), only into an
@@ -150,7 +121,7 @@ class KVCacheManager:
                 self.num_hit_tokens += len(hits) * size
             for block in hits:
                 if block.ref_count == 0:
-                    self.free_queue.remove(block)
+                    del self.free_queue[block.block_id]
                 block.ref_count += 1
                 table.block_ids.append(block.block_id)
             table.num_registered_blocks += len(hits)
@@ -181,7 +152,7 @@ class KVCacheManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue.append(block)
+                self.free_queue[block_id] = block
         table.block_ids, table.num_registered_blocks = [], 0
 
     def forget_cached_blocks(self, after_step: int = -1) -> None:
@@ -193,7 +164,7 @@ class KVCacheManager:
                 block.block_hash = None
 
     def _take_free_block(self) -> KVBlock:
-        block = self.free_queue.popleft()
+        block = self.free_queue.popitem(last=False)[1]
         if block.block_hash is not None:  # evict it from the prefix cache: its slots get rewritten
             del self.cached_blocks[block.block_hash]
             block.block_hash = None

@@ -40,33 +40,34 @@ class LogitsAdjustment:
     banned_tokens: torch.Tensor
 
 
-@dataclass
-class PenaltyInputs:
-    """The host side of a LogitsAdjustment: (rows, token ids) pairs of equal length, built by the runner."""
-    factors: list[list[float]]  # per row: repetition, frequency, presence
-    output: tuple[list, list]   # each output token of a penalized row
-    prompt: tuple[list, list]   # each prompt token of a penalized row
-    pending: tuple[list, list]  # (row, row of the previous step's sampled tokens): a token still on the device
-    banned: tuple[list, list]   # tokens a row may not draw yet (min_tokens)
-
-    @classmethod
-    def empty(cls, num_rows: int) -> "PenaltyInputs":
-        return cls([[1.0, 0.0, 0.0] for _ in range(num_rows)], ([], []), ([], []), ([], []), ([], []))
-
-    def to_device(self, vocab_size: int, previous_sampled: torch.Tensor | None, device) -> LogitsAdjustment:
-        num_rows = len(self.factors)
-        counts = torch.zeros(num_rows, vocab_size, device=device)
-        counts.index_put_(to_device_pairs(self.output, device), torch.ones(len(self.output[0]), device=device),
+def logits_adjustment(rows: list[tuple], num_rows: int, vocab_size: int, previous_sampled, device) -> LogitsAdjustment:
+    """A step's penalties and bans as tensors, from one tuple per adjusted row: (row, its output token
+    ids, its prompt token ids, (repetition, frequency, presence) or None, the row of its newest token in
+    `previous_sampled` (sampled by the step in flight, still on the device) or None, the ids it may not draw)."""
+    factors = [[1.0, 0.0, 0.0] for _ in range(num_rows)]
+    counted, prompt, pending, banned = ([], []), ([], []), ([], []), ([], [])
+    for row, output_ids, prompt_ids, penalties, pending_row, banned_ids in rows:
+        if penalties is not None:
+            factors[row] = penalties
+            for (rows_of, ids_of), ids in ((counted, output_ids), (prompt, prompt_ids)):
+                rows_of.extend([row] * len(ids))
+                ids_of.extend(ids)
+            if pending_row is not None:
+                pending[0].append(row)
+                pending[1].append(pending_row)
+        banned[0].extend([row] * len(banned_ids))
+        banned[1].extend(banned_ids)
+    pairs = lambda pair: (to_device(pair[0], device), to_device(pair[1], device))  # noqa: E731
+    counts = torch.zeros(num_rows, vocab_size, device=device)
+    counts.index_put_(pairs(counted), torch.ones(len(counted[0]), device=device), accumulate=True)
+    if pending[0]:
+        tokens = previous_sampled.index_select(0, to_device(pending[1], device))
+        counts.index_put_((to_device(pending[0], device), tokens), torch.ones(len(pending[0]), device=device),
                           accumulate=True)
-        if self.pending[0]:  # the previous step's tokens, read where they are
-            tokens = previous_sampled.index_select(0, to_device(self.pending[1], device))
-            counts.index_put_((to_device(self.pending[0], device), tokens),
-                              torch.ones(len(self.pending[0]), device=device), accumulate=True)
-        prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
-        prompt_mask[to_device_pairs(self.prompt, device)] = True
-        factors = to_device(self.factors, device, torch.float32)
-        return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2],
-                                *to_device_pairs(self.banned, device))
+    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+    prompt_mask[pairs(prompt)] = True
+    factors = to_device(factors, device, torch.float32)
+    return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2], *pairs(banned))
 
 
 def adjust_logits(logits, adjust: LogitsAdjustment):
@@ -131,10 +132,6 @@ def seed_for(seed: int, index: int) -> int:
 
 def to_device(values: list, device, dtype=torch.int64) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
-def to_device_pairs(pairs: tuple[list, list], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return to_device(pairs[0], device), to_device(pairs[1], device)
 
 
 GUMBEL_BLOCK = 2048  # vocabulary entries per program: rows x slices programs fill the GPU even for one row

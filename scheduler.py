@@ -86,13 +86,6 @@ class EngineConfig:
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
             "max_logprobs": (int_at_least(0), "an int >= 0")})
 
-    @classmethod
-    def from_arguments(cls, arguments: dict) -> "EngineConfig":
-        """ValueError naming an argument LLM does not take (a dataclass would raise a TypeError)."""
-        if unknown := sorted(set(arguments) - set(cls.__dataclass_fields__)):
-            raise ValueError(f"LLM: unknown argument {unknown[0]!r}; the arguments are model and "
-                             f"{', '.join(cls.__dataclass_fields__)}")
-        return cls(**arguments)
 
 
 @dataclass
@@ -243,7 +236,7 @@ class Scheduler:
         self.max_num_batched_tokens, self.max_num_seqs = config.max_num_batched_tokens, config.max_num_seqs
         self.max_model_len, self.vocab_size = config.max_model_len, vocab_size
         self.eos_token_ids = list(dict.fromkeys(eos_token_ids))  # the one list of EOS ids: stops and min_tokens' bans
-        self.long_prefill_token_threshold = config.long_prefill_token_threshold
+        self.long_prefill_token_threshold, self.max_logprobs = config.long_prefill_token_threshold, config.max_logprobs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # admission order: the last one is preempted first
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -266,6 +259,10 @@ class Scheduler:
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"request {rid!r}: the prompt has {len(prompt)} tokens, but max_model_len="
                              f"{self.max_model_len} allows at most {self.max_model_len - 1} (room for 1 output token)")
+        for name in ("logprobs", "prompt_logprobs"):  # what logprobs_of's topk could not do in a step
+            if (k := getattr(request.sampling_params, name)) is not None and k > min(self.max_logprobs, self.vocab_size):
+                raise ValueError(f"request {rid!r}: SamplingParams.{name}={k}, but at most max_logprobs="
+                                 f"{self.max_logprobs} and the vocabulary's {self.vocab_size} are allowed")
         if bad := [t for t in prompt if not (is_int(t) and 0 <= t < self.vocab_size)]:
             raise ValueError(f"request {rid!r}: prompt_token_ids holds {bad[0]!r}; token ids must be "
                              f"ints in [0, vocab_size={self.vocab_size})")

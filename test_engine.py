@@ -522,11 +522,8 @@ def _prefix_digest(tokens) -> int:
 
 
 def _free_blocks(kv):
-    """The free queue, head (evicted first) to tail, by walking its links."""
-    block = kv.free_queue.head.next_free
-    while block is not kv.free_queue.tail:
-        yield block
-        block = block.next_free
+    """The free queue, evicted first to last."""
+    return list(kv.free_queue.values())
 
 
 def _snapshot(kv):
@@ -537,13 +534,8 @@ def _snapshot(kv):
 def _check_pool(kv, tables_with_tokens):
     """The DESIGN.md invariants: free = ref 0 and queued exactly once; owned = ref count equal to
     the tables holding it; hashes consistent with tokens."""
-    queue, previous = [], kv.free_queue.head
-    for block in _free_blocks(kv):
-        assert block.prev_free is previous
-        queue.append(block.block_id)
-        previous = block
-    assert kv.free_queue.tail.prev_free is previous
-    assert len(queue) == len(set(queue)) == kv.free_queue.num_free
+    queue = [block_id for block_id, block in kv.free_queue.items() if block.block_id == block_id]
+    assert len(queue) == len(set(queue)) == len(kv.free_queue)
     holders = {}
     for table, _ in tables_with_tokens:
         assert len(table.block_ids) == len(set(table.block_ids))
@@ -625,7 +617,7 @@ class TestKVCache:
         for tokens, table, _ in list(live.values()):
             kv.free(table)
         _check_pool(kv, [])
-        assert kv.free_queue.num_free == num_blocks
+        assert len(kv.free_queue) == num_blocks
 
     def test_lru_evicts_least_recently_freed_and_a_requests_tail_first(self):
         kv = KVCacheManager(num_blocks=6, block_size=2)
@@ -656,7 +648,7 @@ class TestKVCache:
         assert [h.block_id for h in hits] == [first]
         assert kv.allocate(b, [1, 2, 9], 3, hits)
         assert first not in [blk.block_id for blk in _free_blocks(kv)] and kv.blocks[first].ref_count == 1
-        assert kv.free_queue.num_free == 2
+        assert len(kv.free_queue) == 2
         assert not kv._can_allocate(BlockTable(), 5) and kv._can_allocate(BlockTable(), 4)
 
     def test_forced_hash_collision_is_a_miss(self, monkeypatch):
@@ -842,7 +834,7 @@ def _make_requests(seed, num_requests=8, max_prompt=24):
 
 def _assert_no_blocks_held(scheduler):
     kv = scheduler.kv_cache_manager
-    assert kv.free_queue.num_free == kv.num_blocks
+    assert len(kv.free_queue) == kv.num_blocks
     assert all(block.ref_count == 0 for block in kv.blocks)
     assert not scheduler.requests and not scheduler.running and not scheduler.waiting
 
@@ -1058,7 +1050,7 @@ class TestScheduler:
         scheduler.add(b)
         engine = _FakeEngine(scheduler)
         engine.step()  # both admitted, b on a's two blocks + one of its own
-        assert b.num_cached_tokens == 4 and scheduler.kv_cache_manager.free_queue.num_free == 0
+        assert b.num_cached_tokens == 4 and len(scheduler.kv_cache_manager.free_queue) == 0
         scheduler.add(c)
         engine.step()  # a needs a third block: b is preempted, back to the front of the queue
         assert b.status is RequestStatus.PREEMPTED and scheduler.num_preemptions == 1
@@ -1552,7 +1544,7 @@ def _assert_pool_free(llm):
     """Invariant: once nothing runs, every block is free again and the engine holds no request."""
     assert not llm.has_unfinished_requests() and llm.in_flight is None and not llm.output_processor.live
     kv = llm.scheduler.kv_cache_manager
-    assert kv.free_queue.num_free == kv.num_blocks
+    assert len(kv.free_queue) == kv.num_blocks
     assert all(block.ref_count == 0 for block in kv.blocks)
 
 
