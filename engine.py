@@ -149,9 +149,10 @@ class LLM:
         order. A bad prompt fails alone (finish_reason "error", `error` says why). Requests added
         with add_request() share the batches, but generate() returns once its own are done; the next
         step() returns what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
-        owner, order, results = self._add_prompts(prompts, sampling_params)
-        progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
-        try:
+        owner, order = next(self.loop_ids), []
+        try:  # from the first prompt queued: whatever happens, none of them outlives the call
+            results = self._add_prompts(prompts, sampling_params, owner, order)
+            progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
             for output in self._run_until_done(owner, [r for r in order if r not in results], stream=False):
                 results[output.request_id] = output
                 progress.update(len(results))
@@ -164,9 +165,9 @@ class LLM:
         last one (token ids, text, logprobs, prompt logprobs), requests interleaved in the order their tokens
         come; each request's last one has finished=True. Text comes in whole characters, held back while it
         may still become a stop string. Closing it early (close(), break) aborts the requests still running."""
-        owner, order, bad = self._add_prompts(prompts, sampling_params)
-        sent = {}  # request id -> its last output, as the engine reported it (cumulative)
+        owner, order, sent = next(self.loop_ids), [], {}  # sent: request id -> its last output (cumulative)
         try:
+            bad = self._add_prompts(prompts, sampling_params, owner, order)
             for output in itertools.chain(bad.values(), self._run_until_done(
                     owner, [r for r in order if r not in bad], stream=True)):
                 yield _delta(output, sent.get(output.request_id))
@@ -192,15 +193,16 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """One step: add_request()'s requests that moved, and each final output once (also of requests
         that finished while generate() or stream() ran the steps)."""
-        with self.lock:
-            outputs, finals = [self.output_processor.output_of(g) for g in self._step() if g.owner is None
-                               and not g.finished], {}
-            try:
+        finals = {}
+        try:
+            with self.lock:
+                outputs = [self.output_processor.output_of(g) for g in self._step() if g.owner is None and not g.finished]
                 finals = self.output_processor.finals.pop(None, {})
                 return outputs + list(finals.values())
-            except BaseException:  # an interrupt before they reached the caller: the next step() returns them
+        except BaseException:  # an interrupt before they reached the caller: the next step() returns them
+            with self.lock:
                 self.output_processor.finals.setdefault(None, {}).update(finals)
-                raise
+            raise
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request (all its completions) now and free its blocks: its final output, or None if it
@@ -288,7 +290,8 @@ class LLM:
         self.scheduler.recover()
         for request, stop in self.output_processor.trim_after_failure():
             self.scheduler.stop_at_string(request, stop)
-        self.output_processor.groups_of([c.request for c in self.output_processor.live.values()])
+        for group in [group for group in self.output_processor.groups.values() if group.finished]:
+            self.output_processor.finish(group, keep=True)
 
     def _settle(self) -> None:
         """With no request left to run, collect the step in flight (its tokens are all discarded)."""
@@ -319,30 +322,28 @@ class LLM:
                     self.abort(request_id)
             self.output_processor.finals.pop(owner, None)
 
-    def _add_prompts(self, prompts, sampling_params) -> tuple[int, list[str], dict[str, RequestOutput]]:
-        """Queue each prompt under a new id for a new loop: (the loop, the ids in order, the error
-        outputs of those that failed)."""
+    def _add_prompts(self, prompts, sampling_params, owner: int, order: list[str]) -> dict[str, RequestOutput]:
+        """Queue each prompt under a new id for loop `owner`, appending the ids to `order` as it goes;
+        the error outputs of those that failed."""
         prompts = _as_prompt_list(prompts)
         is_list = isinstance(sampling_params, (list, tuple))
         params_list = list(sampling_params) if is_list else [sampling_params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
-        owner, order, failed = next(self.loop_ids), [], {}
-        try:
-            with self.lock:
-                for prompt, params in zip(prompts, params_list):
-                    order.append(request_id := self.output_processor.new_request_id())
-                    try:
-                        self._add_request(request_id, prompt, params, owner)
-                    except ValueError as error:
-                        failed[request_id] = _error_output(request_id, prompt, str(error))
-        except BaseException:  # Ctrl-C while queueing: none of them stays queued
-            self._abandon(owner, order)
-            raise
-        return owner, order, failed
+        failed = {}
+        with self.lock:
+            for prompt, params in zip(prompts, params_list):
+                order.append(request_id := self.output_processor.new_request_id())
+                try:
+                    self._add_request(request_id, prompt, params, owner)
+                except ValueError as error:
+                    failed[request_id] = _error_output(request_id, prompt, str(error))
+        return failed
 
     def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
+        if not isinstance(request_id, str):  # the engine's own ids are tuples: a user's can never equal one
+            raise ValueError(f"request_id: expected a str, got {type(request_id).__name__}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         with self.lock:
@@ -352,15 +353,16 @@ class LLM:
             # a seed: one drawn from the engine's seed if it brings none, so every run is reproducible.
             params = replace(params, seed=self.rng.getrandbits(31) if params.seed is None else params.seed)
             group = self.output_processor.new_group(request_id, prompt, params, owner)
-            try:
+            try:  # registered first: a request the scheduler has always has its completion
+                self.output_processor.register(group)
                 for completion in group.completions:
                     self.scheduler.add(completion.request)
             except BaseException:  # Ctrl-C too: nothing of this request stays queued
                 for completion in group.completions:
                     if self.scheduler.requests.get(completion.request.request_id) is completion.request:
                         self.scheduler.abort(completion.request.request_id)
+                self.output_processor.finish(group, keep=False)
                 raise
-            self.output_processor.register(group)
 
 
 
@@ -429,7 +431,7 @@ class OutputProcessor:
             for request, row in flight.plan.sample_row.items():
                 if request.sampling_params.logprobs is not None and not request.status.is_finished:
                     self.live[request.request_id].logprobs.append(self._logprob_dict(
-                        tokens[request], ids[row], values[row], request.sampling_params.logprobs))
+                        tokens[request], ids[row], values[row], request.sampling_params))
         if flight.prompt_logprobs is not None:
             self._add_prompt_logprobs(flight.plan.prompt_positions, *(t.tolist() for t in flight.prompt_logprobs))
 
@@ -464,8 +466,8 @@ class OutputProcessor:
         return groups
 
     def finish(self, group: RequestGroup, keep: bool) -> RequestOutput:
-        """A finished group's final output, kept for its caller (`keep`) before the group is forgotten:
-        an interrupt in between leaves it in both places, which recovery makes one."""
+        """A finished group's final output, kept for its caller (`keep`) before the group is forgotten,
+        its entry in `groups` last: an interrupt on the way leaves it there, and recovery finishes it."""
         output = self.output_of(group)
         if keep:
             self.finals.setdefault(group.owner, {})[group.request_id] = output
@@ -482,11 +484,13 @@ class OutputProcessor:
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, prompt_logprobs, outputs,
                              group.finished, first.num_cached_tokens, error)
 
-    def _logprob_dict(self, token: int, ids: list[int], values: list[float], k: int) -> dict[int, Logprob]:
-        """The chosen token's logprob and rank (ids[0], values[0]), then the top k."""
-        entries = {token: Logprob(values[0], ids[0], self._decode_one(token))}
+    def _logprob_dict(self, token: int, ids: list[int], values: list[float], params: SamplingParams,
+                      prompt: bool = False) -> dict[int, Logprob]:
+        """The chosen token's logprob and rank (ids[0], values[0]), then the top k; text only with detokenize."""
+        k, decode = params.prompt_logprobs if prompt else params.logprobs, params.detokenize
+        entries = {token: Logprob(values[0], ids[0], self._decode_one(token) if decode else None)}
         for rank, (top_id, value) in enumerate(zip(ids[1:k + 1], values[1:k + 1]), 1):
-            entries.setdefault(top_id, Logprob(value, rank, self._decode_one(top_id)))
+            entries.setdefault(top_id, Logprob(value, rank, self._decode_one(top_id) if decode else None))
         return entries
 
     def _add_prompt_logprobs(self, positions, ids, values) -> None:
@@ -496,7 +500,7 @@ class OutputProcessor:
             completion = self.live.get(request.request_id)  # (a request aborted meanwhile may have a successor)
             if completion and completion.request is request and position == len(completion.group.prompt_logprobs):
                 completion.group.prompt_logprobs.append(self._logprob_dict(
-                    request.prompt_token_ids[position], ids[row], values[row], request.sampling_params.prompt_logprobs))
+                    request.prompt_token_ids[position], ids[row], values[row], request.sampling_params, prompt=True))
 
     def _decode_one(self, token: int) -> str | None:
         """A logprob's text: None without a tokenizer, or for an id the tokenizer has no bytes for."""

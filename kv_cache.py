@@ -163,6 +163,16 @@ class KVCacheManager:
                 del self.cached_blocks[block_hash]
                 block.block_hash = None
 
+    def reclaim(self) -> None:
+        """When no table holds a block (after a failed step's recovery), every block is free: an
+        interrupt inside allocate() or free() may have left one counted, out of the queue, or named
+        by a hash the cache does not map to it. O(blocks), never in a normal step."""
+        for block in self.blocks:
+            block.ref_count = 0
+            self.free_queue.setdefault(block.block_id, block)
+            if block.block_hash is not None and self.cached_blocks.get(block.block_hash) is not block:
+                block.block_hash = None
+
     def _take_free_block(self) -> KVBlock:
         block = self.free_queue.popitem(last=False)[1]
         if block.block_hash is not None:  # evict it from the prefix cache: its slots get rewritten

@@ -353,6 +353,7 @@ class Scheduler:
             if request.status is RequestStatus.RUNNING:
                 request.status = RequestStatus.PREEMPTED
             self.waiting.append(request)
+        self.kv_cache_manager.reclaim()  # every request is waiting now: none holds a block
         self.num_finished_steps = self.num_scheduled_steps
 
     def abort(self, request_id, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request:

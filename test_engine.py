@@ -2501,6 +2501,186 @@ class TestEngine:
 
 # ==== bench.py ====================================================================================
 
+    # ---- reliability: one request, one thread or one interrupt never costs another its output ----
+
+    def test_nothing_a_request_carries_fails_a_step_for_the_others(self, tmp_path):
+        """Randomized: one request with too many logprobs or prompt logprobs (over max_logprobs or the
+        vocabulary) is refused when added, and one whose prompt holds ids the tokenizer has no bytes for
+        (a hole below its last id) is scored with decoded_token None; the good requests beside it get a
+        fresh engine's tokens, and step() keeps working for a good request added next to a refused one."""
+        _byte_tokenizer_checkpoint(tmp_path)
+        spec = json.loads((tmp_path / "tokenizer.json").read_text())  # an added token at 298: ids below it are holes
+        spec["added_tokens"].append(dict(id=298, content="<|far|>", single_word=False, lstrip=False, rstrip=False,
+                                         normalized=False, special=True))
+        (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+        llm = LLM(str(tmp_path), dtype=torch.float32, block_size=4, max_num_seqs=8)
+        hole = max(spec["model"]["vocab"].values()) + 1
+        assert hole < 298 and llm.get_tokenizer().vocab_size == 299
+        rng, good = random.Random(0), _prompts(5, 290, seed=3, longest=12)
+        greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
+        expected = [o.outputs[0].token_ids for o in llm.generate(good, greedy, use_tqdm=False)]
+        bad_kinds = [SamplingParams(max_tokens=3, logprobs=21), SamplingParams(max_tokens=3, prompt_logprobs=300),
+                     SamplingParams(max_tokens=3, logprobs=301), SamplingParams(max_tokens=3, n=2, prompt_logprobs=21)]
+        for trial in range(8):
+            at, kind = rng.randrange(len(good) + 1), rng.randrange(len(bad_kinds) + 1)
+            prompts, params = list(good), [greedy] * len(good)
+            if kind < len(bad_kinds):
+                prompts.insert(at, [5, 6, 7])
+                params.insert(at, bad_kinds[kind])
+            else:  # accepted: its text has no bytes, its logprobs no text
+                prompts.insert(at, [5, hole, 6, hole + 1])
+                params.insert(at, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, logprobs=1))
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            odd = outputs.pop(at)
+            assert [o.outputs[0].token_ids for o in outputs] == expected, trial
+            if kind < len(bad_kinds):
+                assert odd.outputs[0].finish_reason == "error" and "logprobs" in odd.error
+                assert odd.prompt_token_ids == [5, 6, 7]  # an error output keeps what it was given
+            else:
+                assert odd.outputs[0].finish_reason == "length"
+                assert odd.prompt_logprobs[1][hole].decoded_token is None and len(odd.prompt_logprobs) == 4
+        with pytest.raises(ValueError, match="logprobs=1000"):
+            llm.add_request("bad", [5, 6, 7], SamplingParams(logprobs=1000))
+        llm.add_request("good", good[0], greedy)
+        final = [o for _ in range(20) if llm.has_unfinished_requests() for o in llm.step() if o.finished]
+        assert [(o.request_id, o.outputs[0].token_ids) for o in final] == [("good", expected[0])]
+        _assert_pool_free(llm)
+
+    def test_detokenize_false_gives_logprobs_without_text(self, tmp_path):
+        _byte_tokenizer_checkpoint(tmp_path)
+        llm = LLM(str(tmp_path), dtype=torch.float32, block_size=4, max_num_seqs=4)
+        params = SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=1, detokenize=False)
+        [output] = llm.generate("the cat", params, use_tqdm=False)
+        entries = [*output.outputs[0].logprobs, *output.prompt_logprobs[1:]]
+        assert output.outputs[0].text == "" and all(e.decoded_token is None for d in entries for e in d.values())
+        [output] = llm.generate("the cat", replace(params, detokenize=True), use_tqdm=False)
+        assert all(e.decoded_token is not None for d in output.outputs[0].logprobs for e in d.values())
+
+    def test_a_closed_stream_or_an_abort_leaves_nothing_running_for_load_weights(self):
+        """The RL loop: stream rollouts, stop early, load new weights at once (no extra step()), and the
+        next rollouts run on them; the same after abort() of an add_request()'s request mid-flight."""
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        params = SamplingParams(temperature=1.0, seed=1, max_tokens=30, ignore_eos=True)
+        new_weights = {name: torch.randn_like(t) * 0.1 for name, t in [("model.norm.weight", llm.runner.model.norm)]}
+        for output in llm.stream([[1, 2, 3], [4, 5]], params):
+            if len(output.outputs[0].token_ids) >= 1 and output.request_id == "0":
+                break
+        assert not llm.has_unfinished_requests() and llm.in_flight is None
+        llm.load_weights(new_weights)  # a dict: the commonest form
+        _assert_pool_free(llm)
+        llm.add_request("r", [1, 2, 3], params)
+        llm.step(), llm.step()
+        assert llm.in_flight is not None and llm.abort("r").outputs[0].finish_reason == "abort"
+        assert not llm.has_unfinished_requests() and llm.in_flight is None
+        llm.load_weights(new_weights.items())
+        fresh = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        fresh.load_weights(new_weights)
+        greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        assert llm.generate([[9, 8, 7]], greedy, use_tqdm=False)[0].outputs[0].token_ids == \
+            fresh.generate([[9, 8, 7]], greedy, use_tqdm=False)[0].outputs[0].token_ids
+        _assert_pool_free(llm)
+
+    def test_threads_calling_generate_and_stream_each_get_their_own_outputs(self):
+        import threading
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        jobs = [(_prompts(4, 512, seed=i, longest=20), SamplingParams(temperature=i % 2, seed=i, max_tokens=4 + i,
+                                                                    ignore_eos=True, logprobs=1)) for i in range(4)]
+        alone = [[o.outputs[0].token_ids for o in llm.generate(p, q, use_tqdm=False)] for p, q in jobs]
+        results, errors = {}, []
+
+        def run(i):
+            try:
+                prompts, params = jobs[i]
+                for _ in range(3):
+                    if i == 3:  # one thread streams: its deltas add up to its outputs
+                        tokens = {}
+                        for delta in llm.stream(prompts, params):
+                            tokens.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+                        got = [tokens[request_id] for request_id in sorted(tokens, key=int)]
+                    else:
+                        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+                    results.setdefault(i, []).append(got)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads) and not errors
+        assert len(results) == 4 and all(results[i] == [alone[i]] * 3 for i in range(4))
+        _assert_pool_free(llm)
+
+    def test_completion_ids_never_collide_with_a_users_ids(self):
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        params = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=3, ignore_eos=True)
+        for request_id in ("1_0", "0_0", "0_1"):  # what "{i}_{id}" would have named generate()'s completions
+            llm.add_request(request_id, [1, 2], SamplingParams(max_tokens=2, ignore_eos=True))
+        [output] = llm.generate([[3, 4, 5]], params, use_tqdm=False)
+        assert [len(c.token_ids) for c in output.outputs] == [3, 3] and output.outputs[0].finish_reason == "length"
+        with pytest.raises(ValueError, match="request_id: expected a str"):
+            llm.add_request(("0", 1), [1, 2])
+        final = {o.request_id for _ in range(10) if llm.has_unfinished_requests() for o in llm.step() if o.finished}
+        assert final == {"1_0", "0_0", "0_1"}
+        _assert_pool_free(llm)
+
+    @pytest.mark.parametrize("api", ["generate", "step"])
+    def test_an_interrupt_at_any_line_loses_no_output(self, api):
+        """The interrupt harness: a KeyboardInterrupt raised at the k-th line the engine's modules run
+        (sys.settrace), for every k of a whole run (every 3rd in CI; STRIDE=1 for all). Afterwards step()
+        returns every background request's final output exactly once, with the tokens of a run without
+        interrupt; generate() again gives its prompts' tokens; no block is held."""
+        stride = int(os.environ.get("INTERRUPT_STRIDE", "3"))
+        background = [([1, 2, 3], 2), ([4, 5, 6, 7], 3), ([8, 9], 5)]
+        prompts = [[10, 11, 12], [13, 14]]
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        files = {os.path.abspath(m.__file__) for m in (engine, sampler, kv_cache, sys.modules["scheduler"])}
+        want = {f"b{i}": llm.generate([p], replace(params, max_tokens=n), use_tqdm=False)[0].outputs[0].token_ids
+                for i, (p, n) in enumerate(background)}
+        want_generate = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+        def trial(k):
+            """Runs the workload with an interrupt at line k (None: none); the number of lines it ran."""
+            count = [0]
+
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename not in files:
+                    return None
+                if event == "line":
+                    count[0] += 1
+                    if count[0] == k:
+                        raise KeyboardInterrupt(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+                return tracer
+            finals, where = [], []
+            for i, (prompt, n) in enumerate(background):
+                llm.add_request(f"b{i}", prompt, replace(params, max_tokens=n))
+            sys.settrace(tracer)
+            try:
+                if api == "generate":
+                    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] \
+                        == want_generate
+                while llm.has_unfinished_requests():
+                    finals += [o for o in llm.step() if o.finished]
+            except KeyboardInterrupt as interrupt:
+                where.append(str(interrupt))
+            finally:
+                sys.settrace(None)
+            for _ in range(50):
+                finals += [o for o in llm.step() if o.finished]
+                if not llm.has_unfinished_requests():
+                    break
+            got = {o.request_id: o.outputs[0].token_ids for o in finals}
+            assert len(finals) == len(got) and got == want, f"interrupt at line {k}: {where}"
+            assert len(llm.scheduler.kv_cache_manager.free_queue) == llm.scheduler.kv_cache_manager.num_blocks, where
+            assert not llm.output_processor.groups and not any(llm.output_processor.finals.values()), where
+            _assert_pool_free(llm)
+            return count[0]
+        total = trial(None)
+        for k in range(1, total + 1, stride):
+            trial(k)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want_generate
+
 class TestBench:
     """bench.py's command line on the tiny model: the tokens it reports against its workload; bad flags."""
 
