@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import random
 import time
 
@@ -526,18 +527,9 @@ def main():
     p.add_argument("--kernel", action="store_true", help="benchmark the paged-attention kernel alone (GPU)")
     p.add_argument("--sweep", action="store_true", help="with --kernel: also time other launch configurations")
     args = p.parse_args()
-    if args.latency and (args.compare or args.plot or args.max_output_len < 2):
-        raise SystemExit("--latency times decode steps of one request: it needs --max-output-len of at least 2, "
-                         "and takes no --compare or --plot")
+    check_args(p, args, on_gpu)
     if args.kernel:
-        if not on_gpu:
-            raise SystemExit("--kernel needs a GPU")
         return kernel_benchmark(args)
-    if args.plot:
-        if args.workload not in ONLINE_WORKLOADS and args.request_rate is None:
-            raise SystemExit("--plot draws inter-token latency: it needs an online workload (chat, mixed, ...)")
-        if importlib.util.find_spec("matplotlib") is None:
-            raise SystemExit("--plot needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
     if not on_gpu:
         print(f"No GPU: running the {args.arch!r} shape on a small version of the workload "
               f"({args.num_seqs} requests, prompts <= {args.max_input_len}, outputs <= {args.max_output_len}).")
@@ -555,6 +547,29 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def check_args(p, args, on_gpu):
+    """Every flag that can fail is checked here, before any run, as a usage error naming it (not a traceback
+    after minutes of benchmark)."""
+    if args.kernel and not on_gpu:
+        p.error("argument --kernel: needs a GPU")
+    if args.latency and (args.compare or args.plot or args.max_output_len < 2):
+        p.error("argument --latency: times decode steps of one request: it needs --max-output-len of at least 2, "
+                "and takes no --compare or --plot")
+    if args.plot and args.workload not in ONLINE_WORKLOADS and args.request_rate is None:
+        p.error("argument --plot: draws inter-token latency: it needs an online workload (chat, mixed, ...)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error("argument --plot: needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
+            p.error(f"argument {flag}: cannot write {path} (its directory is missing or not writable)")
+    try:
+        config = model.read_config(args.model) if args.model else model.SHAPES[args.arch]
+    except (OSError, ValueError) as error:
+        p.error(f"argument --model: {error}")
+    if args.logprobs is not None and not 0 <= args.logprobs <= config.vocab_size:
+        p.error(f"argument --logprobs: expected 0 to the vocabulary size, {config.vocab_size}, got {args.logprobs}")
 
 
 def build_llm(args, **overrides):
