@@ -12,6 +12,7 @@ request's context. The engine counts those contexts, so the run's bytes over the
 device-to-device copy bandwidth give the fastest the run could possibly have gone.
 """
 import argparse
+import bisect
 import dataclasses
 import functools
 import gc
@@ -79,6 +80,13 @@ def make_workload(name, num_seqs, max_input_len, max_output_len, vocab_limit=100
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(*answer_len))
               for _ in range(num_seqs)]
     return prompts, params
+
+
+def longest_sequence(workload, max_input_len, max_output_len):
+    """The most tokens (prompt and output) one request of make_workload's workload holds: the engine's max_model_len."""
+    question = min(QUESTION_LEN[1], max_input_len)
+    extra = {"shared-prefix": 64, "chat": question, "chat-multiturn": TURNS * question + (TURNS - 1) * max_output_len}
+    return max_input_len + extra.get(workload, 0) + max_output_len
 
 
 def arrival_times(num_requests, request_rate, seed=0):
@@ -551,7 +559,7 @@ def main():
 
 def check_args(p, args, on_gpu):
     """Every flag that can fail is checked here, before any run, as a usage error naming it (not a traceback
-    after minutes of benchmark)."""
+    after minutes of benchmark). Also fits the lengths to the model's context."""
     if args.kernel and not on_gpu:
         p.error("argument --kernel: needs a GPU")
     if args.latency and (args.compare or args.plot or args.max_output_len < 2):
@@ -570,14 +578,31 @@ def check_args(p, args, on_gpu):
         p.error(f"argument --model: {error}")
     if args.logprobs is not None and not 0 <= args.logprobs <= config.vocab_size:
         p.error(f"argument --logprobs: expected 0 to the vocabulary size, {config.vocab_size}, got {args.logprobs}")
+    fit_to_context(p, args, config.max_position_embeddings)
+
+
+def fit_to_context(p, args, context):
+    """Clip --max-input-len and --max-output-len to the largest cap (the longer one is cut first) at which the
+    workload's longest request fits the model's context, saying so; a usage error if no cap does."""
+    def needed(cap):
+        return longest_sequence(args.workload, min(args.max_input_len, cap), min(args.max_output_len, cap))
+    top = max(args.max_input_len, args.max_output_len)
+    if needed(top) <= context:
+        return
+    cap = bisect.bisect_left(range(1, top + 1), True, key=lambda c: needed(c) > context)  # caps 1..cap fit
+    if cap < (least := 2 if args.latency else 1):
+        p.error(f"argument --workload: {args.workload} needs at least {needed(least)} tokens of context, more than "
+                f"{args.model or args.arch}'s {context} (max_position_embeddings)")
+    print(f"{args.model or args.arch} holds {context:,} tokens (max_position_embeddings): --max-input-len "
+          f"{args.max_input_len:,} -> {min(args.max_input_len, cap):,}, --max-output-len {args.max_output_len:,} -> "
+          f"{min(args.max_output_len, cap):,}")
+    args.max_input_len, args.max_output_len = min(args.max_input_len, cap), min(args.max_output_len, cap)
 
 
 def build_llm(args, **overrides):
-    longest_question = QUESTION_LEN[1] if args.workload in ("chat", "chat-multiturn", "mixed") else 64
-    turns = TURNS if args.workload == "chat-multiturn" else 1
     settings = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens,  # below: the longest prompt + answer made
-                    max_model_len=args.max_input_len + turns * (longest_question + args.max_output_len),
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_model_len=longest_sequence(args.workload, args.max_input_len, args.max_output_len),
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,

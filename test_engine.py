@@ -2527,6 +2527,20 @@ class TestBench:
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"argument {flag}:" in err and says in err
 
+    def test_bench_fits_the_workload_to_a_short_model_context(self, tmp_path, monkeypatch, capsys):
+        _hf_checkpoint(tmp_path, "LlamaForCausalLM", max_position_embeddings=48)
+        argv = ["bench.py", "--model", str(tmp_path), "--num-seqs", "3", "--max-input-len", "100", "--max-output-len",
+                "20", "--json", str(tmp_path / "out.json")]
+        monkeypatch.setattr(sys, "argv", argv)
+        bench.main()  # 100 + 20 tokens do not fit in 48: the prompts are cut to 28
+        assert "--max-input-len 100 -> 28, --max-output-len 20 -> 20" in capsys.readouterr().out
+        _, params = bench.make_workload("default", 3, 28, 20, vocab_limit=299)
+        assert json.loads((tmp_path / "out.json").read_text())["output_tokens"] == sum(p.max_tokens for p in params)
+        monkeypatch.setattr(sys, "argv", argv + ["--workload", "shared-prefix"])  # 64 suffix tokens never fit
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert "argument --workload: shared-prefix needs at least 66 tokens" in capsys.readouterr().err
+
     def test_timeline_buckets_every_step_of_the_run(self, tmp_path, monkeypatch):
         out = tmp_path / "bench.json"
         monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--num-seqs", "40", "--max-num-seqs", "40",
