@@ -2517,7 +2517,8 @@ class TestBench:
         ("--num-seqs", "0", ">= 1"), ("--block-size", "-16", ">= 1"), ("--gpu-memory-utilization", "1.5", "(0, 1]"),
         ("--logprobs", "513", "vocabulary size, 512"), ("--logprobs", "-1", "vocabulary size, 512"),
         ("--json", "{tmp}/missing/out.json", "directory is missing"),
-        ("--plot", "{tmp}/missing/itl.png", "directory is missing"), ("--model", "{tmp}", "config.json not found")])
+        ("--plot", "{tmp}/missing/itl.png", "directory is missing"), ("--model", "{tmp}", "config.json not found"),
+        ("--compare", "--no-prefix-caching", "prefix caching is off already")])
     def test_bench_rejects_bad_flag_naming_it_before_any_run(self, tmp_path, monkeypatch, capsys, flag, value, says):
         monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--workload", "short", "--num-seqs", "2",
                                           "--max-output-len", "4", flag, value.format(tmp=tmp_path)])
@@ -2526,6 +2527,19 @@ class TestBench:
             bench.main()
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"argument {flag}:" in err and says in err
+
+    @pytest.mark.parametrize("workload", bench.WORKLOADS + ["fp8"])
+    def test_compare_reruns_a_different_configuration(self, tmp_path, monkeypatch, workload):
+        """With no flag set for it: mixed's first run gets a budget below its longest prompt, the rerun one as large."""
+        argv = ["bench.py", "--arch", "tiny", "--num-seqs", "2", "--max-input-len", "24", "--max-output-len", "2",
+                "--compare", "--json", str(tmp_path / "out.json")]
+        monkeypatch.setattr(sys, "argv", argv + (["--kv-cache-dtype", "fp8"] if workload == "fp8" else
+                                                 ["--workload", workload]))
+        bench.main()
+        result = json.loads((tmp_path / "out.json").read_text())
+        names = ("max_num_batched_tokens", "prefix_caching", "kv_cache_dtype")
+        assert [result[n] for n in names] != [result["compare"][n] for n in names]
+        assert result["output_tokens"] == result["compare"]["output_tokens"]
 
     def test_bench_fits_the_workload_to_a_short_model_context(self, tmp_path, monkeypatch, capsys):
         _hf_checkpoint(tmp_path, "LlamaForCausalLM", max_position_embeddings=48)
