@@ -588,19 +588,18 @@ def check_args(p, args, on_gpu):
 def fit_to_context(p, args, context):
     """Clip --max-input-len and --max-output-len to the largest cap (the longer one is cut first) at which the
     workload's longest request fits the model's context, saying so; a usage error if no cap does."""
+    lengths = args.max_input_len, args.max_output_len
+
     def needed(cap):
-        return longest_sequence(args.workload, min(args.max_input_len, cap), min(args.max_output_len, cap))
-    top = max(args.max_input_len, args.max_output_len)
-    if needed(top) <= context:
-        return
-    cap = bisect.bisect_left(range(1, top + 1), True, key=lambda c: needed(c) > context)  # caps 1..cap fit
+        return longest_sequence(args.workload, *(min(n, cap) for n in lengths))
+    cap = bisect.bisect_left(range(1, max(lengths) + 1), True, key=lambda c: needed(c) > context)  # caps 1..cap fit
     if cap < (least := 2 if args.latency else 1):
         p.error(f"argument --workload: {args.workload} needs at least {needed(least)} tokens of context, more than "
                 f"{args.model or args.arch}'s {context} (max_position_embeddings)")
-    print(f"{args.model or args.arch} holds {context:,} tokens (max_position_embeddings): --max-input-len "
-          f"{args.max_input_len:,} -> {min(args.max_input_len, cap):,}, --max-output-len {args.max_output_len:,} -> "
-          f"{min(args.max_output_len, cap):,}")
-    args.max_input_len, args.max_output_len = min(args.max_input_len, cap), min(args.max_output_len, cap)
+    if cap < max(lengths):
+        args.max_input_len, args.max_output_len = (min(n, cap) for n in lengths)
+        print(f"{args.model or args.arch} holds {context:,} tokens (max_position_embeddings): --max-input-len "
+              f"{lengths[0]:,} -> {args.max_input_len:,}, --max-output-len {lengths[1]:,} -> {args.max_output_len:,}")
 
 
 def engine_settings(args, compare=False):
