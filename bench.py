@@ -12,6 +12,7 @@ request's context. The engine counts those contexts, so the run's bytes over the
 device-to-device copy bandwidth give the fastest the run could possibly have gone.
 """
 import argparse
+import bisect
 import dataclasses
 import functools
 import gc
@@ -19,6 +20,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import random
 import time
 
@@ -78,6 +80,13 @@ def make_workload(name, num_seqs, max_input_len, max_output_len, vocab_limit=100
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(*answer_len))
               for _ in range(num_seqs)]
     return prompts, params
+
+
+def longest_sequence(workload, max_input_len, max_output_len):
+    """The most tokens (prompt and output) one request of make_workload's workload holds: the engine's max_model_len."""
+    question = min(QUESTION_LEN[1], max_input_len)
+    extra = {"shared-prefix": 64, "chat": question, "chat-multiturn": TURNS * question + (TURNS - 1) * max_output_len}
+    return max_input_len + extra.get(workload, 0) + max_output_len
 
 
 def arrival_times(num_requests, request_rate, seed=0):
@@ -506,7 +515,8 @@ def main():
     p.add_argument("--max-input-len", type=positive_int, default=1024 if on_gpu else 128)
     p.add_argument("--max-output-len", type=positive_int, default=1024 if on_gpu else 128)
     p.add_argument("--max-num-seqs", type=positive_int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    p.add_argument("--max-num-batched-tokens", type=positive_int,
+                   help="default 8,192; mixed: half of --max-input-len (at most 8,192), so its documents are chunked")
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9, help="in (0, 1]")
     p.add_argument("--no-async", action="store_true", help="schedule step N+1 only after step N's tokens")
@@ -526,28 +536,16 @@ def main():
     p.add_argument("--kernel", action="store_true", help="benchmark the paged-attention kernel alone (GPU)")
     p.add_argument("--sweep", action="store_true", help="with --kernel: also time other launch configurations")
     args = p.parse_args()
-    if args.latency and (args.compare or args.plot or args.max_output_len < 2):
-        raise SystemExit("--latency times decode steps of one request: it needs --max-output-len of at least 2, "
-                         "and takes no --compare or --plot")
+    check_args(p, args, on_gpu)
     if args.kernel:
-        if not on_gpu:
-            raise SystemExit("--kernel needs a GPU")
         return kernel_benchmark(args)
-    if args.plot:
-        if args.workload not in ONLINE_WORKLOADS and args.request_rate is None:
-            raise SystemExit("--plot draws inter-token latency: it needs an online workload (chat, mixed, ...)")
-        if importlib.util.find_spec("matplotlib") is None:
-            raise SystemExit("--plot needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
     if not on_gpu:
         print(f"No GPU: running the {args.arch!r} shape on a small version of the workload "
               f"({args.num_seqs} requests, prompts <= {args.max_input_len}, outputs <= {args.max_output_len}).")
 
     result = decode_latency(args, on_gpu) if args.latency else run(args, on_gpu)
     if args.compare:  # the same workload with the feature it shows off switched off, in this process
-        off = {"chat": dict(enable_prefix_caching=False), "fp8": dict(kv_cache_dtype="auto"),
-               "mixed": dict(max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_input_len))}
-        feature = "fp8" if args.kv_cache_dtype != "auto" else args.workload
-        result["compare"] = run(args, on_gpu, **off.get(feature, dict(enable_prefix_caching=False)))
+        result["compare"] = run(args, on_gpu, compare=True)
     if args.plot:
         runs = [result] + ([result["compare"]] if args.compare else [])
         plot_latency(args.plot, [(describe(r), r.pop("itl_points")) for r in runs], args)
@@ -557,26 +555,80 @@ def main():
             json.dump(result, f, indent=2)
 
 
-def build_llm(args, **overrides):
-    longest_question = QUESTION_LEN[1] if args.workload in ("chat", "chat-multiturn", "mixed") else 64
-    turns = TURNS if args.workload == "chat-multiturn" else 1
+def check_args(p, args, on_gpu):
+    """Every flag that can fail is checked here, before any run, as a usage error naming it (not a traceback
+    after minutes of benchmark). Also fits the lengths to the model's context and picks the default budget."""
+    if args.kernel and not on_gpu:
+        p.error("argument --kernel: needs a GPU")
+    if args.latency and (args.compare or args.plot or args.max_output_len < 2):
+        p.error("argument --latency: times decode steps of one request: it needs --max-output-len of at least 2, "
+                "and takes no --compare or --plot")
+    if args.plot and args.workload not in ONLINE_WORKLOADS and args.request_rate is None:
+        p.error("argument --plot: draws inter-token latency: it needs an online workload (chat, mixed, ...)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error("argument --plot: needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
+            p.error(f"argument {flag}: cannot write {path} (its directory is missing or not writable)")
+    try:
+        config = model.read_config(args.model) if args.model else model.SHAPES[args.arch]
+    except (OSError, ValueError) as error:
+        p.error(f"argument --model: {error}")
+    if args.logprobs is not None and not 0 <= args.logprobs <= config.vocab_size:
+        p.error(f"argument --logprobs: expected 0 to the vocabulary size, {config.vocab_size}, got {args.logprobs}")
+    fit_to_context(p, args, config.max_position_embeddings)
+    if args.max_num_batched_tokens is None:  # mixed: a chunk of its longer documents, so that they are chunked
+        args.max_num_batched_tokens = max(1, min(8192, args.max_input_len // 2)) if args.workload == "mixed" else 8192
+    if args.compare and engine_settings(args) == engine_settings(args, compare=True):
+        p.error("argument --compare: the rerun would repeat the first run (" + ("mixed: one-shot prefill is a budget "
+                "of --max-input-len; chunked needs a smaller --max-num-batched-tokens" if args.workload == "mixed"
+                else "prefix caching is off already: drop --no-prefix-caching") + ")")
+
+
+def fit_to_context(p, args, context):
+    """Clip --max-input-len and --max-output-len to the largest cap (the longer one is cut first) at which the
+    workload's longest request fits the model's context, saying so; a usage error if no cap does."""
+    lengths = args.max_input_len, args.max_output_len
+
+    def needed(cap):
+        return longest_sequence(args.workload, *(min(n, cap) for n in lengths))
+    cap = bisect.bisect_left(range(1, max(lengths) + 1), True, key=lambda c: needed(c) > context)  # caps 1..cap fit
+    if cap < (least := 2 if args.latency else 1):
+        p.error(f"argument --workload: {args.workload} needs at least {needed(least)} tokens of context, more than "
+                f"{args.model or args.arch}'s {context} (max_position_embeddings)")
+    if cap < max(lengths):
+        args.max_input_len, args.max_output_len = (min(n, cap) for n in lengths)
+        print(f"{args.model or args.arch} holds {context:,} tokens (max_position_embeddings): --max-input-len "
+              f"{lengths[0]:,} -> {args.max_input_len:,}, --max-output-len {lengths[1]:,} -> {args.max_output_len:,}")
+
+
+def engine_settings(args, compare=False):
+    """The LLM's arguments for a run; with compare, --compare's rerun: the workload's feature off (the fp8 cache;
+    mixed: chunked prefill, by a budget as large as the longest prompt; else prefix caching)."""
     settings = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens,  # below: the longest prompt + answer made
-                    max_model_len=args.max_input_len + turns * (longest_question + args.max_output_len),
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_model_len=longest_sequence(args.workload, args.max_input_len, args.max_output_len),
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
                     calculate_kv_scales=args.calculate_kv_scales)
-    return LLM(args.model or args.arch, **dict(settings, **overrides)), settings | overrides
+    if compare and args.kv_cache_dtype != "auto":
+        settings["kv_cache_dtype"] = "auto"
+    elif compare and args.workload == "mixed":
+        settings["max_num_batched_tokens"] = max(args.max_num_batched_tokens, args.max_input_len)
+    elif compare:
+        settings["enable_prefix_caching"] = False
+    return settings
 
 
-def run(args, on_gpu, **overrides):
+def run(args, on_gpu, compare=False):
     """One timed run of the workload on a new engine (the previous one's memory is freed first)."""
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    llm, settings = build_llm(args, **overrides)
+    settings = engine_settings(args, compare)
+    llm = LLM(args.model or args.arch, **settings)
     setup_seconds = time.perf_counter() - started
     vocab_limit = min(10000, llm.runner.model.config.vocab_size - 1)  # nano-vllm's ids, within a tiny vocabulary
     prompts, params = make_workload(args.workload, args.num_seqs, args.max_input_len, args.max_output_len, vocab_limit)
@@ -660,7 +712,8 @@ def decode_latency(args, on_gpu):
     """One request decoding alone, as an interactive user sees it: the median time between two of its
     steps (with async overlap, one step's wall time), against that step's byte limit (every weight once
     plus its K/V context). The prompt is --max-input-len random ids; a warm-up request compiles first."""
-    llm, settings = build_llm(args)
+    settings = engine_settings(args)
+    llm = LLM(args.model or args.arch, **settings)
     rng, vocab_limit = random.Random(0), min(10000, llm.runner.model.config.vocab_size - 1)
     prompt, warm = ([rng.randrange(vocab_limit) for _ in range(args.max_input_len)] for _ in range(2))
     params = SamplingParams(temperature=0.6, max_tokens=min(LATENCY_STEPS, args.max_output_len), ignore_eos=True)

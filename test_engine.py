@@ -2700,14 +2700,47 @@ class TestBench:
         bench.main()
         assert "output_tokens_per_s" in capsys.readouterr().out
 
-    @pytest.mark.parametrize("flag, value", [("--num-seqs", "0"), ("--block-size", "-16"),
-                                             ("--gpu-memory-utilization", "1.5")])
-    def test_bench_rejects_bad_flag_naming_it(self, monkeypatch, capsys, flag, value):
-        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--num-seqs", "2", "--max-output-len", "4",
-                                          flag, value])
+    @pytest.mark.parametrize("flag, value, says", [
+        ("--num-seqs", "0", ">= 1"), ("--block-size", "-16", ">= 1"), ("--gpu-memory-utilization", "1.5", "(0, 1]"),
+        ("--logprobs", "513", "vocabulary size, 512"), ("--logprobs", "-1", "vocabulary size, 512"),
+        ("--json", "{tmp}/missing/out.json", "directory is missing"),
+        ("--plot", "{tmp}/missing/itl.png", "directory is missing"), ("--model", "{tmp}", "config.json not found"),
+        ("--compare", "--no-prefix-caching", "prefix caching is off already")])
+    def test_bench_rejects_bad_flag_naming_it_before_any_run(self, tmp_path, monkeypatch, capsys, flag, value, says):
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--workload", "short", "--num-seqs", "2",
+                                          "--max-output-len", "4", flag, value.format(tmp=tmp_path)])
+        monkeypatch.setattr(bench, "LLM", None)  # an engine built before the check fails the test
+        with pytest.raises(SystemExit) as exit_:
+            bench.main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {flag}:" in err and says in err
+
+    @pytest.mark.parametrize("workload", bench.WORKLOADS + ["fp8"])
+    def test_compare_reruns_a_different_configuration(self, tmp_path, monkeypatch, workload):
+        """With no flag set for it: mixed's first run gets a budget below its longest prompt, the rerun one as large."""
+        argv = ["bench.py", "--arch", "tiny", "--num-seqs", "2", "--max-input-len", "24", "--max-output-len", "2",
+                "--compare", "--json", str(tmp_path / "out.json")]
+        monkeypatch.setattr(sys, "argv", argv + (["--kv-cache-dtype", "fp8"] if workload == "fp8" else
+                                                 ["--workload", workload]))
+        bench.main()
+        result = json.loads((tmp_path / "out.json").read_text())
+        names = ("max_num_batched_tokens", "prefix_caching", "kv_cache_dtype")
+        assert [result[n] for n in names] != [result["compare"][n] for n in names]
+        assert result["output_tokens"] == result["compare"]["output_tokens"]
+
+    def test_bench_fits_the_workload_to_a_short_model_context(self, tmp_path, monkeypatch, capsys):
+        _hf_checkpoint(tmp_path, "LlamaForCausalLM", max_position_embeddings=48)
+        argv = ["bench.py", "--model", str(tmp_path), "--num-seqs", "3", "--max-input-len", "100", "--max-output-len",
+                "20", "--json", str(tmp_path / "out.json")]
+        monkeypatch.setattr(sys, "argv", argv)
+        bench.main()  # 100 + 20 tokens do not fit in 48: the prompts are cut to 28
+        assert "--max-input-len 100 -> 28, --max-output-len 20 -> 20" in capsys.readouterr().out
+        _, params = bench.make_workload("default", 3, 28, 20, vocab_limit=299)
+        assert json.loads((tmp_path / "out.json").read_text())["output_tokens"] == sum(p.max_tokens for p in params)
+        monkeypatch.setattr(sys, "argv", argv + ["--workload", "shared-prefix"])  # 64 suffix tokens never fit
         with pytest.raises(SystemExit):
             bench.main()
-        assert f"argument {flag}:" in capsys.readouterr().err
+        assert "argument --workload: shared-prefix needs at least 66 tokens" in capsys.readouterr().err
 
     def test_timeline_buckets_every_step_of_the_run(self, tmp_path, monkeypatch):
         out = tmp_path / "bench.json"
@@ -2830,8 +2863,9 @@ class TestBench:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
         assert "itl_points" not in (tmp_path / "out.json").read_text()  # the points are drawn, not printed
         monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--plot", str(png)])
-        with pytest.raises(SystemExit, match="online workload"):
+        with pytest.raises(SystemExit):
             bench.main()
+        assert "online workload" in capsys.readouterr().err
 
     def test_compare_reruns_mixed_with_one_shot_prefill(self, tmp_path, monkeypatch):
         out = tmp_path / "bench.json"
