@@ -109,14 +109,48 @@ def _read_json(path: str, required: bool = False) -> dict:
         if required:
             raise FileNotFoundError(f"{path} not found")
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        except ValueError as e:  # invalid JSON, or not UTF-8 text: json's message names no file
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, OSError) as e:  # invalid JSON, not UTF-8 text, a directory: the message names no file
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
+
+
+def _check_fields(where: str, values: dict, rules: dict) -> None:
+    """ValueError naming the file and the first field that breaks its rule (name -> (test, what it may be)), so
+    that no field of the wrong type fails later with a message naming neither; an absent field is tested as None."""
+    for name, (ok, allowed) in rules.items():
+        if not ok(values.get(name)):
+            got = repr(values[name])[:80] if name in values else "no value"
+            raise ValueError(f"{where}{name} must be {allowed}, got {got}")
+
+
+def _rule(types: tuple, allowed: str, above=None, null=True) -> tuple[Callable, str]:
+    """A _check_fields rule: a value of one of `types` (a bool is no int) and > `above` if given, or null if `null`."""
+    return (lambda v: (null and v is None) or (type(v) in types and (above is None or v > above)),
+            allowed + " or null" * null)
+
+
+_OBJECT, _LIST, _FLAG = _rule((dict,), "an object"), _rule((list,), "a list"), _rule((bool,), "true or false")
+_SIZE, _NUMBER = _rule((int,), "an int >= 1", above=0, null=False), _rule((int, float), "a number")
+_POSITIVE, _TOKEN_ID = _rule((int, float), "a number > 0", above=0), _rule((int,), "a token id (an int >= 0)", above=-1)
+_TOKEN_IDS = (lambda v: all(_TOKEN_ID[0](i) for i in (v if type(v) is list else [v])),
+              "a token id, a list of them, or null")
+# Every field read from config.json / generation_config.json; absent or null, it takes its default.
+CONFIG_RULES = {
+    "architectures": (lambda v: v is None or type(v) is list and all(type(a) is str for a in v), "a list of names"),
+    **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"], _SIZE),
+    **dict.fromkeys(["num_key_value_heads", "head_dim", "sliding_window"], _rule((int,), "an int >= 1", above=0)),
+    "rms_norm_eps": _POSITIVE, "rope_theta": _POSITIVE, "rope_scaling": _OBJECT, "rope_parameters": _OBJECT,
+    **dict.fromkeys(["tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"], _FLAG),
+    "layer_types": _LIST, "bos_token_id": _TOKEN_ID, "eos_token_id": _TOKEN_IDS}
+GENERATION_RULES = {"bos_token_id": _TOKEN_ID, "eos_token_id": _TOKEN_IDS, "do_sample": _FLAG,
+                    "top_k": _rule((int,), "an int"), "max_new_tokens": _rule((int,), "an int >= 1", above=0),
+                    **dict.fromkeys(["temperature", "top_p", "min_p", "repetition_penalty"], _NUMBER)}
 
 
 def _as_id_list(value) -> list[int]:
@@ -126,31 +160,30 @@ def _as_id_list(value) -> list[int]:
 
 def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
     # transformers 5.x writes `rope_parameters` (theta inside); older files rope_theta + rope_scaling.
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    name = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    params = raw.get(name) or {}
+    _check_fields(f"config.json: {name}.", params, {"rope_theta": _POSITIVE})
+    theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
         raise ValueError(f"config.json: rope scaling type {kind!r} is not supported; supported: default, llama3")
-    try:
-        return theta, Llama3RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
-                                        float(params["high_freq_factor"]),
-                                        int(params["original_max_position_embeddings"]))
-    except KeyError as e:
-        raise ValueError(f"config.json: llama3 rope scaling needs {e.args[0]!r}") from None
+    _check_fields(f"config.json: {name}.", params, {"original_max_position_embeddings": _SIZE, **dict.fromkeys(
+        ["factor", "low_freq_factor", "high_freq_factor"], _rule((int, float), "a number > 0", above=0, null=False))})
+    return theta, Llama3RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
+                                    float(params["high_freq_factor"]), params["original_max_position_embeddings"])
 
 
 def read_config(path: str) -> ModelConfig:
     """ModelConfig from an HF checkpoint directory (config.json, generation_config.json)."""
     raw = _read_json(os.path.join(path, "config.json"), required=True)
-    try:
-        return _config_from_json(raw, _read_json(os.path.join(path, "generation_config.json")))
-    except KeyError as e:
-        raise ValueError(f"{path}/config.json: missing field {e.args[0]!r}") from None
+    return _config_from_json(raw, _read_json(os.path.join(path, "generation_config.json")))
 
 
 def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
+    _check_fields("config.json: ", raw, CONFIG_RULES)
+    _check_fields("generation_config.json: ", generation, GENERATION_RULES)
     architecture = (raw.get("architectures") or ["(none)"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"config.json: architecture {architecture!r} is not supported; "
@@ -177,7 +210,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
         num_q_heads=num_q_heads, num_kv_heads=raw.get("num_key_value_heads") or num_q_heads,
         head_dim=raw.get("head_dim") or default_head_dim, max_position_embeddings=max_positions,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+        rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
         bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
@@ -678,21 +711,32 @@ def _special_id(token, added: dict[str, int]) -> int | None:
     return added.get(content) if content is not None else None
 
 
+TOKENIZER_RULES = {
+    "model": _rule((dict,), "an object", null=False), "pre_tokenizer": _OBJECT, "normalizer": _OBJECT,
+    "post_processor": _OBJECT, "added_tokens": (lambda v: v is None or type(v) is list and all(
+        type(t) is dict and type(t.get("content")) is str and type(t.get("id")) is int for t in v),
+        'a list of {"content": text, "id": int}')}
+BPE_RULES = {"vocab": (lambda v: type(v) is dict and all(type(i) is int and i >= 0 for i in v.values()),
+                       "an object of token -> id (an int >= 0)"), "merges": _LIST, "ignore_merges": _FLAG}
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """A checkpoint directory's tokenizer.json (every HF Llama 3, Qwen2/3 and Mistral-Nemo repo has
     one; Meta's original/tokenizer.model is not read), of the byte-level BPE kind, as a tiktoken.Encoding."""
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path}: no tokenizer.json")
     spec = _read_json(os.path.join(path, "tokenizer.json"))
+    _check_fields("tokenizer.json: ", spec, TOKENIZER_RULES)
     model = spec["model"]
     kind = model.get("type", "BPE" if "merges" in model else "(unknown)")
     if kind != "BPE":
         raise ValueError(f"tokenizer.json: model type {kind!r} is not supported; supported: byte-level BPE")
+    _check_fields("tokenizer.json: model.", model, BPE_RULES)
     pattern = _pre_tokenizer_pattern(spec.get("pre_tokenizer"))
     normalizer = (spec.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"tokenizer.json: normalizer {normalizer!r} is not supported; supported: none, NFC")
-    added = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
+    added = {token["content"]: token["id"] for token in spec.get("added_tokens") or []}
     alphabet, added_ids = _byte_level_alphabet(), set(added.values())
     ranks = {}
     for token, token_id in model["vocab"].items():
@@ -722,7 +766,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     eos = [] if eos is None else [eos]
     bos_token = next((token for token, i in added.items() if i == bos), None)
     add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
-    special_ids = {token["id"] for token in spec.get("added_tokens", []) if token.get("special", True)}
+    special_ids = {token["id"] for token in spec.get("added_tokens") or [] if token.get("special", True)}
     return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids,
                      *_chat_template(path, config))
 

@@ -369,6 +369,49 @@ class TestModel:
         with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tokenizer.json"))):
             model.load_tokenizer(str(tmp_path))
 
+    @pytest.mark.parametrize("file, change, field", [
+        ("tokenizer.json", lambda spec: {}, "model"),
+        ("tokenizer.json", lambda spec: {k: v for k, v in spec.items() if k != "model"}, "model"),
+        ("tokenizer.json", lambda spec: {**spec, "model": "BPE"}, "model"),
+        ("tokenizer.json", lambda spec: {**spec, "model": {k: v for k, v in spec["model"].items() if k != "vocab"}},
+         "model.vocab"),
+        ("tokenizer.json", lambda spec: {**spec, "model": {**spec["model"], "vocab": {"a": "1"}}}, "model.vocab"),
+        ("tokenizer.json", lambda spec: {**spec, "model": {**spec["model"], "merges": "a b"}}, "model.merges"),
+        ("tokenizer.json", lambda spec: {**spec, "added_tokens": [{"content": "<x>"}]}, "added_tokens"),
+        ("tokenizer.json", lambda spec: {**spec, "pre_tokenizer": "ByteLevel"}, "pre_tokenizer"),
+        ("config.json", dict(vocab_size="320"), "vocab_size"),
+        ("config.json", dict(num_hidden_layers=2.0), "num_hidden_layers"),
+        ("config.json", dict(hidden_size=None), "hidden_size"),
+        ("config.json", dict(head_dim=0), "head_dim"),
+        ("config.json", dict(rms_norm_eps="1e-6"), "rms_norm_eps"),
+        ("config.json", dict(tie_word_embeddings="false"), "tie_word_embeddings"),
+        ("config.json", dict(eos_token_id=[7, "8"]), "eos_token_id"),
+        ("config.json", dict(architectures="LlamaForCausalLM"), "architectures"),
+        ("config.json", dict(rope_scaling=dict(rope_type="llama3", factor="8", low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=64)),
+         "rope_scaling.factor"),
+        ("generation_config.json", dict(eos_token_id="2"), "eos_token_id"),
+        ("generation_config.json", dict(temperature="0.7"), "temperature"),
+        ("config.json", "a directory", None),
+    ])
+    def test_corrupt_fields_name_the_file_and_the_field(self, gpt2_style, tmp_path, file, change, field):
+        if file == "tokenizer.json":
+            spec = json.loads(open(os.path.join(gpt2_style[1], file), encoding="utf-8").read())
+            (tmp_path / file).write_text(json.dumps(change(spec)), encoding="utf-8")
+            load = model.load_tokenizer
+        else:
+            _write_config(tmp_path, **(change if file == "config.json" and field else {}))
+            if field is None:
+                os.remove(tmp_path / file)
+                (tmp_path / file).mkdir()
+            elif file != "config.json":
+                (tmp_path / file).write_text(json.dumps(change))
+            load = read_config
+        message = re.escape(str(tmp_path / file)) + ": not a readable JSON file" if field is None else \
+            rf"(^|/){re.escape(file)}: {re.escape(field)} must be"
+        with pytest.raises(ValueError, match=message):
+            load(str(tmp_path))
+
     @pytest.mark.parametrize("corrupt", ["truncated", "garbage"])
     def test_bad_safetensors_shard_names_the_file(self, tmp_path, corrupt):
         path = _checkpoint(tmp_path)
