@@ -22,7 +22,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -492,10 +492,16 @@ def _safetensors_files(path: str) -> list[str]:
 
 
 def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
-    """Copy (HF name, tensor) pairs straight into their places (slices of the fused weights);
-    returns the names loaded. `source` names where they come from, for the errors."""
+    """Copy HF-named tensors (a dict, or (name, tensor) pairs) straight into their places (slices of the fused
+    weights); returns the names loaded. `source` names where they come from, for the errors."""
     targets, loaded = _checkpoint_targets(model), set()
-    for name, tensor in tensors:
+    for pair in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise ValueError(f"{source}: expected a dict of tensors or (name, tensor) pairs, got an item {pair!r:.40}")
+        name, tensor = pair
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):  # copy_ would cast ints silently
+            raise ValueError(f"tensor {name!r} in {source}: expected a floating-point torch.Tensor, got "
+                             f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
         if name not in targets:
             # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
             if (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):

@@ -430,6 +430,27 @@ class TestModel:
         with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors.*index\.json"):
             _load(path)
 
+    def test_load_tensors_takes_a_dict_or_pairs_of_floating_point_tensors(self, tmp_path):
+        path = _checkpoint(tmp_path)
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        for given in (tensors, list(tensors.items())):  # a state_dict(), or its items()
+            fresh = Transformer(read_config(path), "cpu")
+            assert model.load_tensors(fresh, given, "test") == set(tensors)
+            targets = model._checkpoint_targets(fresh)  # each HF tensor is in its slice of our fused weights
+            assert all(torch.equal(targets[name], tensor) for name, tensor in tensors.items())
+        for bad, got in [(torch.ones(64).numpy(), "ndarray"), (torch.ones(64, dtype=torch.int64), "torch.int64"),
+                         (torch.ones(64, dtype=torch.bool), "torch.bool")]:
+            with pytest.raises(ValueError, match=f"'model.norm.weight' in test: expected a floating-point torch.Tensor, "
+                                                 f"got {got}"):
+                model.load_tensors(fresh, {"model.norm.weight": bad}, "test")
+        with pytest.raises(ValueError, match=r"test: expected a dict of tensors or \(name, tensor\) pairs"):
+            model.load_tensors(fresh, list(tensors.values()), "test")
+        llm = LLM("tiny", dtype=torch.float32, num_blocks=8, max_model_len=64, max_num_seqs=2)  # the engine's entry point, on a dict
+        llm.load_weights({"model.norm.weight": torch.full((64,), 2.0)})
+        assert torch.equal(llm.runner.model.norm, torch.full((64,), 2.0, device=llm.runner.model.norm.device))
+        with pytest.raises(ValueError, match="'model.norm.weight' in load_weights: .* got torch.int64"):
+            llm.load_weights({"model.norm.weight": torch.full((64,), 2)})
+
     def test_random_tiny_forward(self):
         model = random_model("tiny", device="cpu")
         input_ids, positions, kv_cache, meta = _one_batch(model.config, [5, 9])
