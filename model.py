@@ -230,7 +230,13 @@ def _sampling_defaults(generation: dict) -> dict:
 
 def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA if present; bf16 on CUDA, fp32 on the CPU. dtype: torch.dtype or a name."""
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device, e.g. 'cuda', 'cuda:1' or 'cpu' ({e})") from None
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        raise ValueError(f"device='{device}': " + (f"this machine has {count} CUDA device(s)" if count else
+                                                   "CUDA is not available on this machine"))
     if dtype is None or dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):

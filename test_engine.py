@@ -482,6 +482,14 @@ class TestModel:
             random_model("tiny", dtype="int8", device="cpu")
         with pytest.raises(ValueError, match="model shape 'gpt5' is unknown; known: qwen3-0.6b"):
             random_model("gpt5")
+        missing = ["cuda:99"] + ([] if _CUDA else ["cuda", torch.device("cuda", 0)])
+        for device in missing:  # a ValueError naming the device, not torch's AssertionError
+            with pytest.raises(ValueError, match=f"device='{device}': (CUDA is not available|this machine has)"):
+                random_model("tiny", device=device)
+        with pytest.raises(ValueError, match="device='cuda:99'"):
+            LLM("tiny", device="cuda:99")
+        with pytest.raises(ValueError, match="device='tpu' is not a device, e.g. 'cuda'"):
+            random_model("tiny", device="tpu")
         model = random_model("tiny", device="cpu")
         input_ids, positions, kv_cache, meta = _one_batch(model.config, [3])
         with pytest.raises(ValueError, match=r"kv_caches: shape .*; expected \[2, 2, num_blocks, block_size, 2, 16\]"):
