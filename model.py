@@ -135,11 +135,11 @@ def _rule(types: tuple, allowed: str, above=None, null=True) -> tuple[Callable, 
 
 
 _OBJECT, _LIST, _FLAG = _rule((dict,), "an object"), _rule((list,), "a list"), _rule((bool,), "true or false")
-_SIZE, _NUMBER = _rule((int,), "an int >= 1", above=0, null=False), _rule((int, float), "a number")
-_POSITIVE, _TOKEN_ID = _rule((int, float), "a number > 0", above=0), _rule((int,), "a token id (an int >= 0)", above=-1)
-_TOKEN_IDS = (lambda v: all(_TOKEN_ID[0](i) for i in (v if type(v) is list else [v])),
-              "a token id, a list of them, or null")
-# Every field read from config.json / generation_config.json; absent or null, it takes its default.
+_SIZE, _POSITIVE = _rule((int,), "an int >= 1", above=0, null=False), _rule((int, float), "a number > 0", above=0)
+_TOKEN_ID = _rule((int,), "a token id (an int >= 0)", above=-1)
+ID_RULES = {"bos_token_id": _TOKEN_ID, "eos_token_id": (lambda v: all(_TOKEN_ID[0](i) for i in (
+    v if type(v) is list else [v])), "a token id, a list of them, or null")}  # config.json's, generation_config.json's
+# Every field read from config.json; absent or null, it takes its default.
 CONFIG_RULES = {
     "architectures": (lambda v: v is None or type(v) is list and all(type(a) is str for a in v), "a list of names"),
     **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -147,10 +147,7 @@ CONFIG_RULES = {
     **dict.fromkeys(["num_key_value_heads", "head_dim", "sliding_window"], _rule((int,), "an int >= 1", above=0)),
     "rms_norm_eps": _POSITIVE, "rope_theta": _POSITIVE, "rope_scaling": _OBJECT, "rope_parameters": _OBJECT,
     **dict.fromkeys(["tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"], _FLAG),
-    "layer_types": _LIST, "bos_token_id": _TOKEN_ID, "eos_token_id": _TOKEN_IDS}
-GENERATION_RULES = {"bos_token_id": _TOKEN_ID, "eos_token_id": _TOKEN_IDS, "do_sample": _FLAG,
-                    "top_k": _rule((int,), "an int"), "max_new_tokens": _rule((int,), "an int >= 1", above=0),
-                    **dict.fromkeys(["temperature", "top_p", "min_p", "repetition_penalty"], _NUMBER)}
+    "layer_types": _LIST, **ID_RULES}
 
 
 def _as_id_list(value) -> list[int]:
@@ -160,16 +157,16 @@ def _as_id_list(value) -> list[int]:
 
 def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
     # transformers 5.x writes `rope_parameters` (theta inside); older files rope_theta + rope_scaling.
-    name = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
-    params = raw.get(name) or {}
-    _check_fields(f"config.json: {name}.", params, {"rope_theta": _POSITIVE})
+    where = f"config.json: {'rope_parameters' if raw.get('rope_parameters') else 'rope_scaling'}."
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    _check_fields(where, params, {"rope_theta": _POSITIVE})
     theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
         raise ValueError(f"config.json: rope scaling type {kind!r} is not supported; supported: default, llama3")
-    _check_fields(f"config.json: {name}.", params, {"original_max_position_embeddings": _SIZE, **dict.fromkeys(
+    _check_fields(where, params, {"original_max_position_embeddings": _SIZE, **dict.fromkeys(
         ["factor", "low_freq_factor", "high_freq_factor"], _rule((int, float), "a number > 0", above=0, null=False))})
     return theta, Llama3RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
                                     float(params["high_freq_factor"]), params["original_max_position_embeddings"])
@@ -183,7 +180,7 @@ def read_config(path: str) -> ModelConfig:
 
 def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
     _check_fields("config.json: ", raw, CONFIG_RULES)
-    _check_fields("generation_config.json: ", generation, GENERATION_RULES)
+    _check_fields("generation_config.json: ", generation, ID_RULES)
     architecture = (raw.get("architectures") or ["(none)"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"config.json: architecture {architecture!r} is not supported; "
@@ -732,6 +729,62 @@ BPE_RULES = {"vocab": (lambda v: type(v) is dict and all(type(i) is int and i >=
                        "an object of token -> id (an int >= 0)"), "merges": _LIST, "ignore_merges": _FLAG}
 
 
+def _check_tiktoken_agrees(vocab: dict[str, int], added_ids: set[int], merges: list, ignore_merges: bool) -> None:
+    """ValueError unless tiktoken with ids as ranks (it merges the adjacent pair whose concatenation has the lowest
+    id) encodes every text as HF's BPE (it merges the pair listed first among the merges).
+
+    Why this suffices. In both, each part is a token that its own text, encoded alone, ends as (the merges inside a
+    part are those of its text alone): per token, one merge only is ever applied, the last of that encoding, its
+    split. If shorter tokens split alike in both, a token's text goes through the same parts in both down to two,
+    which tiktoken merges and HF only if listed: so by induction on length, all split alike if each token tiktoken
+    builds has its split among the merges (found below, from lower ids, as training builds it). Merge results in id
+    order then make both apply the same merges in the same order. tiktoken keeps a piece that is a token whole, as
+    HF does only with ignore_merges: without it, every token must be built."""
+    lefts, rights, built, previous = {}, {}, {}, -1  # a token's split (ids of its parts); (left, right) -> token
+    for n, merge in enumerate(merges):
+        try:
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            token, l, r = vocab.get(left + right), vocab.get(left), vocab.get(right)
+        except (TypeError, ValueError):
+            raise ValueError(f"tokenizer.json: merge {n} {merge!r:.40}: not 'left right' or [left, right]") from None
+        if None in (token, l, r) or token < previous:
+            raise ValueError(f"tokenizer.json: merge {n} ({left!r}, {right!r}) " + (
+                "joins or gives no vocab token" if None in (token, l, r) else f"gives id {token} out of merge order"))
+        previous = token
+        if token in lefts or not (l < token > r and (l in lefts or len(left) == 1) and (r in lefts or len(right) == 1)):
+            continue
+        # Does tiktoken's BPE of the text end at [l, r]? Undo their splits at the boundary, the later (higher id)
+        # first: ids grow up a split tree, so BPE merges in id order. A pair across the boundary built before one of
+        # its parts was merged away (ties: the leftmost first) would have been merged instead.
+        x, y, limit = l, r, token
+        while built.get((x, y), limit) >= limit:
+            if x in rights and (y not in lefts or x > y):
+                limit, x = x, rights[x]
+            elif y in lefts:
+                limit, y = y + 1, lefts[y]
+            else:
+                lefts[token], rights[token], built[l, r] = l, r, token
+                break
+    for text, token in vocab.items():
+        if len(text) > 1 and token not in lefts and token not in added_ids:
+            if len(parts := _bpe_parts(text, vocab)) == 2 or not ignore_merges:
+                raise ValueError(f"tokenizer.json: token {text!r} (id {token}): " + (
+                    f"tiktoken builds it from {parts[0]!r} + {parts[1]!r}, which the merges do not (or from higher "
+                    "ids)" if len(parts) == 2 else "the merges never build it, but tiktoken encodes its text as it "
+                    "(as HF does only with ignore_merges)") + ": tiktoken and HF would encode some texts differently")
+
+
+def _bpe_parts(text: str, ranks: dict[str, int]) -> list[str]:
+    """tiktoken's BPE of a token's text, stopped before it merges the last two parts into the token itself."""
+    parts = list(text)
+    while len(parts) > 2:
+        rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if rank == math.inf:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """A checkpoint directory's tokenizer.json (every HF Llama 3, Qwen2/3 and Mistral-Nemo repo has
     one; Meta's original/tokenizer.model is not read), of the byte-level BPE kind, as a tiktoken.Encoding."""
@@ -760,16 +813,8 @@ def load_tokenizer(path: str) -> Tokenizer:
             raise ValueError(f"tokenizer.json: vocab token {token!r} is not in the byte-level alphabet") from None
     if len([b for b in range(256) if bytes([b]) in ranks]) != 256:
         raise ValueError("tokenizer.json: the vocab lacks some of the 256 single-byte tokens")
-    # tiktoken merges the adjacent pair whose result has the lowest rank; HF applies merges in list
-    # order. Using ids as ranks agrees with HF when merge results appear in id order.
-    vocab, previous = model["vocab"], -1
-    for n, merge in enumerate(model.get("merges", [])):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        token_id = vocab.get(left + right)
-        if token_id is None or token_id < previous:
-            raise ValueError(f"tokenizer.json: merge {n} ({left!r}, {right!r}) gives "
-                             f"{'no vocab token' if token_id is None else f'id {token_id} out of merge order'}")
-        previous = token_id
+    vocab = model["vocab"]
+    _check_tiktoken_agrees(vocab, added_ids, model.get("merges") or [], model.get("ignore_merges"))
     encoding = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=pattern,
                                  mergeable_ranks=ranks, special_tokens=added)
     # BOS and EOS ids named in tokenizer_config.json (the engine adds the model's: Llama 3 Instruct's <|eot_id|>).
