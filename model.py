@@ -22,7 +22,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -108,14 +108,45 @@ def _read_json(path: str, required: bool = False) -> dict:
         if required:
             raise FileNotFoundError(f"{path} not found")
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        except ValueError as e:  # invalid JSON, or not UTF-8 text: json's message names no file
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, OSError) as e:  # invalid JSON, not UTF-8 text, a directory: the message names no file
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
+
+
+def _check_fields(where: str, values: dict, rules: dict) -> None:
+    """ValueError naming the file and the first field that breaks its rule (name -> (test, what it may be)), so
+    that no field of the wrong type fails later with a message naming neither; an absent field is tested as None."""
+    for name, (ok, allowed) in rules.items():
+        if not ok(values.get(name)):
+            got = repr(values[name])[:80] if name in values else "no value"
+            raise ValueError(f"{where}{name} must be {allowed}, got {got}")
+
+
+def _rule(types: tuple, allowed: str, above=None, null=True) -> tuple[Callable, str]:
+    """A _check_fields rule: a value of one of `types` (a bool is no int) and > `above` if given, or null if `null`."""
+    return (lambda v: (null and v is None) or (type(v) in types and (above is None or v > above)),
+            allowed + " or null" * null)
+
+
+_OBJECT, _LIST, _FLAG = _rule((dict,), "an object"), _rule((list,), "a list"), _rule((bool,), "true or false")
+_SIZE, _POSITIVE = _rule((int,), "an int >= 1", above=0, null=False), _rule((int, float), "a number > 0", above=0)
+_TOKEN_ID = _rule((int,), "a token id (an int >= 0)", above=-1)
+ID_RULES = {"bos_token_id": _TOKEN_ID, "eos_token_id": (lambda v: all(_TOKEN_ID[0](i) for i in (
+    v if type(v) is list else [v])), "a token id, a list of them, or null")}  # config.json's, generation_config.json's
+# Every field read from config.json; absent or null, it takes its default.
+CONFIG_RULES = {
+    "architectures": (lambda v: v is None or type(v) is list and all(type(a) is str for a in v), "a list of names"),
+    **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"], _SIZE),
+    **dict.fromkeys(["num_key_value_heads", "head_dim", "sliding_window"], _rule((int,), "an int >= 1", above=0)),
+    "rms_norm_eps": _POSITIVE, "rope_theta": _POSITIVE, "rope_scaling": _OBJECT, "rope_parameters": _OBJECT,
+    **dict.fromkeys(["tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"], _FLAG),
+    "layer_types": _LIST, **ID_RULES}
 
 
 def _as_id_list(value) -> list[int]:
@@ -125,31 +156,30 @@ def _as_id_list(value) -> list[int]:
 
 def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
     # transformers 5.x writes `rope_parameters` (theta inside); older files rope_theta + rope_scaling.
+    where = f"config.json: {'rope_parameters' if raw.get('rope_parameters') else 'rope_scaling'}."
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    _check_fields(where, params, {"rope_theta": _POSITIVE})
+    theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
         raise ValueError(f"config.json: rope scaling type {kind!r} is not supported; supported: default, llama3")
-    try:
-        return theta, Llama3RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
-                                        float(params["high_freq_factor"]),
-                                        int(params["original_max_position_embeddings"]))
-    except KeyError as e:
-        raise ValueError(f"config.json: llama3 rope scaling needs {e.args[0]!r}") from None
+    _check_fields(where, params, {"original_max_position_embeddings": _SIZE, **dict.fromkeys(
+        ["factor", "low_freq_factor", "high_freq_factor"], _rule((int, float), "a number > 0", above=0, null=False))})
+    return theta, Llama3RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
+                                    float(params["high_freq_factor"]), params["original_max_position_embeddings"])
 
 
 def read_config(path: str) -> ModelConfig:
     """ModelConfig from an HF checkpoint directory (config.json, generation_config.json)."""
     raw = _read_json(os.path.join(path, "config.json"), required=True)
-    try:
-        return _config_from_json(raw, _read_json(os.path.join(path, "generation_config.json")))
-    except KeyError as e:
-        raise ValueError(f"{path}/config.json: missing field {e.args[0]!r}") from None
+    return _config_from_json(raw, _read_json(os.path.join(path, "generation_config.json")))
 
 
 def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
+    _check_fields("config.json: ", raw, CONFIG_RULES)
+    _check_fields("generation_config.json: ", generation, ID_RULES)
     architecture = (raw.get("architectures") or ["(none)"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"config.json: architecture {architecture!r} is not supported; "
@@ -176,7 +206,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
         num_q_heads=num_q_heads, num_kv_heads=raw.get("num_key_value_heads") or num_q_heads,
         head_dim=raw.get("head_dim") or default_head_dim, max_position_embeddings=max_positions,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+        rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
         sampling_defaults=_sampling_defaults(generation))
@@ -195,7 +225,13 @@ def _sampling_defaults(generation: dict) -> dict:
 
 def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA if present; bf16 on CUDA, fp32 on the CPU. dtype: torch.dtype or a name."""
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device, e.g. 'cuda', 'cuda:1' or 'cpu' ({e})") from None
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        raise ValueError(f"device='{device}': " + (f"this machine has {count} CUDA device(s)" if count else
+                                                   "CUDA is not available on this machine"))
     if dtype is None or dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
@@ -457,10 +493,16 @@ def _safetensors_files(path: str) -> list[str]:
 
 
 def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
-    """Copy (HF name, tensor) pairs straight into their places (slices of the fused weights);
-    returns the names loaded. `source` names where they come from, for the errors."""
+    """Copy HF-named tensors (a dict, or (name, tensor) pairs) straight into their places (slices of the fused
+    weights); returns the names loaded. `source` names where they come from, for the errors."""
     targets, loaded = _checkpoint_targets(model), set()
-    for name, tensor in tensors:
+    for pair in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise ValueError(f"{source}: expected a dict of tensors or (name, tensor) pairs, got an item {pair!r:.40}")
+        name, tensor = pair
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):  # copy_ would cast ints silently
+            raise ValueError(f"tensor {name!r} in {source}: expected a floating-point torch.Tensor, got "
+                             f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
         if name not in targets:
             # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
             if (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
@@ -681,21 +723,88 @@ def _special_id(token, added: dict[str, int]) -> int | None:
     return added.get(content) if content is not None else None
 
 
+TOKENIZER_RULES = {
+    "model": _rule((dict,), "an object", null=False), "pre_tokenizer": _OBJECT, "normalizer": _OBJECT,
+    "post_processor": _OBJECT, "added_tokens": (lambda v: v is None or type(v) is list and all(
+        type(t) is dict and type(t.get("content")) is str and type(t.get("id")) is int for t in v),
+        'a list of {"content": text, "id": int}')}
+BPE_RULES = {"vocab": (lambda v: type(v) is dict and all(type(i) is int and i >= 0 for i in v.values()),
+                       "an object of token -> id (an int >= 0)"), "merges": _LIST, "ignore_merges": _FLAG}
+
+
+def _check_tiktoken_agrees(vocab: dict[str, int], added_ids: set[int], merges: list, ignore_merges: bool) -> None:
+    """ValueError unless tiktoken with ids as ranks (it merges the adjacent pair whose concatenation has the lowest
+    id) encodes every text as HF's BPE (it merges the pair listed first among the merges).
+
+    Why this suffices. In both, each part is a token that its own text, encoded alone, ends as (the merges inside a
+    part are those of its text alone): per token, one merge only is ever applied, the last of that encoding, its
+    split. If shorter tokens split alike in both, a token's text goes through the same parts in both down to two,
+    which tiktoken merges and HF only if listed: so by induction on length, all split alike if each token tiktoken
+    builds has its split among the merges (found below, from lower ids, as training builds it). Merge results in id
+    order then make both apply the same merges in the same order. tiktoken keeps a piece that is a token whole, as
+    HF does only with ignore_merges: without it, every token must be built."""
+    lefts, rights, built, previous = {}, {}, {}, -1  # a token's split (ids of its parts); (left, right) -> token
+    for n, merge in enumerate(merges):
+        try:
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            token, l, r = vocab.get(left + right), vocab.get(left), vocab.get(right)
+        except (TypeError, ValueError):
+            raise ValueError(f"tokenizer.json: merge {n} {merge!r:.40}: not 'left right' or [left, right]") from None
+        if None in (token, l, r) or token < previous:
+            raise ValueError(f"tokenizer.json: merge {n} ({left!r}, {right!r}) " + (
+                "joins or gives no vocab token" if None in (token, l, r) else f"gives id {token} out of merge order"))
+        previous = token
+        if token in lefts or not (l < token > r and (l in lefts or len(left) == 1) and (r in lefts or len(right) == 1)):
+            continue
+        # Does tiktoken's BPE of the text end at [l, r]? Undo their splits at the boundary, the later (higher id)
+        # first: ids grow up a split tree, so BPE merges in id order. A pair across the boundary built before one of
+        # its parts was merged away (ties: the leftmost first) would have been merged instead.
+        x, y, limit = l, r, token
+        while built.get((x, y), limit) >= limit:
+            if x in rights and (y not in lefts or x > y):
+                limit, x = x, rights[x]
+            elif y in lefts:
+                limit, y = y + 1, lefts[y]
+            else:
+                lefts[token], rights[token], built[l, r] = l, r, token
+                break
+    for text, token in vocab.items():
+        if len(text) > 1 and token not in lefts and token not in added_ids:
+            if len(parts := _bpe_parts(text, vocab)) == 2 or not ignore_merges:
+                raise ValueError(f"tokenizer.json: token {text!r} (id {token}): " + (
+                    f"tiktoken builds it from {parts[0]!r} + {parts[1]!r}, which the merges do not (or from higher "
+                    "ids)" if len(parts) == 2 else "the merges never build it, but tiktoken encodes its text as it "
+                    "(as HF does only with ignore_merges)") + ": tiktoken and HF would encode some texts differently")
+
+
+def _bpe_parts(text: str, ranks: dict[str, int]) -> list[str]:
+    """tiktoken's BPE of a token's text, stopped before it merges the last two parts into the token itself."""
+    parts = list(text)
+    while len(parts) > 2:
+        rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if rank == math.inf:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """A checkpoint directory's tokenizer.json (every HF Llama 3, Qwen2/3 and Mistral-Nemo repo has
     one; Meta's original/tokenizer.model is not read), of the byte-level BPE kind, as a tiktoken.Encoding."""
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path}: no tokenizer.json")
     spec = _read_json(os.path.join(path, "tokenizer.json"))
+    _check_fields("tokenizer.json: ", spec, TOKENIZER_RULES)
     model = spec["model"]
     kind = model.get("type", "BPE" if "merges" in model else "(unknown)")
     if kind != "BPE":
         raise ValueError(f"tokenizer.json: model type {kind!r} is not supported; supported: byte-level BPE")
+    _check_fields("tokenizer.json: model.", model, BPE_RULES)
     pattern = _pre_tokenizer_pattern(spec.get("pre_tokenizer"))
     normalizer = (spec.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"tokenizer.json: normalizer {normalizer!r} is not supported; supported: none, NFC")
-    added = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
+    added = {token["content"]: token["id"] for token in spec.get("added_tokens") or []}
     alphabet, added_ids = _byte_level_alphabet(), set(added.values())
     ranks = {}
     for token, token_id in model["vocab"].items():
@@ -707,16 +816,8 @@ def load_tokenizer(path: str) -> Tokenizer:
             raise ValueError(f"tokenizer.json: vocab token {token!r} is not in the byte-level alphabet") from None
     if len([b for b in range(256) if bytes([b]) in ranks]) != 256:
         raise ValueError("tokenizer.json: the vocab lacks some of the 256 single-byte tokens")
-    # tiktoken merges the adjacent pair whose result has the lowest rank; HF applies merges in list
-    # order. Using ids as ranks agrees with HF when merge results appear in id order.
-    vocab, previous = model["vocab"], -1
-    for n, merge in enumerate(model.get("merges", [])):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        token_id = vocab.get(left + right)
-        if token_id is None or token_id < previous:
-            raise ValueError(f"tokenizer.json: merge {n} ({left!r}, {right!r}) gives "
-                             f"{'no vocab token' if token_id is None else f'id {token_id} out of merge order'}")
-        previous = token_id
+    vocab = model["vocab"]
+    _check_tiktoken_agrees(vocab, added_ids, model.get("merges") or [], model.get("ignore_merges"))
     encoding = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=pattern,
                                  mergeable_ranks=ranks, special_tokens=added)
     # BOS and EOS ids named in tokenizer_config.json (the engine adds the model's: Llama 3 Instruct's <|eot_id|>).
@@ -725,7 +826,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     eos = [] if eos is None else [eos]
     bos_token = next((token for token, i in added.items() if i == bos), None)
     add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
-    special_ids = {token["id"] for token in spec.get("added_tokens", []) if token.get("special", True)}
+    special_ids = {token["id"] for token in spec.get("added_tokens") or [] if token.get("special", True)}
     return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids,
                      *_chat_template(path, config))
 

@@ -241,6 +241,28 @@ def _byte_tokenizer():
     return Tokenizer(encoding, None, [511])
 
 
+def _byte_level_vocab(merges=(), extra=None) -> dict:
+    """Byte b has id b, written in GPT-2's byte alphabet (as in the fixtures); merge results follow in merge order."""
+    byte_chars = {b: c for c, b in model._byte_level_alphabet().items()}
+    return {byte_chars[b]: b for b in range(256)} | {l + r: 256 + i for i, (l, r) in enumerate(merges)} | (extra or {})
+
+
+def _bpe_tokenizer(path, vocab: dict, merges: list, ignore_merges: bool):
+    """A byte-level BPE's tokenizer.json written by HF tokenizers to `path`; returns HF's tokenizer (the reference)."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.save(str(path / "tokenizer.json"))
+    return hf
+
+
+def _every_split_merged(vocab: dict) -> list:
+    """Merges as transformers converts a tiktoken vocabulary (Llama 3): every split of a token into two, by id."""
+    return [split for token, _ in sorted(vocab.items(), key=lambda item: item[1]) for split in sorted(
+        ((token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab),
+        key=lambda split: (vocab[split[0]], vocab[split[1]]))]
+
+
 class TestModel:
     """model.py: config, checkpoint loading and the forward against HF transformers; the tokenizer against HF's."""
 
@@ -371,6 +393,48 @@ class TestModel:
         with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tokenizer.json"))):
             model.load_tokenizer(str(tmp_path))
 
+    @pytest.mark.parametrize("file, change, field", [
+        ("tokenizer.json", lambda spec: {}, "model"),
+        ("tokenizer.json", lambda spec: {k: v for k, v in spec.items() if k != "model"}, "model"),
+        ("tokenizer.json", lambda spec: {**spec, "model": "BPE"}, "model"),
+        ("tokenizer.json", lambda spec: {**spec, "model": {k: v for k, v in spec["model"].items() if k != "vocab"}},
+         "model.vocab"),
+        ("tokenizer.json", lambda spec: {**spec, "model": {**spec["model"], "vocab": {"a": "1"}}}, "model.vocab"),
+        ("tokenizer.json", lambda spec: {**spec, "model": {**spec["model"], "merges": "a b"}}, "model.merges"),
+        ("tokenizer.json", lambda spec: {**spec, "added_tokens": [{"content": "<x>"}]}, "added_tokens"),
+        ("tokenizer.json", lambda spec: {**spec, "pre_tokenizer": "ByteLevel"}, "pre_tokenizer"),
+        ("config.json", dict(vocab_size="320"), "vocab_size"),
+        ("config.json", dict(num_hidden_layers=2.0), "num_hidden_layers"),
+        ("config.json", dict(hidden_size=None), "hidden_size"),
+        ("config.json", dict(head_dim=0), "head_dim"),
+        ("config.json", dict(rms_norm_eps="1e-6"), "rms_norm_eps"),
+        ("config.json", dict(tie_word_embeddings="false"), "tie_word_embeddings"),
+        ("config.json", dict(eos_token_id=[7, "8"]), "eos_token_id"),
+        ("config.json", dict(architectures="LlamaForCausalLM"), "architectures"),
+        ("config.json", dict(rope_scaling=dict(rope_type="llama3", factor="8", low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=64)),
+         "rope_scaling.factor"),
+        ("generation_config.json", dict(eos_token_id="2"), "eos_token_id"),
+        ("config.json", "a directory", None),
+    ])
+    def test_corrupt_fields_name_the_file_and_the_field(self, gpt2_style, tmp_path, file, change, field):
+        if file == "tokenizer.json":
+            spec = json.loads(open(os.path.join(gpt2_style[1], file), encoding="utf-8").read())
+            (tmp_path / file).write_text(json.dumps(change(spec)), encoding="utf-8")
+            load = model.load_tokenizer
+        else:
+            _write_config(tmp_path, **(change if file == "config.json" and field else {}))
+            if field is None:
+                os.remove(tmp_path / file)
+                (tmp_path / file).mkdir()
+            elif file != "config.json":
+                (tmp_path / file).write_text(json.dumps(change))
+            load = read_config
+        message = re.escape(str(tmp_path / file)) + ": not a readable JSON file" if field is None else \
+            rf"(^|/){re.escape(file)}: {re.escape(field)} must be"
+        with pytest.raises(ValueError, match=message):
+            load(str(tmp_path))
+
     @pytest.mark.parametrize("corrupt", ["truncated", "garbage"])
     def test_bad_safetensors_shard_names_the_file(self, tmp_path, corrupt):
         path = _checkpoint(tmp_path)
@@ -388,6 +452,27 @@ class TestModel:
         # the message says where the name came from, not just that a file is missing
         with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors.*index\.json"):
             _load(path)
+
+    def test_load_tensors_takes_a_dict_or_pairs_of_floating_point_tensors(self, tmp_path):
+        path = _checkpoint(tmp_path)
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        for given in (tensors, list(tensors.items())):  # a state_dict(), or its items()
+            fresh = Transformer(read_config(path), "cpu")
+            assert model.load_tensors(fresh, given, "test") == set(tensors)
+            targets = model._checkpoint_targets(fresh)  # each HF tensor is in its slice of our fused weights
+            assert all(torch.equal(targets[name], tensor) for name, tensor in tensors.items())
+        for bad, got in [(torch.ones(64).numpy(), "ndarray"), (torch.ones(64, dtype=torch.int64), "torch.int64"),
+                         (torch.ones(64, dtype=torch.bool), "torch.bool")]:
+            with pytest.raises(ValueError, match=f"'model.norm.weight' in test: expected a floating-point torch.Tensor, "
+                                                 f"got {got}"):
+                model.load_tensors(fresh, {"model.norm.weight": bad}, "test")
+        with pytest.raises(ValueError, match=r"test: expected a dict of tensors or \(name, tensor\) pairs"):
+            model.load_tensors(fresh, list(tensors.values()), "test")
+        llm = LLM("tiny", dtype=torch.float32, num_blocks=8, max_model_len=64, max_num_seqs=2)  # the engine's entry point, on a dict
+        llm.load_weights({"model.norm.weight": torch.full((64,), 2.0)})
+        assert torch.equal(llm.runner.model.norm, torch.full((64,), 2.0, device=llm.runner.model.norm.device))
+        with pytest.raises(ValueError, match="'model.norm.weight' in load_weights: .* got torch.int64"):
+            llm.load_weights({"model.norm.weight": torch.full((64,), 2)})
 
     def test_random_tiny_forward(self):
         model = random_model("tiny", device="cpu")
@@ -420,6 +505,14 @@ class TestModel:
             random_model("tiny", dtype="int8", device="cpu")
         with pytest.raises(ValueError, match="model shape 'gpt5' is unknown; known: qwen3-0.6b"):
             random_model("gpt5")
+        missing = ["cuda:99"] + ([] if _CUDA else ["cuda", torch.device("cuda", 0)])
+        for device in missing:  # a ValueError naming the device, not torch's AssertionError
+            with pytest.raises(ValueError, match=f"device='{device}': (CUDA is not available|this machine has)"):
+                random_model("tiny", device=device)
+        with pytest.raises(ValueError, match="device='cuda:99'"):
+            LLM("tiny", device="cuda:99")
+        with pytest.raises(ValueError, match="device='tpu' is not a device, e.g. 'cuda'"):
+            random_model("tiny", device="tpu")
         model = random_model("tiny", device="cpu")
         input_ids, positions, kv_cache, meta = _one_batch(model.config, [3])
         with pytest.raises(ValueError, match=r"kv_caches: shape .*; expected \[2, 2, num_blocks, block_size, 2, 16\]"):
@@ -487,6 +580,70 @@ class TestModel:
         (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
         with pytest.raises(ValueError, match="merge 11 .* out of merge order"):
             load_tokenizer(str(tmp_path))
+
+    @pytest.mark.parametrize("merges, extra, ignore_merges, text, hf_ids, tiktoken_ids, message", [
+        # the issue's: "bc" = 256, "ab" = 257, "abc" = 258; HF never joins "a" + "bc", tiktoken would
+        ([("b", "c"), ("a", "b"), ("ab", "c")], {}, False, "abc", [97, 256], [258], "'abc' .*: tiktoken builds "
+         "it from 'a' \\+ 'bc'"),
+        ([("b", "c"), ("a", "b"), ("ab", "c")], {}, True, "abca", [97, 256, 97], [258, 97], "'abc' .* 'a' \\+ 'bc'"),
+        ([("a", "b")], {"abc": 257}, True, "abca", [256, 99, 97], [257, 97], "'abc' .* from 'ab' \\+ 'c'"),
+        ([], {"abc": 256}, False, "abc", [97, 98, 99], [256], "'abc' \\(id 256\\): the merges never build it"),
+        ([], {"abc": 256}, True, "abc abcabc", [256, 32, 97, 98, 99, 97, 98, 99], None, None),  # as a whole piece only
+    ])
+    def test_merges_tiktoken_would_apply_otherwise_are_refused(self, tmp_path, merges, extra, ignore_merges, text,
+                                                                 hf_ids, tiktoken_ids, message):
+        vocab = _byte_level_vocab(merges, extra)
+        assert _bpe_tokenizer(tmp_path, vocab, merges, ignore_merges).encode(text).ids == hf_ids
+        alphabet = model._byte_level_alphabet()
+        ranks = {bytes(alphabet[char] for char in token): i for token, i in vocab.items()}
+        plain = tiktoken.Encoding("plain", pat_str=model.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        assert plain.encode(text) == (tiktoken_ids or hf_ids)  # what the loader would give without its check
+        if message is None:
+            assert load_tokenizer(str(tmp_path)).encode(text) == hf_ids
+        else:
+            with pytest.raises(ValueError, match="tokenizer.json: .*" + message):
+                load_tokenizer(str(tmp_path))
+
+    def test_random_vocabularies_that_load_encode_as_hf(self, tmp_path):
+        """BPE vocabularies trained by HF (all must load) or made of random merges (loaded or refused), with their
+        merges as made or every split of each token merged (Llama 3's): each that loads encodes texts as HF does."""
+        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+        rng, outcomes = random.Random(0), Counter()
+        for trial in range(160):
+            letters = "abcd"[:rng.randint(2, 4)]
+            words = lambda n: ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(n)]
+            trained = trial % 2 == 0
+            if trained:
+                trainer = HFTokenizer(models.BPE())
+                trainer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                trainer.train_from_iterator(words(rng.randint(5, 60)), trainers.BpeTrainer(
+                    vocab_size=256 + rng.randint(3, 40), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                    show_progress=False))
+                saved = json.loads(trainer.to_str())["model"]
+                vocab, merges = saved["vocab"], [tuple(merge) for merge in saved["merges"]]
+            else:
+                merges, tokens = [], list(letters)
+                for _ in range(rng.randint(3, 30)):
+                    left, right = rng.choice(tokens), rng.choice(tokens)
+                    if left + right not in tokens and len(left + right) < 10:
+                        merges.append((left, right))
+                        tokens.append(left + right)
+                vocab = _byte_level_vocab(merges)
+            if rng.random() < 0.5:
+                merges = _every_split_merged(vocab)
+            ignore_merges = rng.random() < 0.5
+            hf = _bpe_tokenizer(tmp_path, vocab, merges, ignore_merges)
+            try:
+                ours = load_tokenizer(str(tmp_path))
+            except ValueError as e:
+                assert not trained, e
+                outcomes["refused"] += 1
+                continue
+            outcomes["loaded"] += 1
+            texts = [" ".join(words(rng.randint(1, 3))) for _ in range(40)] + [t for t in vocab if len(t) > 1]
+            for text in texts:
+                assert ours.encode(text) == hf.encode(text).ids, (text, merges, ignore_merges)
+        assert outcomes["refused"] > 10 and outcomes["loaded"] > 100, outcomes
 
     def test_unsupported_tokenizers(self, tmp_path):
         from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
