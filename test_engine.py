@@ -7,6 +7,7 @@
 import re
 import sys
 import time
+import functools
 import itertools
 import json
 from collections import Counter
@@ -1683,10 +1684,10 @@ def _penalized_reference(hf, prompt, steps, repetition=1.0, presence=0.0, freque
     return tokens
 
 
-def _byte_tokenizer_checkpoint(tmp_path, chat_template=None, specials=("<|endoftext|>",), config=None):
+def _byte_tokenizer_checkpoint(tmp_path, chat_template=None, specials=("<|endoftext|>",), config=None, **overrides):
     """A tiny HF checkpoint with a trained byte-level BPE (every byte a token of its own too)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    hf = _hf_checkpoint(tmp_path, "LlamaForCausalLM")
+    hf = _hf_checkpoint(tmp_path, "LlamaForCausalLM", **overrides)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -1716,6 +1717,78 @@ _LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_hea
                     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 _CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
                     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+# A tool-calling ChatML template (Qwen2.5's shape), a Qwen3-style thinking switch, and HF's {% generation %} tag.
+_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are helpful.' }}{%- endif %}{{- '\n\n# Tools\n<tools>' }}{%- for tool in tools %}{{- '\n' }}"
+    "{{- tool | tojson }}{%- endfor %}{{- '\n</tools><|im_end|>\n' }}{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'assistant' and not "
+    "message.tool_calls) %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}{%- if message.content %}"
+    "{{- '\n' + message.content }}{%- endif %}{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\n<tool_call>\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}"
+    "{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+_THINKING_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' and message.reasoning_content is defined %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + message.reasoning_content + '\n</think>\n\n' + message.content + "
+    "'<|im_end|>\n' }}{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
+_GENERATION_TAG_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ '<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n' }}{% endgeneration %}{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+_WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+_TOOL_CONVERSATION = [
+    {"role": "system", "content": "the cat"}, {"role": "user", "content": "hat?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oz"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "a dog"}, {"role": "user", "content": "the mat?"}]
+_THINKING_CONVERSATION = [{"role": "user", "content": "hello"},
+                          {"role": "assistant", "content": "the cat", "reasoning": "a dog ate"},
+                          {"role": "user", "content": "the hat"}]
+# name: (template, conversation, add_generation_prompt, LLM.chat's keyword arguments)
+_CHAT_CASES = {
+    "tools": (_TOOLS_TEMPLATE, _TOOL_CONVERSATION, True, dict(tools=[_WEATHER_TOOL])),
+    "no-tools": (_TOOLS_TEMPLATE, _TOOL_CONVERSATION, True, {}),
+    "thinking-off": (_THINKING_TEMPLATE, _THINKING_CONVERSATION, True,
+                     dict(chat_template_kwargs=dict(enable_thinking=False))),
+    "thinking-on": (_THINKING_TEMPLATE, _THINKING_CONVERSATION, True, {}),
+    "continue": (_CHATML_TEMPLATE, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the ca"}],
+                 False, dict(continue_final_message=True)),
+    "continue-trimmed": (_LLAMA3_TEMPLATE, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a d  "}],
+                         False, dict(continue_final_message=True)),
+    "generation-tag": (_GENERATION_TAG_TEMPLATE, _THINKING_CONVERSATION, True, {}),
+}
+_CHAT_SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|im_start|>",
+                  "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A tiny checkpoint with a byte-level BPE and the ChatML template; HF's tokenizer of the same files."""
+    import transformers
+    path = tmp_path_factory.mktemp("chat")
+    _byte_tokenizer_checkpoint(path, _CHATML_TEMPLATE, _CHAT_SPECIALS,
+                               dict(bos_token="<|begin_of_text|>", eos_token="<|im_end|>"), max_position_embeddings=1024)
+    return str(path), transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def _hf_chat(hf_tokenizer, conversation, tokenize, add_generation_prompt=True, chat_template=None, tools=None,
+             continue_final_message=False, chat_template_kwargs=None):
+    """HF's apply_chat_template with LLM.chat's arguments: the text, or the ids."""
+    out = hf_tokenizer.apply_chat_template(conversation, tools=tools, chat_template=chat_template, tokenize=tokenize,
+                                           add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+    return list(out["input_ids"] if hasattr(out, "keys") else out) if tokenize else out
 
 
 class TestEngine:
@@ -2440,6 +2513,44 @@ class TestEngine:
             == (template == _LLAMA3_TEMPLATE)  # no second BOS
         one = llm.chat(conversations[1], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
         assert one[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids  # one conversation or a list
+
+    @pytest.mark.parametrize("case", list(_CHAT_CASES))
+    def test_chat_tools_kwargs_continue_and_generation_tag_render_as_hf(self, chat_checkpoint, case):
+        path, hf_tokenizer = chat_checkpoint
+        template, conversation, add_generation_prompt, options = _CHAT_CASES[case]
+        llm = LLM(path, dtype=torch.float32, max_num_seqs=4)
+        [output] = llm.chat(conversation, SamplingParams(temperature=0, max_tokens=1), False, add_generation_prompt,
+                            template, **options)
+        reference = functools.partial(_hf_chat, hf_tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                                      chat_template=template, **options)
+        assert output.error is None and output.prompt == reference(tokenize=False)
+        assert output.prompt_token_ids == reference(tokenize=True)
+        if case == "continue":  # the prompt ends inside the assistant's message, where the model goes on
+            assert output.prompt.endswith("<|im_start|>assistant\nthe ca")
+        assert ("<think>\n\n</think>" in output.prompt) == (case == "thinking-off")
+
+    def test_chat_content_parts_are_joined_text_and_bad_messages_raise(self, chat_checkpoint):
+        path, hf_tokenizer = chat_checkpoint
+        llm = LLM(path, dtype=torch.float32, max_num_seqs=4)
+        parts = [{"role": "system", "content": [{"type": "text", "text": "the cat"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "a dog"}, {"type": "text", "text": "the hat"}]}]
+        joined = [{"role": "system", "content": "the cat"}, {"role": "user", "content": "a dog\nthe hat"}]  # vLLM's
+        for template in (_CHATML_TEMPLATE, _LLAMA3_TEMPLATE):
+            prompt = llm.chat_prompt(parts, chat_template=template)
+            assert prompt["prompt"] == _hf_chat(hf_tokenizer, joined, False, chat_template=template)
+            assert prompt["prompt_token_ids"] == _hf_chat(hf_tokenizer, joined, True, chat_template=template)
+        image = [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                              {"type": "image_url", "image_url": {"url": "x"}}]}]
+        bad = {"a string": ("hello", "messages must be a conversation"),
+               "a lone dict": ({"role": "user", "content": "hi"}, "messages must be a conversation"),
+               "no messages": ([], "messages must be a conversation"),
+               "an image part": (image, "content part type 'image_url' is not supported"),
+               "a message that is not a dict": ([[{"role": "user", "content": "hi"}, "hi"]], "must be a dict"),
+               "both ends": ([{"role": "user", "content": "hi"}], "exclude each other")}
+        for name, (messages, message) in bad.items():
+            with pytest.raises(ValueError, match=message):
+                llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, continue_final_message=name == "both ends")
+        assert not llm.has_unfinished_requests()
 
     def test_chat_without_a_template_says_so(self, tmp_path):
         _byte_tokenizer_checkpoint(tmp_path)
