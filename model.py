@@ -632,7 +632,7 @@ class Tokenizer:
             text = _compile_chat_template(template).render({**self.template_tokens, **kwargs, "messages": messages,
                                                             "tools": tools, "documents": None,
                                                             "add_generation_prompt": add_generation_prompt})
-        except TemplateError as e:
+        except (TemplateError, TypeError) as e:  # TypeError: e.g. '+' on a message field that is not a string
             raise ValueError(f"chat: the chat template rejected the conversation: {e}") from e
         if continue_final_message:
             if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
