@@ -2783,7 +2783,8 @@ def _serve_in_thread(llm, name):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uvicorn_server = uvicorn.Server(uvicorn.Config(server.build_app(llm, name), log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), name="test-uvicorn")
+    thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), name="test-uvicorn",
+                              daemon=True)  # a test that dies must not keep pytest from exiting
     thread.start()
     deadline = time.monotonic() + 60
     while not uvicorn_server.started and thread.is_alive() and time.monotonic() < deadline:
@@ -2994,7 +2995,7 @@ class TestServer:
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400,
          "content part type 'image_url' is not supported"),
         ("POST", "/v1/chat/completions", b'{"messages": "hello"}', 400, "a conversation is a non-empty list"),
-        ("POST", "/v1/completions", b'{"prompt": {"text": 1}}', 400, "prompt must be a string"),
+        ("POST", "/v1/completions", b'{"prompt": 5}', 400, "prompt: expected a string, a list of token ids"),
         ("GET", "/v1/nothing", None, 404, "Not Found"),
         ("GET", "/v1/completions", None, 405, "Method Not Allowed"),
     ], ids=["bad-json", "bad-value", "bad-type", "too-long", "unknown-model", "logprobs-cap", "top-logprobs-cap",
