@@ -1754,7 +1754,7 @@ _TOOL_CONVERSATION = [
         {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oz"}}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "a dog"}, {"role": "user", "content": "the mat?"}]
 _THINKING_CONVERSATION = [{"role": "user", "content": "hello"},
-                          {"role": "assistant", "content": "the cat", "reasoning": "a dog ate"},
+                          {"role": "assistant", "content": "the cat", "reasoning_content": "a dog ate"},
                           {"role": "user", "content": "the hat"}]
 # name: (template, conversation, add_generation_prompt, LLM.chat's keyword arguments)
 _CHAT_CASES = {
@@ -2529,6 +2529,11 @@ class TestEngine:
         if case == "continue":  # the prompt ends inside the assistant's message, where the model goes on
             assert output.prompt.endswith("<|im_start|>assistant\nthe ca")
         assert ("<think>\n\n</think>" in output.prompt) == (case == "thinking-off")
+        if case == "thinking-on":  # vLLM's (and HF 5's) other names of the reasoning render the same
+            for name in ("reasoning", "thinking"):
+                renamed = [{name if k == "reasoning_content" else k: v for k, v in m.items()} for m in conversation]
+                assert llm.chat_prompt(renamed, chat_template=template) == llm.chat_prompt(conversation,
+                                                                                           chat_template=template)
 
     def test_chat_content_parts_are_joined_text_and_bad_messages_raise(self, chat_checkpoint):
         path, hf_tokenizer = chat_checkpoint
