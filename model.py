@@ -625,7 +625,7 @@ class Tokenizer:
             raise ValueError(f"chat: a conversation is a non-empty list of messages, got {str(conversation)[:40]}")
         messages = [_template_message(message) for message in conversation]
         if continue_final_message:
-            if not messages or not isinstance(final := messages[-1].get("content"), str):
+            if not isinstance(final := messages[-1].get("content"), str):
                 raise ValueError("chat: continue_final_message needs a last message with text content")
             messages[-1]["content"] = final + _CONTINUE_TAG
         try:

@@ -41,26 +41,23 @@ ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num
 
 
 class APIError(HTTPException):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(status, message)
-        self.param = param
+    """A request that fails: status code and message (starlette's own 404 and 405 are HTTPExceptions too)."""
 
 
 def error_body(error: HTTPException) -> dict:
-    """OpenAI's error shape, for ours and for starlette's own (404: no such route, 405: no such method)."""
-    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-    return {"error": {"message": str(error.detail), "type": kind, "param": getattr(error, "param", None),
-                      "code": error.status_code}}
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"  # OpenAI's shape
+    return {"error": {"message": str(error.detail), "type": kind, "param": None, "code": error.status_code}}
 
 
 class EngineLoop:
     """The thread that owns the LLM, and run(), a request's way to it from a handler. Jobs on the inbox: ("add",
-    engine request ids, make_prompts(llm) -> a prompt for each, SamplingParams, send) answers send(None) once all
-    are queued (or send(APIError)), then send((prompt index, its cumulative RequestOutput)) after each step that
-    moved it; ("abort", engine request ids); None: stop."""
+    engine request ids, make_prompts(llm) -> a prompt for each, SamplingParams, the handler's asyncio queue) is
+    answered None once all are queued (or an APIError), then (prompt index, cumulative RequestOutput) after each
+    step that moved it; ("abort", engine request ids); None: stop."""
 
     def __init__(self, llm: LLM):
-        self.llm, self.inbox, self.routes = llm, queue.SimpleQueue(), {}  # engine request id -> (send, index)
+        self.llm, self.inbox, self.routes = llm, queue.SimpleQueue(), {}  # engine request id -> (queue, index)
+        self.outbox = []  # (queue, answer): handed to the event loop in one go after each step
         self.error: str | None = None  # set when the loop has ended: requests get a 503
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
 
@@ -69,12 +66,11 @@ class EngineLoop:
         RequestOutput) as they come. Closed before the end (a client gone, a task cancelled), it aborts the request."""
         if self.error is not None:
             raise APIError(503, self.error)
-        loop, inbox, running = asyncio.get_running_loop(), asyncio.Queue(), set(range(len(request_ids)))
-        self.inbox.put(("add", request_ids, make_prompts, params,
-                        lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)))
+        answers, running = asyncio.Queue(), set(range(len(request_ids)))
+        self.inbox.put(("add", request_ids, make_prompts, params, answers))
         try:
             while running:
-                if isinstance(item := await inbox.get(), Exception):
+                if isinstance(item := await answers.get(), Exception):
                     raise item
                 if item is not None and item[1].finished:
                     running.discard(item[0])
@@ -98,28 +94,36 @@ class EngineLoop:
                     for output in self.llm.step():
                         route = (self.routes.pop if output.finished else self.routes.get)(output.request_id, None)
                         if route is not None:  # (None: aborted meanwhile)
-                            route[0]((route[1], output))
+                            self.outbox.append((route[0], (route[1], output)))
+                self._flush()
         except BaseException as error:
             self.error = f"the engine loop has died: {error!r}"
             raise
         finally:  # the requests still waiting, running or queued, must hear of it
             self.error = self.error or "the server is shutting down"
-            waiting = [send for send, _ in self.routes.values()]
+            waiting = [answers for answers, _ in self.routes.values()]
             while not self.inbox.empty():
                 if (job := self.inbox.get()) is not None and job[0] == "add":
                     waiting.append(job[-1])
-            for send in waiting:
-                send(APIError(503, self.error))
+            self.outbox += [(answers, APIError(503, self.error)) for answers in waiting]
+            self._flush()
 
-    def _add(self, request_ids, make_prompts, params, send) -> None:
+    def _flush(self) -> None:
+        """One wake-up of the event loop a step, however many requests moved (each costs a syscall and the GIL)."""
+        if self.outbox:
+            self.loop.call_soon_threadsafe(lambda answers: [q.put_nowait(item) for q, item in answers], self.outbox)
+            self.outbox = []
+
+    def _add(self, request_ids, make_prompts, params, answers) -> None:
         try:
             for index, (request_id, prompt) in enumerate(zip(request_ids, make_prompts(self.llm), strict=True)):
                 self.llm.add_request(request_id, prompt, params)
-                self.routes[request_id] = (send, index)
-            send(None)
+                self.routes[request_id] = (answers, index)
+            self.outbox.append((answers, None))
         except Exception as error:  # a bad request fails alone, and none of its prompts stays queued
             self._abort(request_ids)
-            send(APIError(400, str(error)) if isinstance(error, ValueError) else APIError(500, repr(error)))
+            status = 400 if isinstance(error, ValueError) else 500
+            self.outbox.append((answers, APIError(status, str(error) if status == 400 else repr(error))))
 
     def _abort(self, request_ids) -> None:
         for request_id in request_ids:
@@ -131,8 +135,7 @@ def sampling_params(body: dict, defaults: SamplingParams, max_tokens, logprobs, 
                     echo: bool = False) -> SamplingParams:
     """The request's fields over the checkpoint's defaults (a 400 names a bad one)."""
     if type(logprobs) is int and logprobs > MAX_LOGPROBS:
-        raise APIError(400, f"{logprobs_field} must be at most {MAX_LOGPROBS} (max_logprobs), got {logprobs}",
-                       logprobs_field)
+        raise APIError(400, f"{logprobs_field} must be at most {MAX_LOGPROBS} (max_logprobs), got {logprobs}")
     fields = {name: body[name] for name in PASSED_FIELDS if body.get(name) is not None}
     try:
         return replace(defaults, **fields, max_tokens=max_tokens, stop=body.get("stop"), logprobs=logprobs,
@@ -169,6 +172,7 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        engine.loop = asyncio.get_running_loop()  # where the handlers wait for their answers
         engine.thread.start()
         yield
         engine.inbox.put(None)  # stop: the loop answers the requests still waiting with a 503
@@ -199,7 +203,7 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         if body.get("model") not in (None, served_model_name):
-            raise APIError(400, f"The model `{body['model']}` does not exist; served: {served_model_name}", "model")
+            raise APIError(400, f"The model `{body['model']}` does not exist; served: {served_model_name}")
         return body
 
     @app.post("/v1/completions")
@@ -227,7 +231,7 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
     async def chat_completions(request: Request):
         body = await body_of(request)
         if body.get("top_logprobs") is not None and not body.get("logprobs"):
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            raise APIError(400, "top_logprobs needs logprobs: true")
         top_logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         params = sampling_params(body, defaults, max_tokens, top_logprobs, "top_logprobs")
@@ -268,7 +272,8 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
                 last[index] = output
                 for completion in output.outputs:
                     previous = sent.get(number := index * n + completion.index)
-                    if previous is None or previous.finish_reason is None and completion != previous:  # news
+                    if previous is None or previous.finish_reason is None and (  # news (a sibling may have moved)
+                            len(completion.token_ids) > len(previous.token_ids) or completion.finish_reason):
                         yield sse({**head, "choices": [choice(number, output, completion, previous)]})
                         sent[number] = completion
             if include_usage:
@@ -284,7 +289,8 @@ async def until_disconnected(request: Request, outputs) -> list:
     """The final output of each prompt, in order; if the client goes away first, outputs is closed (it aborts)."""
     async def finals():
         return [output for _, output in sorted([item async for item in outputs if item[1].finished])]
-    work, gone = asyncio.ensure_future(finals()), asyncio.ensure_future(_disconnect(request))
+    # The body has been read: the next message the client's connection can bring is its end (http.disconnect).
+    work, gone = asyncio.ensure_future(finals()), asyncio.ensure_future(request.receive())
     try:
         await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -293,11 +299,6 @@ async def until_disconnected(request: Request, outputs) -> list:
     with contextlib.suppress(asyncio.CancelledError):
         return await work
     raise APIError(499, "the client closed the connection")
-
-
-async def _disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def news(completion, previous) -> tuple[str, int]:
