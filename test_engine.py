@@ -1765,8 +1765,9 @@ _CHAT_CASES = {
     "thinking-on": (_THINKING_TEMPLATE, _THINKING_CONVERSATION, True, {}),
     "continue": (_CHATML_TEMPLATE, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the ca"}],
                  False, dict(continue_final_message=True)),
-    "continue-trimmed": (_LLAMA3_TEMPLATE, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a d  "}],
-                         False, dict(continue_final_message=True)),
+    "continue-trimmed": (_LLAMA3_TEMPLATE,  # the template trims the message: the cut drops the spaces after it
+                         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a d  "}], False,
+                         dict(continue_final_message=True)),
     "generation-tag": (_GENERATION_TAG_TEMPLATE, _THINKING_CONVERSATION, True, {}),
 }
 _CHAT_SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|im_start|>",
@@ -1778,8 +1779,9 @@ def chat_checkpoint(tmp_path_factory):
     """A tiny checkpoint with a byte-level BPE and the ChatML template; HF's tokenizer of the same files."""
     import transformers
     path = tmp_path_factory.mktemp("chat")
-    _byte_tokenizer_checkpoint(path, _CHATML_TEMPLATE, _CHAT_SPECIALS,
-                               dict(bos_token="<|begin_of_text|>", eos_token="<|im_end|>"), max_position_embeddings=1024)
+    _byte_tokenizer_checkpoint(path, _CHATML_TEMPLATE, _CHAT_SPECIALS, dict(bos_token="<|begin_of_text|>",
+                                                                          eos_token="<|im_end|>"),
+                               max_position_embeddings=1024)
     return str(path), transformers.AutoTokenizer.from_pretrained(str(path))
 
 
@@ -1788,7 +1790,8 @@ def _hf_chat(hf_tokenizer, conversation, tokenize, add_generation_prompt=True, c
     """HF's apply_chat_template with LLM.chat's arguments: the text, or the ids."""
     out = hf_tokenizer.apply_chat_template(conversation, tools=tools, chat_template=chat_template, tokenize=tokenize,
                                            add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+                                           continue_final_message=continue_final_message,
+                                           **(chat_template_kwargs or {}))
     return list(out["input_ids"] if hasattr(out, "keys") else out) if tokenize else out
 
 
@@ -2555,7 +2558,8 @@ class TestEngine:
                "both ends": ([{"role": "user", "content": "hi"}], "exclude each other")}
         for name, (messages, message) in bad.items():
             with pytest.raises(ValueError, match=message):
-                llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, continue_final_message=name == "both ends")
+                llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False,
+                         continue_final_message=name == "both ends")
         assert not llm.has_unfinished_requests()
 
     def test_chat_without_a_template_says_so(self, tmp_path):
@@ -2927,18 +2931,20 @@ class TestServer:
         assert choice.logprobs.tokens[1:] == [e[t].decoded_token for t, e in pairs]
         for top, entry in zip(choice.logprobs.top_logprobs[1:], entries[1:], strict=True):
             assert top == pytest.approx({e.decoded_token: e.logprob for e in entry.values()}, abs=1e-5)
-        [chat] = reference.chat([{"role": "user", "content": "hello"}], replace(params, logprobs=2, prompt_logprobs=None),
-                                use_tqdm=False)
+        [chat] = reference.chat([{"role": "user", "content": "hello"}],
+                                replace(params, logprobs=2, prompt_logprobs=None), use_tqdm=False)
         _, _, streamed, _ = _streamed(client.chat.completions.create(
             model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0,
             logprobs=True, top_logprobs=2, stream=True, extra_body=dict(ignore_eos=True)))
         for got, token, entry in zip(streamed[0], chat.outputs[0].token_ids, chat.outputs[0].logprobs, strict=True):
-            assert (got.token, got.logprob) == (entry[token].decoded_token, pytest.approx(entry[token].logprob, abs=1e-5))
+            assert got.token == entry[token].decoded_token
+            assert got.logprob == pytest.approx(entry[token].logprob, abs=1e-5)
             top = sorted((e for e in entry.values() if e.rank <= 2), key=lambda e: e.rank)
             assert [(t.token, t.logprob) for t in got.top_logprobs] == [
                 (e.decoded_token, pytest.approx(e.logprob, abs=1e-5)) for e in top]
 
     def test_64_concurrent_streams_each_get_their_whole_output(self, served):
+        import asyncio
         import openai
         _, _, reference, port = served
         words = "the cat sat on the mat a dog ate the hat hello user".split()
@@ -2957,9 +2963,9 @@ class TestServer:
             return text, usage.completion_tokens
 
         async def all_of_them():
-            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0) as client:
+            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                                          max_retries=0) as client:
                 return await asyncio.gather(*(one(client, i) for i in range(64)))
-        import asyncio
         got = asyncio.run(all_of_them())
         assert got == [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in expected]
 
@@ -3041,7 +3047,7 @@ class TestServer:
             port = sock.getsockname()[1]
         process = subprocess.Popen(
             [sys.executable, "server.py", "--model", chat_checkpoint[0], "--port", str(port), "--dtype", "float32",
-             "--max-num-seqs", "4", "--no-enable-prefix-caching", "--served-model-name", "cli"],
+             "--max-num-seqs", "4", "--no-enable-prefix-caching", "--enforce-eager", "--served-model-name", "cli"],
             cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 120
