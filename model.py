@@ -666,8 +666,7 @@ def _template_message(message) -> dict:
 
 
 class _GenerationTag(Extension):
-    """HF's {% generation %}...{% endgeneration %}: marks the assistant's text for training masks; rendering
-    writes its body."""
+    """HF's {% generation %}...{% endgeneration %} marks the assistant's text for training masks: render its body."""
     tags = {"generation"}
 
     def parse(self, parser):
