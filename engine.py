@@ -176,15 +176,33 @@ class LLM:
             self._abandon(owner, order)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template: str | None = None) -> list[RequestOutput]:
-        """generate() on one conversation or a list (lists of {"role", "content"} dicts), as HF renders them."""
+             chat_template: str | None = None, *, continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """generate() on one conversation (a list of {"role", "content"} dicts) or a list of them, rendered
+        by chat_prompt(). A string or a lone dict is a ValueError, not a guess (vLLM's chat takes neither)."""
+        is_list = isinstance(messages, (list, tuple)) and len(messages) > 0
+        if not (is_list and (all(isinstance(m, dict) for m in messages) or all(isinstance(c, list) for c in messages))):
+            raise ValueError("chat: messages must be a conversation (a list of {'role', 'content'} dicts) or a list "
+                             f"of conversations, got {type(messages).__name__} {str(messages)[:40]}")
+        options = dict(add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools,
+                       continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        return self.generate([self.chat_prompt(c, **options) for c in conversations], sampling_params, use_tqdm)
+
+    def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True, chat_template=None, *,
+                    continue_final_message: bool = False, tools: list[dict] | None = None,
+                    chat_template_kwargs: dict | None = None) -> dict:
+        """One conversation as chat() prompts the model: {"prompt": its text, "prompt_token_ids": its ids}, as HF's
+        apply_chat_template(conversation, tools=, continue_final_message=, **chat_template_kwargs) renders it;
+        OpenAI content parts as vLLM renders them (Tokenizer.apply_chat_template)."""
         if self.tokenizer is None:
             raise ValueError("chat: this model has no tokenizer")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        if not isinstance(chat_template_kwargs, dict | None):
+            raise ValueError(f"chat: chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt, chat_template, tools,
+                                                  continue_final_message, **(chat_template_kwargs or {}))
         # The template writes BOS itself where the model wants one: encode adds no second one.
-        prompts = [{"prompt": t, "prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None) -> None:
         """Queue one request (its n completions) for step(). Raises ValueError naming what is wrong with it."""

@@ -17,6 +17,7 @@ Owns: ModelConfig (from HF config.json), the forward, loading *.safetensors, ran
 tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
 """
 import codecs
+import functools
 import json
 import math
 import os
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from jinja2 import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -650,20 +651,88 @@ class Tokenizer:
         return TokenStream(self, skip_special_tokens)
 
     def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
-                            chat_template: str | None = None) -> str:
-        """HF apply_chat_template(..., tokenize=False): the checkpoint's jinja2 template in HF's
-        environment (sandboxed, trim_blocks, lstrip_blocks, loop controls, tojson, raise_exception)."""
+                            chat_template: str | None = None, tools: list[dict] | None = None,
+                            continue_final_message: bool = False, **kwargs) -> str:
+        """HF apply_chat_template(..., tokenize=False) on one conversation: the checkpoint's jinja2 template in HF's
+        environment (sandboxed, trim_blocks, lstrip_blocks, loop controls, tojson, raise_exception, {% generation %})
+        sees the messages (keys set to None dropped, reasoning under HF's names), tools, add_generation_prompt, the
+        special tokens and kwargs (chat_template_kwargs, e.g. enable_thinking=False). OpenAI content parts become
+        their text parts joined by newlines, as vLLM passes them to a template. continue_final_message: the prompt
+        ends inside the last message, for the model to go on with it (HF's way: render a tag after it, cut there)."""
         if (template := chat_template or self.chat_template) is None:
             raise ValueError("chat: the checkpoint has no chat template (tokenizer_config.json's chat_template or "
                              "chat_template.jinja); pass chat_template=")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-        env.globals.update(raise_exception=_raise_template_error, strftime_now=lambda f: datetime.now().strftime(f))
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("chat: continue_final_message and add_generation_prompt exclude each other")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
+            raise ValueError(f"chat: tools must be a list of dicts (JSON schemas), got {str(tools)[:40]}")
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"chat: a conversation is a non-empty list of messages, got {str(conversation)[:40]}")
+        messages = [_template_message(message) for message in conversation]
+        if continue_final_message:
+            if not isinstance(final := messages[-1].get("content"), str):
+                raise ValueError("chat: continue_final_message needs a last message with text content")
+            messages[-1]["content"] = final + _CONTINUE_TAG
         try:
-            return env.from_string(template).render(messages=conversation, add_generation_prompt=add_generation_prompt,
-                                                    **self.template_tokens)
-        except TemplateError as e:
+            text = _compile_chat_template(template).render({**self.template_tokens, **kwargs, "messages": messages,
+                                                            "tools": tools, "documents": None,
+                                                            "add_generation_prompt": add_generation_prompt})
+        except (TemplateError, TypeError) as e:  # TypeError: e.g. '+' on a message field that is not a string
             raise ValueError(f"chat: the chat template rejected the conversation: {e}") from e
+        if continue_final_message:
+            if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+                raise ValueError("chat: continue_final_message: the template does not write the last message's text")
+            at = text.rindex(_CONTINUE_TAG.strip())  # a template that strips the message also strips the tag's space
+            text = text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
+        return text
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # HF's
+
+
+def _template_message(message) -> dict:
+    """A message as the template sees it (a copy): None-valued keys dropped and reasoning under all three names
+    (as HF does); OpenAI content parts joined into one string (as vLLM does; other part types are refused)."""
+    if not isinstance(message, dict):
+        raise ValueError(f"chat: each message must be a dict like {{'role': 'user', 'content': ...}}, got "
+                         f"{type(message).__name__} {str(message)[:40]}")
+    message = {key: value for key, value in message.items() if value is not None}
+    if (reasoning := next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message),
+                          None)) is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    if isinstance(parts := message.get("content"), list):
+        for part in parts:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"chat: content part type {kind!r} is not supported; supported: 'text' "
+                                 "({'type': 'text', 'text': '...'})")
+        message["content"] = "\n".join(part["text"] for part in parts)
+    return message
+
+
+class _GenerationTag(Extension):
+    """HF's {% generation %}...{% endgeneration %} marks the assistant's text for training masks: render its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@functools.lru_cache(maxsize=16)  # a server renders every chat request with the same template
+def _compile_chat_template(template: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
+    env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=_raise_template_error, strftime_now=lambda f: datetime.now().strftime(f))
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise ValueError(f"chat: the chat template does not compile: {e}") from e
 
 
 def _raise_template_error(message: str):

@@ -6,7 +6,9 @@
 """
 import re
 import sys
+import threading
 import time
+import functools
 import itertools
 import json
 from collections import Counter
@@ -1835,10 +1837,10 @@ def _penalized_reference(hf, prompt, steps, repetition=1.0, presence=0.0, freque
     return tokens
 
 
-def _byte_tokenizer_checkpoint(tmp_path, chat_template=None, specials=("<|endoftext|>",), config=None):
+def _byte_tokenizer_checkpoint(tmp_path, chat_template=None, specials=("<|endoftext|>",), config=None, **overrides):
     """A tiny HF checkpoint with a trained byte-level BPE (every byte a token of its own too)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    hf = _hf_checkpoint(tmp_path, "LlamaForCausalLM")
+    hf = _hf_checkpoint(tmp_path, "LlamaForCausalLM", **overrides)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -1868,6 +1870,81 @@ _LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_hea
                     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 _CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
                     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+# A tool-calling ChatML template (Qwen2.5's shape), a Qwen3-style thinking switch, and HF's {% generation %} tag.
+_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are helpful.' }}{%- endif %}{{- '\n\n# Tools\n<tools>' }}{%- for tool in tools %}{{- '\n' }}"
+    "{{- tool | tojson }}{%- endfor %}{{- '\n</tools><|im_end|>\n' }}{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'assistant' and not "
+    "message.tool_calls) %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}{%- if message.content %}"
+    "{{- '\n' + message.content }}{%- endif %}{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\n<tool_call>\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}"
+    "{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+_THINKING_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' and message.reasoning_content is defined %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + message.reasoning_content + '\n</think>\n\n' + message.content + "
+    "'<|im_end|>\n' }}{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
+_GENERATION_TAG_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ '<|im_start|>assistant\n' + message['content'] + '<|im_end|>\n' }}{% endgeneration %}{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+_WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+_TOOL_CONVERSATION = [
+    {"role": "system", "content": "the cat"}, {"role": "user", "content": "hat?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oz"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "a dog"}, {"role": "user", "content": "the mat?"}]
+_THINKING_CONVERSATION = [{"role": "user", "content": "hello"},
+                          {"role": "assistant", "content": "the cat", "reasoning_content": "a dog ate"},
+                          {"role": "user", "content": "the hat"}]
+# name: (template, conversation, add_generation_prompt, LLM.chat's keyword arguments)
+_CHAT_CASES = {
+    "tools": (_TOOLS_TEMPLATE, _TOOL_CONVERSATION, True, dict(tools=[_WEATHER_TOOL])),
+    "no-tools": (_TOOLS_TEMPLATE, _TOOL_CONVERSATION, True, {}),
+    "thinking-off": (_THINKING_TEMPLATE, _THINKING_CONVERSATION, True,
+                     dict(chat_template_kwargs=dict(enable_thinking=False))),
+    "thinking-on": (_THINKING_TEMPLATE, _THINKING_CONVERSATION, True, {}),
+    "continue": (_CHATML_TEMPLATE, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the ca"}],
+                 False, dict(continue_final_message=True)),
+    "continue-trimmed": (_LLAMA3_TEMPLATE,  # the template trims the message: the cut drops the spaces after it
+                         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a d  "}], False,
+                         dict(continue_final_message=True)),
+    "generation-tag": (_GENERATION_TAG_TEMPLATE, _THINKING_CONVERSATION, True, {}),
+}
+_CHAT_SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|im_start|>",
+                  "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A tiny checkpoint with a byte-level BPE and the ChatML template; HF's tokenizer of the same files."""
+    import transformers
+    path = tmp_path_factory.mktemp("chat")
+    _byte_tokenizer_checkpoint(path, _CHATML_TEMPLATE, _CHAT_SPECIALS, dict(bos_token="<|begin_of_text|>",
+                                                                          eos_token="<|im_end|>"),
+                               max_position_embeddings=1024)
+    return str(path), transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def _hf_chat(hf_tokenizer, conversation, tokenize, add_generation_prompt=True, chat_template=None, tools=None,
+             continue_final_message=False, chat_template_kwargs=None):
+    """HF's apply_chat_template with LLM.chat's arguments: the text, or the ids."""
+    out = hf_tokenizer.apply_chat_template(conversation, tools=tools, chat_template=chat_template, tokenize=tokenize,
+                                           add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message,
+                                           **(chat_template_kwargs or {}))
+    return list(out["input_ids"] if hasattr(out, "keys") else out) if tokenize else out
 
 
 class TestEngine:
@@ -2605,6 +2682,50 @@ class TestEngine:
         one = llm.chat(conversations[1], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
         assert one[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids  # one conversation or a list
 
+    @pytest.mark.parametrize("case", list(_CHAT_CASES))
+    def test_chat_tools_kwargs_continue_and_generation_tag_render_as_hf(self, chat_checkpoint, case):
+        path, hf_tokenizer = chat_checkpoint
+        template, conversation, add_generation_prompt, options = _CHAT_CASES[case]
+        llm = LLM(path, dtype=torch.float32, max_num_seqs=4)
+        [output] = llm.chat(conversation, SamplingParams(temperature=0, max_tokens=1), False, add_generation_prompt,
+                            template, **options)
+        reference = functools.partial(_hf_chat, hf_tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                                      chat_template=template, **options)
+        assert output.error is None and output.prompt == reference(tokenize=False)
+        assert output.prompt_token_ids == reference(tokenize=True)
+        if case == "continue":  # the prompt ends inside the assistant's message, where the model goes on
+            assert output.prompt.endswith("<|im_start|>assistant\nthe ca")
+        assert ("<think>\n\n</think>" in output.prompt) == (case == "thinking-off")
+        if case == "thinking-on":  # vLLM's (and HF 5's) other names of the reasoning render the same
+            for name in ("reasoning", "thinking"):
+                renamed = [{name if k == "reasoning_content" else k: v for k, v in m.items()} for m in conversation]
+                assert llm.chat_prompt(renamed, chat_template=template) == llm.chat_prompt(conversation,
+                                                                                           chat_template=template)
+
+    def test_chat_content_parts_are_joined_text_and_bad_messages_raise(self, chat_checkpoint):
+        path, hf_tokenizer = chat_checkpoint
+        llm = LLM(path, dtype=torch.float32, max_num_seqs=4)
+        parts = [{"role": "system", "content": [{"type": "text", "text": "the cat"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "a dog"}, {"type": "text", "text": "the hat"}]}]
+        joined = [{"role": "system", "content": "the cat"}, {"role": "user", "content": "a dog\nthe hat"}]  # vLLM's
+        for template in (_CHATML_TEMPLATE, _LLAMA3_TEMPLATE):
+            prompt = llm.chat_prompt(parts, chat_template=template)
+            assert prompt["prompt"] == _hf_chat(hf_tokenizer, joined, False, chat_template=template)
+            assert prompt["prompt_token_ids"] == _hf_chat(hf_tokenizer, joined, True, chat_template=template)
+        image = [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                              {"type": "image_url", "image_url": {"url": "x"}}]}]
+        bad = {"a string": ("hello", "messages must be a conversation"),
+               "a lone dict": ({"role": "user", "content": "hi"}, "messages must be a conversation"),
+               "no messages": ([], "messages must be a conversation"),
+               "an image part": (image, "content part type 'image_url' is not supported"),
+               "a message that is not a dict": ([[{"role": "user", "content": "hi"}, "hi"]], "must be a dict"),
+               "both ends": ([{"role": "user", "content": "hi"}], "exclude each other")}
+        for name, (messages, message) in bad.items():
+            with pytest.raises(ValueError, match=message):
+                llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False,
+                         continue_final_message=name == "both ends")
+        assert not llm.has_unfinished_requests()
+
     def test_chat_without_a_template_says_so(self, tmp_path):
         _byte_tokenizer_checkpoint(tmp_path)
         with pytest.raises(ValueError, match="chat template"):
@@ -3034,3 +3155,296 @@ class TestBench:
         assert result["max_num_batched_tokens"] == 32 and result["compare"]["max_num_batched_tokens"] == 300
         assert result["output_tokens"] == result["compare"]["output_tokens"]
         assert set(result["latency"]) <= {"chat", "document"} and result["request_rate"] == 500
+
+
+# ==== server.py ===================================================================================
+
+_SERVER_ARGS = dict(dtype=torch.float32, block_size=8, num_blocks=512, max_num_seqs=24, max_num_batched_tokens=256)
+
+
+def _serve_in_thread(llm, name):
+    """server.py's app on a real uvicorn server on 127.0.0.1 (a free port), in a thread: (server, thread, port)."""
+    import socket
+    import uvicorn
+    import server
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(server.build_app(llm, name), log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), name="test-uvicorn",
+                              daemon=True)  # a test that dies must not keep pytest from exiting
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uvicorn_server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert uvicorn_server.started
+    return uvicorn_server, thread, sock.getsockname()[1]
+
+
+def _stop(uvicorn_server, thread):
+    uvicorn_server.should_exit = True
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def _http(port, method, path, body=None):
+    """A raw HTTP request (a body the openai client would not send): (status, JSON body)."""
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _wait_until_idle(llm, timeout=60):
+    deadline = time.monotonic() + timeout
+    while llm.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not llm.has_unfinished_requests()
+
+
+def _streamed(stream):
+    """Texts, finish reasons and logprob entries by choice index, and the usage, of an openai stream."""
+    texts, finish, logprobs, usage = {}, {}, {}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            delta = choice.text if hasattr(choice, "text") else choice.delta.content
+            texts[choice.index] = texts.get(choice.index, "") + (delta or "")
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+            if choice.logprobs is not None and hasattr(choice.logprobs, "content"):
+                logprobs.setdefault(choice.index, []).extend(choice.logprobs.content)
+    return texts, finish, logprobs, usage
+
+
+def _usage_of(outputs):
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    return prompt, sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+class TestServer:
+    """server.py: a real uvicorn server on 127.0.0.1 with a tiny checkpoint, driven by the official openai client;
+    what it answers against LLM.generate / LLM.chat with the same SamplingParams."""
+
+    @pytest.fixture(scope="class")
+    def served(self, chat_checkpoint):
+        """(openai client, the server's LLM, a reference LLM of the same checkpoint, port): one server per class."""
+        import openai
+        path, _ = chat_checkpoint
+        llm = LLM(path, **_SERVER_ARGS)
+        uvicorn_server, thread, port = _serve_in_thread(llm, "tiny-chat")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        yield client, llm, LLM(path, **_SERVER_ARGS), port
+        client.close()
+        _stop(uvicorn_server, thread)
+
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+    def test_completions_equal_generate(self, served, stream):
+        client, _, reference, _ = served
+        cases = [  # (prompt as sent, SamplingParams): greedy, seeded n > 1, a stop string, id prompts
+            (["the cat sat", "a dog ate the"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)),
+            ("hello user", SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6)),
+            ("the mat", SamplingParams(temperature=0.8, seed=3, max_tokens=12, stop=["hat", "zz"])),
+            ([[5, 6, 7, 8], [9, 10]], SamplingParams(temperature=0, top_k=3, max_tokens=5, min_tokens=2)),
+        ]
+        for prompt, params in cases:
+            outputs = reference.generate(prompt, params, use_tqdm=False)
+            fields = dict(n=params.n, temperature=params.temperature, seed=params.seed, max_tokens=params.max_tokens,
+                          stop=params.stop or None)
+            extra = dict(ignore_eos=params.ignore_eos, top_k=params.top_k, min_tokens=params.min_tokens)
+            response = client.completions.create(model="tiny-chat", prompt=prompt, stream=stream, extra_body=extra,
+                                                 stream_options={"include_usage": True} if stream else None, **fields)
+            if stream:
+                texts, finish, _, usage = _streamed(response)
+            else:
+                texts = {c.index: c.text for c in response.choices}
+                finish, usage = {c.index: c.finish_reason for c in response.choices}, response.usage
+            expected = [c for o in outputs for c in o.outputs]
+            assert [texts[i] for i in range(len(expected))] == [c.text for c in expected]
+            assert [finish[i] for i in range(len(expected))] == [c.finish_reason for c in expected]
+            assert (usage.prompt_tokens, usage.completion_tokens) == _usage_of(outputs)
+        assert reference.generate("the mat", cases[2][1], use_tqdm=False)[0].outputs[0].stop_reason == "hat"
+
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+    def test_chat_equals_llm_chat(self, served, stream):
+        client, _, reference, _ = served
+        conversation = [{"role": "system", "content": "the cat"}, {"role": "user", "content": "a dog ate the hat"}]
+        parts = [{"role": "system", "content": [{"type": "text", "text": "the cat"}]}, conversation[1]]
+        for messages, params, extra in [
+                (conversation, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), {}),
+                (parts, SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=6, stop=["e"]), {}),
+                (conversation + [{"role": "assistant", "content": "the"}], SamplingParams(temperature=0, max_tokens=4),
+                 dict(continue_final_message=True, add_generation_prompt=False))]:
+            [output] = reference.chat(messages, params, use_tqdm=False, **extra)
+            response = client.chat.completions.create(
+                model="tiny-chat", messages=messages, n=params.n, temperature=params.temperature, seed=params.seed,
+                max_completion_tokens=params.max_tokens, stop=params.stop or None, stream=stream,
+                stream_options={"include_usage": True} if stream else None,
+                extra_body=dict(extra, ignore_eos=params.ignore_eos))
+            if stream:
+                texts, finish, _, usage = _streamed(response)
+            else:
+                texts = {c.index: c.message.content for c in response.choices}
+                finish, usage = {c.index: c.finish_reason for c in response.choices}, response.usage
+                assert {c.message.role for c in response.choices} == {"assistant"}
+            assert [texts[i] for i in range(params.n)] == [c.text for c in output.outputs]
+            assert [finish[i] for i in range(params.n)] == [c.finish_reason for c in output.outputs]
+            assert (usage.prompt_tokens, usage.completion_tokens) == _usage_of([output])
+
+    def test_logprobs_and_echo_equal_the_engines(self, served):
+        client, _, reference, _ = served
+        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+        [output] = reference.generate("the cat sat", params, use_tqdm=False)
+        completion = output.outputs[0]
+        [choice] = client.completions.create(model="tiny-chat", prompt="the cat sat", max_tokens=5, temperature=0,
+                                             logprobs=3, echo=True, extra_body=dict(ignore_eos=True)).choices
+        entries = output.prompt_logprobs + completion.logprobs  # the prompt's first has None
+        tokens = output.prompt_token_ids + completion.token_ids
+        assert choice.text == output.prompt + completion.text
+        assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+        pairs = list(zip(tokens, entries, strict=True))[1:]
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx([e[t].logprob for t, e in pairs], abs=1e-5)
+        assert choice.logprobs.tokens[1:] == [e[t].decoded_token for t, e in pairs]
+        for top, entry in zip(choice.logprobs.top_logprobs[1:], entries[1:], strict=True):
+            assert top == pytest.approx({e.decoded_token: e.logprob for e in entry.values()}, abs=1e-5)
+        [chat] = reference.chat([{"role": "user", "content": "hello"}],
+                                replace(params, logprobs=2, prompt_logprobs=None), use_tqdm=False)
+        _, _, streamed, _ = _streamed(client.chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0,
+            logprobs=True, top_logprobs=2, stream=True, extra_body=dict(ignore_eos=True)))
+        for got, token, entry in zip(streamed[0], chat.outputs[0].token_ids, chat.outputs[0].logprobs, strict=True):
+            assert got.token == entry[token].decoded_token
+            assert got.logprob == pytest.approx(entry[token].logprob, abs=1e-5)
+            top = sorted((e for e in entry.values() if e.rank <= 2), key=lambda e: e.rank)
+            assert [(t.token, t.logprob) for t in got.top_logprobs] == [
+                (e.decoded_token, pytest.approx(e.logprob, abs=1e-5)) for e in top]
+
+    def test_64_concurrent_streams_each_get_their_whole_output(self, served):
+        import asyncio
+        import openai
+        _, _, reference, port = served
+        words = "the cat sat on the mat a dog ate the hat hello user".split()
+        prompts = [" ".join(words[i % 7: i % 7 + 1 + i % 5]) for i in range(64)]
+        params = [SamplingParams(temperature=0, max_tokens=2 + i % 9, ignore_eos=True) for i in range(64)]
+        expected = reference.generate(prompts, params, use_tqdm=False)
+
+        async def one(client, i):
+            stream = await client.completions.create(model="tiny-chat", prompt=prompts[i], max_tokens=2 + i % 9,
+                                                     temperature=0, stream=True, extra_body=dict(ignore_eos=True),
+                                                     stream_options={"include_usage": True})
+            text, usage = "", None
+            async for chunk in stream:
+                text += "".join(choice.text for choice in chunk.choices)
+                usage = chunk.usage or usage
+            return text, usage.completion_tokens
+
+        async def all_of_them():
+            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                                          max_retries=0) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(64)))
+        got = asyncio.run(all_of_them())
+        assert got == [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in expected]
+
+    def test_a_client_that_goes_away_aborts_its_request_and_frees_its_blocks(self, served):
+        import socket
+        client, llm, _, port = served
+        kv = llm.scheduler.kv_cache_manager
+        _wait_until_idle(llm)
+        free, produced = kv.free_queue.num_free, llm.stats.output_tokens
+        stream = client.completions.create(model="tiny-chat", prompt="the cat sat", max_tokens=900, temperature=0,
+                                           stream=True, extra_body=dict(ignore_eos=True))
+        assert len([chunk for _, chunk in zip(range(3), stream)]) == 3
+        stream.close()
+        _wait_until_idle(llm)
+        assert llm.stats.output_tokens - produced < 900 and kv.free_queue.num_free == free  # it stopped early
+        # Not streaming: a client that leaves while its whole answer is being made.
+        body = json.dumps(dict(prompt="a dog", max_tokens=900, temperature=0, ignore_eos=True)).encode()
+        produced = llm.stats.output_tokens
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 60
+            while llm.stats.output_tokens == produced and time.monotonic() < deadline:
+                time.sleep(0.01)
+        _wait_until_idle(llm)
+        assert 0 < llm.stats.output_tokens - produced < 900 and kv.free_queue.num_free == free
+
+    @pytest.mark.parametrize("method, path, body, status, message", [
+        ("POST", "/v1/completions", b'{"prompt": "the", ', 400, "not valid JSON"),
+        ("POST", "/v1/completions", b'{"prompt": "the", "temperature": -1}', 400, "SamplingParams.temperature must be"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": "two"}', 400,
+         "SamplingParams.n must be"),
+        ("POST", "/v1/completions", json.dumps({"prompt": [5] * 1100}).encode(), 400, "max_model_len"),
+        ("POST", "/v1/completions", b'{"prompt": "the", "model": "gpt-4"}', 400, "The model `gpt-4` does not exist"),
+        ("POST", "/v1/completions", b'{"prompt": "the", "logprobs": 21}', 400, "logprobs must be at most 20"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, '
+         b'"top_logprobs": 21, "stream": true}', 400, "top_logprobs must be at most 20"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400,
+         "content part type 'image_url' is not supported"),
+        ("POST", "/v1/chat/completions", b'{"messages": "hello"}', 400, "a conversation is a non-empty list"),
+        ("POST", "/v1/completions", b'{"prompt": 5}', 400, "prompt: expected a string, a list of token ids"),
+        ("GET", "/v1/nothing", None, 404, "Not Found"),
+        ("GET", "/v1/completions", None, 405, "Method Not Allowed"),
+    ], ids=["bad-json", "bad-value", "bad-type", "too-long", "unknown-model", "logprobs-cap", "top-logprobs-cap",
+            "image-part", "string-messages", "bad-prompt", "no-route", "wrong-method"])
+    def test_errors_have_openais_shape(self, served, method, path, body, status, message):
+        _, llm, _, port = served
+        got, answer = _http(port, method, path, body)
+        assert got == status and set(answer) == {"error"}
+        assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["code"] == status
+        assert message in answer["error"]["message"]
+        _wait_until_idle(llm)  # nothing of it stays queued
+
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+    def test_a_dead_engine_loop_gives_503_and_shutdown_leaves_no_thread(self):
+        before = set(threading.enumerate())
+        llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4, num_blocks=64, max_model_len=256)
+        uvicorn_server, thread, port = _serve_in_thread(llm, "tiny")
+        assert _http(port, "GET", "/health") == (200, {})
+        assert _http(port, "POST", "/v1/completions", b'{"prompt": [1, 2, 3], "max_tokens": 2}')[0] == 200
+
+        def broken_step():
+            raise RuntimeError("the device fell over")
+        llm.step = broken_step
+        for path, body in [("/v1/completions", b'{"prompt": [1, 2, 3]}'), ("/health", None),
+                           ("/v1/completions", b'{"prompt": [4, 5]}')]:  # in flight when it died; then after
+            status, answer = _http(port, "POST" if body else "GET", path, body)
+            assert status == 503 and "the device fell over" in answer["error"]["message"]
+        _stop(uvicorn_server, thread)
+        assert set(threading.enumerate()) == before
+
+    def test_command_line_serves_and_stops_on_sigterm(self, chat_checkpoint):
+        import signal
+        import socket
+        import subprocess
+        import openai
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        process = subprocess.Popen(
+            [sys.executable, "server.py", "--model", chat_checkpoint[0], "--port", str(port), "--dtype", "float32",
+             "--max-num-seqs", "4", "--no-enable-prefix-caching", "--enforce-eager", "--served-model-name", "cli"],
+            cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    if _http(port, "GET", "/health")[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0) as client:
+                assert [m.id for m in client.models.list().data] == ["cli"]
+                reply = client.chat.completions.create(model="cli", messages=[{"role": "user", "content": "hi"}],
+                                                       max_tokens=3, temperature=0)
+                assert reply.usage.completion_tokens >= 1
+            process.send_signal(signal.SIGTERM)
+            # uvicorn stops, then the engine thread (the app's shutdown), then it re-raises the signal: the process ends
+            assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+            assert "Application shutdown complete" in process.stdout.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

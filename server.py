@@ -1,0 +1,336 @@
+"""An OpenAI-compatible HTTP server over the engine, for any OpenAI client (what `vllm serve` gives):
+
+    python server.py --model PATH [--max-num-seqs 256 --max-model-len 4096 ...] [--host 127.0.0.1 --port 8000]
+
+POST /v1/completions and /v1/chat/completions (whole, or streamed as server-sent events), GET /v1/models, GET
+/health. Request fields become SamplingParams (vLLM's names); errors come in OpenAI's shape.
+
+The idea: ONE engine thread owns the LLM and is the only one to call it (add_request, step, abort). Handlers put
+jobs on its inbox, a thread-safe queue it sleeps on when idle, and get the cumulative outputs back in their own
+asyncio queue (loop.call_soon_threadsafe). A client that goes away, mid-stream or not, aborts its request at once.
+Owns: HTTP, the OpenAI shapes, the flags. Never touches: the engine's internals (only LLM's public API).
+"""
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from engine import LLM, SamplingParams
+
+MAX_LOGPROBS = 20  # vLLM's max_logprobs: logprobs / top_logprobs above it are refused
+# Request fields passed to SamplingParams as they are (vLLM's extras included); the rest are mapped below.
+PASSED_FIELDS = ("n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                 "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+                 "skip_special_tokens")
+# The LLM arguments the command line takes, under vLLM's flag names.
+ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num_seqs": int, "max_model_len": int,
+                "max_num_batched_tokens": int, "block_size": int, "gpu_memory_utilization": float, "seed": int,
+                "kv_cache_dtype": str, "long_prefill_token_threshold": int, "enable_prefix_caching": bool,
+                "async_scheduling": bool, "enforce_eager": bool, "calculate_kv_scales": bool}
+
+
+class APIError(HTTPException):
+    """A request that fails: status code and message (starlette's own 404 and 405 are HTTPExceptions too)."""
+
+
+def error_body(error: HTTPException) -> dict:
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"  # OpenAI's shape
+    return {"error": {"message": str(error.detail), "type": kind, "param": None, "code": error.status_code}}
+
+
+class EngineLoop:
+    """The thread that owns the LLM, and run(), a request's way to it from a handler. Jobs on the inbox: ("add",
+    engine request ids, make_prompts(llm) -> a prompt for each, SamplingParams, the handler's asyncio queue) is
+    answered None once all are queued (or an APIError), then (prompt index, cumulative RequestOutput) after each
+    step that moved it; ("abort", engine request ids); None: stop."""
+
+    def __init__(self, llm: LLM):
+        self.llm, self.inbox, self.routes = llm, queue.SimpleQueue(), {}  # engine request id -> (queue, index)
+        self.outbox = []  # (queue, answer): handed to the event loop in one go after each step
+        self.error: str | None = None  # set when the loop has ended: requests get a 503
+        self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+
+    async def run(self, request_ids: list[str], make_prompts, params: SamplingParams):
+        """Queue a request; yield None once it is queued (its error raises instead), then (prompt index, cumulative
+        RequestOutput) as they come. Closed before the end (a client gone, a task cancelled), it aborts the request."""
+        if self.error is not None:
+            raise APIError(503, self.error)
+        answers, running = asyncio.Queue(), set(range(len(request_ids)))
+        self.inbox.put(("add", request_ids, make_prompts, params, answers))
+        try:
+            while running:
+                if isinstance(item := await answers.get(), Exception):
+                    raise item
+                if item is not None and item[1].finished:
+                    running.discard(item[0])
+                    if item[1].error is not None:  # it failed on the way (e.g. it outgrew the KV cache)
+                        raise APIError(400, item[1].error)
+                yield item
+        finally:
+            if running and self.error is None:
+                self.inbox.put(("abort", request_ids))
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                wait = not self.llm.has_unfinished_requests()  # idle: sleep until a job comes
+                while wait or not self.inbox.empty():  # busy: take the jobs that came during the step
+                    if (job := self.inbox.get()) is None:
+                        return
+                    self._add(*job[1:]) if job[0] == "add" else self._abort(job[1])
+                    wait = False
+                if self.llm.has_unfinished_requests():
+                    for output in self.llm.step():
+                        route = (self.routes.pop if output.finished else self.routes.get)(output.request_id, None)
+                        if route is not None:  # (None: aborted meanwhile)
+                            self.outbox.append((route[0], (route[1], output)))
+                self._flush()
+        except BaseException as error:
+            self.error = f"the engine loop has died: {error!r}"
+            raise
+        finally:  # the requests still waiting, running or queued, must hear of it
+            self.error = self.error or "the server is shutting down"
+            waiting = [answers for answers, _ in self.routes.values()]
+            while not self.inbox.empty():
+                if (job := self.inbox.get()) is not None and job[0] == "add":
+                    waiting.append(job[-1])
+            self.outbox += [(answers, APIError(503, self.error)) for answers in waiting]
+            self._flush()
+
+    def _flush(self) -> None:
+        """One wake-up of the event loop a step, however many requests moved (each costs a syscall and the GIL)."""
+        if self.outbox:
+            self.loop.call_soon_threadsafe(lambda answers: [q.put_nowait(item) for q, item in answers], self.outbox)
+            self.outbox = []
+
+    def _add(self, request_ids, make_prompts, params, answers) -> None:
+        try:
+            for index, (request_id, prompt) in enumerate(zip(request_ids, make_prompts(self.llm), strict=True)):
+                self.llm.add_request(request_id, prompt, params)
+                self.routes[request_id] = (answers, index)
+            self.outbox.append((answers, None))
+        except Exception as error:  # a bad request fails alone, and none of its prompts stays queued
+            self._abort(request_ids)
+            status = 400 if isinstance(error, ValueError) else 500
+            self.outbox.append((answers, APIError(status, str(error) if status == 400 else repr(error))))
+
+    def _abort(self, request_ids) -> None:
+        for request_id in request_ids:
+            if self.routes.pop(request_id, None) is not None:
+                self.llm.abort(request_id)
+
+
+def sampling_params(body: dict, defaults: SamplingParams, max_tokens, logprobs, logprobs_field: str,
+                    echo: bool = False) -> SamplingParams:
+    """The request's fields over the checkpoint's defaults (a 400 names a bad one)."""
+    if type(logprobs) is int and logprobs > MAX_LOGPROBS:
+        raise APIError(400, f"{logprobs_field} must be at most {MAX_LOGPROBS} (max_logprobs), got {logprobs}")
+    fields = {name: body[name] for name in PASSED_FIELDS if body.get(name) is not None}
+    try:
+        return replace(defaults, **fields, max_tokens=max_tokens, stop=body.get("stop"), logprobs=logprobs,
+                       prompt_logprobs=logprobs if echo else None)
+    except ValueError as error:
+        raise APIError(400, str(error)) from None
+
+
+def floor(logprob: float) -> float:
+    return max(logprob, -9999.0)  # JSON has no -inf (vLLM's floor)
+
+
+def completion_logprobs(pairs, offset: int, tokenizer) -> dict:
+    """OpenAI's completions logprobs of (token id, {id: Logprob}, or None for a prompt's first) pairs whose text
+    starts at character `offset`."""
+    words = [entry[token].decoded_token if entry else tokenizer.decode([token]) for token, entry in pairs]
+    return {"tokens": words, "text_offset": list(itertools.accumulate(map(len, words[:-1]), initial=offset)),
+            "token_logprobs": [floor(entry[token].logprob) if entry else None for token, entry in pairs],
+            "top_logprobs": [entry and {e.decoded_token: floor(e.logprob) for e in entry.values()}
+                             for _, entry in pairs]}
+
+
+def chat_logprob(token: int, entry: dict, k: int) -> dict:
+    """OpenAI's chat logprob of one token: itself, then the k most likely."""
+    def one(logprob):
+        word = logprob.decoded_token or ""
+        return {"token": word, "logprob": floor(logprob.logprob), "bytes": list(word.encode())}
+    top = sorted((e for e in entry.values() if e.rank <= k), key=lambda e: e.rank)
+    return {**one(entry[token]), "top_logprobs": [one(e) for e in top]}
+
+
+def build_app(llm: LLM, served_model_name: str) -> FastAPI:
+    engine, defaults, tokenizer = EngineLoop(llm), llm.get_default_sampling_params(), llm.get_tokenizer()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.loop = asyncio.get_running_loop()  # where the handlers wait for their answers
+        engine.thread.start()
+        yield
+        engine.inbox.put(None)  # stop: the loop answers the requests still waiting with a 503
+        await asyncio.to_thread(engine.thread.join)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):
+        return JSONResponse(error_body(error), error.status_code, error.headers)
+
+    @app.get("/health")
+    async def health():
+        if engine.error is not None:
+            raise APIError(503, engine.error)
+        return {}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "engine"}]}
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError as error:
+            raise APIError(400, f"the request body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        if body.get("model") not in (None, served_model_name):
+            raise APIError(400, f"The model `{body['model']}` does not exist; served: {served_model_name}")
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        # OpenAI's prompt: a string, a list of strings, a list of token ids or a list of lists of ids
+        prompt, echo = body.get("prompt"), bool(body.get("echo"))
+        prompts = prompt if isinstance(prompt, list) and any(type(t) is not int for t in prompt) else [prompt]
+        params = sampling_params(body, defaults, body.get("max_tokens", 16), body.get("logprobs"), "logprobs", echo)
+
+        def choice(index, output, completion, previous):
+            (text, start), first = news(completion, previous), previous is None
+            prompt = "" if not echo else output.prompt if output.prompt is not None else tokenizer.decode(
+                output.prompt_token_ids)  # echo: the prompt comes first
+            logprobs = None if completion.logprobs is None else completion_logprobs(
+                [*zip(output.prompt_token_ids, output.prompt_logprobs)] * (echo and first)
+                + [*zip(completion.token_ids[start:], completion.logprobs[start:])],
+                0 if first else len(prompt) + len(previous.text), tokenizer)
+            return {"index": index, "text": prompt * first + text, "logprobs": logprobs,
+                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+        return await respond(request, body, "cmpl", ("text_completion",) * 2, len(prompts), lambda llm: prompts,
+                             params, choice)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        if body.get("top_logprobs") is not None and not body.get("logprobs"):
+            raise APIError(400, "top_logprobs needs logprobs: true")
+        top_logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        params = sampling_params(body, defaults, max_tokens, top_logprobs, "top_logprobs")
+        options = {name: body[name] for name in ("add_generation_prompt", "continue_final_message", "tools",
+                                                 "chat_template_kwargs") if body.get(name) is not None}
+
+        def choice(index, output, completion, previous):
+            text, start = news(completion, previous)
+            logprobs = None if completion.logprobs is None else {"content": [
+                chat_logprob(token, entry, top_logprobs)
+                for token, entry in zip(completion.token_ids[start:], completion.logprobs[start:])]}
+            message = {"content": text} if previous else {"role": "assistant", "content": text}
+            return {"index": index, "delta" if body.get("stream") else "message": message, "logprobs": logprobs,
+                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+        return await respond(request, body, "chatcmpl", ("chat.completion", "chat.completion.chunk"), 1,
+                             lambda llm: [llm.chat_prompt(body.get("messages"), **options)], params, choice)
+
+    async def respond(request, body, prefix, objects, num_prompts, make_prompts, params, choice):
+        """Run the request; answer with the whole result, or stream it. choice(number, output, completion, previous)
+        is one choice's part that `previous` (an earlier output of that completion, or None) did not have."""
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        outputs = engine.run([f"{request_id}-{i}" for i in range(num_prompts)], make_prompts, params)
+        await anext(outputs)  # queued, or the request's error raises here: a stream starts only for a good request
+        head = {"id": request_id, "object": objects[0], "created": int(time.time()), "model": served_model_name}
+        if body.get("stream"):
+            usage = (body.get("stream_options") or {}).get("include_usage", False)
+            return StreamingResponse(stream(outputs, {**head, "object": objects[1]}, params.n, choice, usage),
+                                     media_type="text/event-stream")
+        finals = await until_disconnected(request, outputs)
+        choices = [choice(i * params.n + c.index, output, c, None) for i, output in enumerate(finals)
+                   for c in output.outputs]
+        return {**head, "choices": choices, "usage": usage_of(finals)}
+
+    async def stream(outputs, head, n, choice, include_usage):
+        last, sent = {}, {}  # prompt index -> its last output; choice number -> its last completion sent
+        try:
+            async for index, output in outputs:
+                last[index] = output
+                for completion in output.outputs:
+                    previous = sent.get(number := index * n + completion.index)
+                    if previous is None or previous.finish_reason is None and (  # news (a sibling may have moved)
+                            len(completion.token_ids) > len(previous.token_ids) or completion.finish_reason):
+                        yield sse({**head, "choices": [choice(number, output, completion, previous)]})
+                        sent[number] = completion
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage_of(last.values())})
+        except APIError as error:  # the engine died, or the request failed on the way: say so in the stream
+            yield sse(error_body(error))
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+async def until_disconnected(request: Request, outputs) -> list:
+    """The final output of each prompt, in order; if the client goes away first, outputs is closed (it aborts)."""
+    async def finals():
+        return [output for _, output in sorted([item async for item in outputs if item[1].finished])]
+    # The body has been read: the next message the client's connection can bring is its end (http.disconnect).
+    work, gone = asyncio.ensure_future(finals()), asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        work.cancel()  # (nothing, when it is done)
+    with contextlib.suppress(asyncio.CancelledError):
+        return await work
+    raise APIError(499, "the client closed the connection")
+
+
+def news(completion, previous) -> tuple[str, int]:
+    """What a cumulative completion adds to `previous`, an earlier one (None: nothing sent): text, first new token."""
+    return (completion.text, 0) if previous is None else (completion.text[len(previous.text):], len(previous.token_ids))
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def usage_of(outputs) -> dict:
+    prompt = sum(len(output.prompt_token_ids) for output in outputs)
+    completion = sum(len(c.token_ids) for output in outputs for c in output.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="An OpenAI-compatible server (vLLM's flag names).")
+    parser.add_argument("--model", required=True, help="a Hugging Face checkpoint directory")
+    parser.add_argument("--served-model-name", help="the name clients ask for (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    for name, kind in ENGINE_FLAGS.items():  # --enable-prefix-caching / --no-enable-prefix-caching, --max-num-seqs N
+        parser.add_argument("--" + name.replace("_", "-"), **(
+            {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}))
+    args = parser.parse_args(argv)
+    engine_args = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    app = build_app(LLM(args.model, **engine_args), args.served_model_name or args.model)
+    # Ctrl-C / SIGTERM: uvicorn stops taking requests, gives open streams 5 s, then the engine thread stops.
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()
