@@ -2779,6 +2779,23 @@ class TestEngine:
 
 # ==== bench.py ====================================================================================
 
+    @pytest.mark.skipif(not _CUDA, reason="sizing the KV cache from memory needs a GPU")
+    def test_kv_sizing_reserves_the_graph_logits_at_their_dtype(self, monkeypatch):
+        """Profiling reserves what the decode graphs keep alive after their capture (each its logits, in the
+        model's dtype): the reserve equals the memory the capture leaves allocated, so the KV cache gets
+        every block the user's gpu_memory_utilization pays for (a 4-byte reserve was twice this in bf16)."""
+        monkeypatch.setitem(model.SHAPES, "wide-vocab", replace(SHAPES["tiny"], vocab_size=151936))
+        capture, measured = engine.ModelRunner._capture_graphs, {}
+
+        def measuring_capture(runner):
+            before = torch.cuda.memory_allocated()
+            capture(runner)
+            measured["held"], measured["reserved"] = torch.cuda.memory_allocated() - before, runner.graph_logits_bytes()
+        monkeypatch.setattr(engine.ModelRunner, "_capture_graphs", measuring_capture)
+        llm = LLM("wide-vocab", dtype=torch.bfloat16, max_num_seqs=64, max_num_batched_tokens=512)
+        assert llm.runner.graphs and measured["reserved"] == sum(llm.runner.graph_sizes) * 151936 * 2
+        assert 0.98 * measured["reserved"] <= measured["held"] <= 1.02 * measured["reserved"], measured
+
     # ---- reliability: one request, one thread or one interrupt never costs another its output ----
 
     def test_nothing_a_request_carries_fails_a_step_for_the_others(self, tmp_path):
