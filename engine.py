@@ -111,22 +111,7 @@ class LLM:
 
     def __init__(self, model: str, **engine_args):
         config = EngineConfig(**engine_args)
-        device, dtype = resolve_device_and_dtype(config.device, config.dtype)
-        if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
-            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-            torch.cuda.set_device(device)
-        if model in SHAPES:
-            network, self.tokenizer = random_model(model, dtype, device, seed=config.seed), None
-        else:
-            network, self.tokenizer = load_model(model, dtype, device), None
-            try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
-                self.tokenizer = load_tokenizer(model)
-            except FileNotFoundError as missing:
-                warnings.warn(f"{missing}: prompts must be token ids, and outputs will have no text", stacklevel=2)
-            try:  # the defaults every generate() without SamplingParams uses: a bad one is the file's fault
-                SamplingParams(**network.config.sampling_defaults)
-            except ValueError as error:
-                raise ValueError(f"{model}/generation_config.json: a bad sampling default: {error}") from None
+        network, self.tokenizer = _load(model, config)
         limit = network.config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
@@ -145,10 +130,9 @@ class LLM:
     # ---- public API ---------------------------------------------------------------------------
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run prompts to completion (default sampling_params: the checkpoint's); outputs in input
-        order. A bad prompt fails alone (finish_reason "error", `error` says why). Requests added
-        with add_request() share the batches, but generate() returns once its own are done; the next
-        step() returns what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
+        """Run prompts to completion (default sampling_params: the checkpoint's), outputs in input order; a bad
+        prompt fails alone (finish_reason "error"). add_request()'s requests share the batches; step() returns
+        what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
         owner, order = next(self.loop_ids), []
         try:  # from the first prompt queued: whatever happens, none of them outlives the call
             results = self._add_prompts(prompts, sampling_params, owner, order)
@@ -179,15 +163,11 @@ class LLM:
              chat_template: str | None = None, *, continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """generate() on one conversation (a list of {"role", "content"} dicts) or a list of them, rendered
-        by chat_prompt(). A string or a lone dict is a ValueError, not a guess (vLLM's chat takes neither)."""
-        is_list = isinstance(messages, (list, tuple)) and len(messages) > 0
-        if not (is_list and (all(isinstance(m, dict) for m in messages) or all(isinstance(c, list) for c in messages))):
-            raise ValueError("chat: messages must be a conversation (a list of {'role', 'content'} dicts) or a list "
-                             f"of conversations, got {type(messages).__name__} {str(messages)[:40]}")
+        by chat_prompt()."""
         options = dict(add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools,
                        continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
-        conversations = [messages] if isinstance(messages[0], dict) else messages
-        return self.generate([self.chat_prompt(c, **options) for c in conversations], sampling_params, use_tqdm)
+        return self.generate([self.chat_prompt(c, **options) for c in _as_conversations(messages)], sampling_params,
+                             use_tqdm)
 
     def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True, chat_template=None, *,
                     continue_final_message: bool = False, tools: list[dict] | None = None,
@@ -247,10 +227,9 @@ class LLM:
         return SamplingParams(**self.runner.model.config.sampling_defaults)
 
     def load_weights(self, weights) -> None:
-        """Update weights in place from Hugging Face-named tensors (a dict or (name, tensor) pairs),
-        through the same name mapping as loading (fused q/k/v and gate/up slices, tied embeddings): for
-        RL loops. The prefix cache is reset (its K/V came from the old weights); CUDA graphs read the
-        same tensors. A step still in flight (of requests already ended) is finished first."""
+        """Update weights in place from Hugging Face-named tensors (a dict or (name, tensor) pairs), mapped as
+        loading maps them: for RL loops. The prefix cache is reset (its K/V came from the old weights); CUDA
+        graphs read the same tensors; a step still in flight (of ended requests) is finished first."""
         with self.lock:
             if self.scheduler.has_unfinished_requests():
                 raise RuntimeError("load_weights: requests are still running; finish or abort them first")
@@ -911,6 +890,36 @@ class ModelRunner:
                 pool, self.graphs[size] = graph.pool(), (graph, logits)
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
+
+
+def _load(model: str, config: EngineConfig) -> tuple[Transformer, Tokenizer | None]:
+    """The network on its device (random weights of a named shape, or a checkpoint's) and its tokenizer."""
+    device, dtype = resolve_device_and_dtype(config.device, config.dtype)
+    if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if model in SHAPES:
+        return random_model(model, dtype, device, seed=config.seed), None
+    network, tokenizer = load_model(model, dtype, device), None
+    try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
+        tokenizer = load_tokenizer(model)
+    except FileNotFoundError as missing:
+        warnings.warn(f"{missing}: prompts must be token ids, and outputs will have no text", stacklevel=3)
+    try:  # the defaults every generate() without SamplingParams uses: a bad one is the file's fault
+        SamplingParams(**network.config.sampling_defaults)
+    except ValueError as error:
+        raise ValueError(f"{model}/generation_config.json: a bad sampling default: {error}") from None
+    return network, tokenizer
+
+
+def _as_conversations(messages) -> list:
+    """chat()'s one conversation (a list of message dicts) or list of them; a string or a lone dict is a
+    ValueError, not a guess (vLLM's chat takes neither)."""
+    if not (isinstance(messages, (list, tuple)) and messages and (all(isinstance(m, dict) for m in messages)
+                                                                 or all(isinstance(c, list) for c in messages))):
+        raise ValueError("chat: messages must be a conversation (a list of {'role', 'content'} dicts) or a list "
+                         f"of conversations, got {type(messages).__name__} {str(messages)[:40]}")
+    return [messages] if isinstance(messages[0], dict) else messages
 
 
 def _graph_ladder(max_num_seqs):

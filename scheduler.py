@@ -360,7 +360,9 @@ class Scheduler:
         """End a request now, at any point, and free its blocks."""
         if (request := self.requests.get(request_id)) is None:
             raise KeyError(f"abort: no unfinished request has request_id {request_id!r}")
-        (self.running if request.status is RequestStatus.RUNNING else self.waiting).remove(request)
+        queue = self.running if request.status is RequestStatus.RUNNING else self.waiting
+        if request in queue:  # not yet, if an interrupt cut add() short
+            queue.remove(request)
         self._finish(request, status)
         return request
 
