@@ -6,6 +6,7 @@
     python bench.py --timeline           # steps bucketed by requests per step, against their limits
     python bench.py --kernel [--sweep]   # the paged-attention kernel alone (GPU)
     python bench.py --latency            # batch-1 decode: ms per step at a 1k-token context
+    python bench.py --workload chat --through-server   # the same requests as HTTP streams to server.py
 
 Decoding is memory-bound: each step must read every weight once plus the K/V of every running
 request's context. The engine counts those contexts, so the run's bytes over the measured
@@ -13,15 +14,20 @@ device-to-device copy bandwidth give the fastest the run could possibly have gon
 """
 import argparse
 import bisect
+import concurrent.futures
 import dataclasses
 import functools
 import gc
+import http.client
 import importlib.util
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
+import socket
+import threading
 import time
 
 import torch
@@ -141,6 +147,71 @@ def serve(llm, prompts, params, arrivals, next_turn=None):
                 arrivals[j] = time.perf_counter() - start
                 llm.add_request(ids[j], prompts[j], params[j])
     return token_times, time.perf_counter() - start
+
+
+def serve_through_server(llm, prompts, params, arrivals):
+    """serve()'s requests as a client of server.py sends them: its app on uvicorn on 127.0.0.1 (a free port), in a
+    thread of this process, as `python server.py` runs it (its event loop beside its engine thread); the load
+    generator in a process of its own, so that the client's work never holds the server's interpreter lock. Each
+    request is a streamed POST /v1/completions of token ids whose fields map back to exactly its SamplingParams.
+    Returns the client's clock start (perf_counter), the token times and the wall time."""
+    import uvicorn
+    import server
+    bodies, defaults = [], llm.get_default_sampling_params()
+    for prompt, p in zip(prompts, params):
+        body = dict({name: getattr(p, name) for name in server.PASSED_FIELDS}, prompt=prompt, max_tokens=p.max_tokens,
+                    stop=p.stop, logprobs=p.logprobs, stream=True, stream_options={"include_usage": True})
+        if server.sampling_params(body, defaults, p.max_tokens, p.logprobs, "logprobs") != p:  # a field it drops
+            raise SystemExit(f"--through-server: {p} is not what the server makes of {body}")
+        bodies.append(body)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        uvicorn_server = uvicorn.Server(uvicorn.Config(server.build_app(llm, "bench"), log_level="warning"))
+        thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), name="bench-uvicorn")
+        thread.start()
+        try:
+            while not uvicorn_server.started:
+                if not thread.is_alive():
+                    raise SystemExit("--through-server: the server did not start")
+                time.sleep(0.01)
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+                return client.submit(replay_over_http, sock.getsockname()[1], bodies, arrivals).result()
+        finally:  # uvicorn stops, then the app's shutdown stops the engine thread: nothing is left running
+            uvicorn_server.should_exit = True
+            thread.join()
+
+
+def replay_over_http(port, bodies, arrivals):
+    """The load generator (in its own process): each request POSTed at its arrival time, on a thread of its own,
+    and its stream read as it comes. The server sends a chunk for each step that gave a request a token, so a
+    chunk is a token: the count is checked against the stream's final usage. perf_counter is the system's
+    monotonic clock, the same in every process: the caller lines its step times up with the returned start."""
+    start, token_times = time.perf_counter(), [[] for _ in bodies]
+
+    def request(i):
+        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        try:
+            connection.request("POST", "/v1/completions", json.dumps(bodies[i]), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"request {i}: HTTP {response.status}: {response.read().decode()}")
+            for line in response:  # server-sent events: "data: {chunk}" lines, blank lines, "data: [DONE]"
+                now = time.perf_counter() - start
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"request {i} failed: {chunk['error']['message']}")
+                if chunk["choices"]:
+                    token_times[i].append(now)
+                elif chunk["usage"]["completion_tokens"] != len(token_times[i]):  # the last chunk: usage alone
+                    raise RuntimeError(f"request {i}: {len(token_times[i])} chunks for {chunk['usage']} tokens")
+        finally:
+            connection.close()
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        list(pool.map(request, range(len(bodies))))  # (re-raises a request's error)
+    return start, token_times, time.perf_counter() - start
 
 
 def latency_table(token_times, arrivals, classes):
@@ -511,6 +582,8 @@ def main():
                         "workloads arrive all at once")
     p.add_argument("--compare", action="store_true", help="rerun with the workload's feature off: prefix caching "
                    "(chat, others), chunked prefill (mixed: a budget as large as the longest prompt)")
+    p.add_argument("--through-server", action="store_true", help="online workloads: the same requests streamed "
+                   "over HTTP to server.py's OpenAI-compatible API (on 127.0.0.1), from another process")
     p.add_argument("--num-seqs", type=positive_int, default=256 if on_gpu else 16)
     p.add_argument("--max-input-len", type=positive_int, default=1024 if on_gpu else 128)
     p.add_argument("--max-output-len", type=positive_int, default=1024 if on_gpu else 128)
@@ -567,6 +640,12 @@ def check_args(p, args, on_gpu):
                 "and takes no --compare or --plot")
     if args.plot and args.workload not in ONLINE_WORKLOADS and args.request_rate is None:
         p.error("argument --plot: draws inter-token latency: it needs an online workload (chat, mixed, ...)")
+    if args.through_server and (args.latency or args.workload == "chat-multiturn"
+                                or args.workload not in ONLINE_WORKLOADS and args.request_rate is None):
+        p.error("argument --through-server: replays an online workload's requests (chat, mixed, short) over HTTP; "
+                "chat-multiturn's next turns need the answers' token ids, which a completion does not return")
+    if args.through_server and importlib.util.find_spec("uvicorn") is None:
+        p.error("argument --through-server: needs fastapi and uvicorn: pip install -r requirements.txt")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("argument --plot: needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
@@ -656,7 +735,10 @@ def run(args, on_gpu, compare=False):
     start = time.perf_counter()
     if online:
         arrivals = arrival_times(len(prompts), args.request_rate)
-        token_times, seconds = serve(llm, prompts, params, arrivals, follow_ups(args.workload, len(prompts)))
+        if args.through_server:
+            start, token_times, seconds = serve_through_server(llm, prompts, params, arrivals)
+        else:
+            token_times, seconds = serve(llm, prompts, params, arrivals, follow_ups(args.workload, len(prompts)))
         output_tokens = sum(map(len, token_times))
     else:
         outputs = llm.generate(prompts, params)
@@ -669,7 +751,8 @@ def run(args, on_gpu, compare=False):
     prompt_tokens = sum(len(prompt) for prompt in prompts)
     queries = kv.num_query_tokens - queries_before
     result = dict(
-        arch=args.model or args.arch, workload=args.workload, logprobs=args.logprobs, num_seqs=args.num_seqs,
+        arch=args.model or args.arch, workload=args.workload, through_server=args.through_server,
+        logprobs=args.logprobs, num_seqs=args.num_seqs,
         device=str(llm.runner.device), gpu=torch.cuda.get_device_name() if on_gpu else None,
         async_scheduling=settings["async_scheduling"], cuda_graphs=bool(llm.runner.graphs),
         prefix_caching=settings["enable_prefix_caching"], kv_cache_dtype=settings["kv_cache_dtype"],

@@ -3462,6 +3462,28 @@ class TestServer:
         _stop(uvicorn_server, thread)
         assert set(threading.enumerate()) == before
 
+    def test_bench_through_the_server_gives_the_in_process_tokens_and_latency_fields(self, tmp_path, monkeypatch):
+        """bench.py --through-server streams the same requests over HTTP from another process: the same output
+        tokens (each request's max_tokens: ignore_eos) and latency rows as the in-process run; nothing left running."""
+        import multiprocessing
+        argv = ["bench.py", "--arch", "tiny", "--workload", "mixed", "--num-seqs", "10", "--max-input-len", "200",
+                "--max-output-len", "8", "--request-rate", "200", "--json", str(tmp_path / "out.json")]
+        _, params = bench.make_workload("mixed", 10, 200, 8, vocab_limit=511)
+        threads, results = set(threading.enumerate()), []
+        for extra in ([], ["--through-server"]):
+            monkeypatch.setattr(sys, "argv", argv + extra)
+            bench.main()
+            results.append(json.loads((tmp_path / "out.json").read_text()))
+        in_process, served = results
+        assert (in_process["through_server"], served["through_server"]) == (False, True)
+        assert served["output_tokens"] == in_process["output_tokens"] == sum(p.max_tokens for p in params)
+        assert set(served["latency"]) == set(in_process["latency"])
+        for name, row in served["latency"].items():
+            assert row["requests"] == in_process["latency"][name]["requests"]
+            assert all(len(row[key]) == 3 and None not in row[key] for key in ("ttft_ms_p50_p90_p99",
+                                                                               "itl_ms_p50_p90_p99"))
+        assert set(threading.enumerate()) == threads and multiprocessing.active_children() == []
+
     def test_command_line_serves_and_stops_on_sigterm(self, chat_checkpoint):
         import signal
         import socket
