@@ -184,7 +184,7 @@ def serve_through_server(llm, prompts, params, arrivals):
 def replay_over_http(port, bodies, arrivals):
     """The load generator (in its own process): each request POSTed at its arrival time, on a thread of its own,
     and its stream read as it comes. The server sends a chunk for each step that gave a request a token, so a
-    chunk is a token: the count is checked against the stream's final usage. perf_counter is the system's
+    chunk is a token: the counts are checked against the stream's final usage. perf_counter is the system's
     monotonic clock, the same in every process: the caller lines its step times up with the returned start."""
     start, token_times = time.perf_counter(), [[] for _ in bodies]
 
@@ -205,8 +205,10 @@ def replay_over_http(port, bodies, arrivals):
                     raise RuntimeError(f"request {i} failed: {chunk['error']['message']}")
                 if chunk["choices"]:
                     token_times[i].append(now)
-                elif chunk["usage"]["completion_tokens"] != len(token_times[i]):  # the last chunk: usage alone
-                    raise RuntimeError(f"request {i}: {len(token_times[i])} chunks for {chunk['usage']} tokens")
+                elif (chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"]) != (
+                        len(bodies[i]["prompt"]), len(token_times[i])):  # the last chunk (usage alone) disagrees
+                    raise RuntimeError(f"request {i}: {len(bodies[i]['prompt'])} prompt tokens and "
+                                       f"{len(token_times[i])} chunks, but the server counted {chunk['usage']}")
         finally:
             connection.close()
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:

@@ -3466,9 +3466,9 @@ class TestServer:
         """bench.py --through-server streams the same requests over HTTP from another process: the same output
         tokens (each request's max_tokens: ignore_eos) and latency rows as the in-process run; nothing left running."""
         import multiprocessing
-        argv = ["bench.py", "--arch", "tiny", "--workload", "mixed", "--num-seqs", "10", "--max-input-len", "200",
-                "--max-output-len", "8", "--request-rate", "200", "--json", str(tmp_path / "out.json")]
-        _, params = bench.make_workload("mixed", 10, 200, 8, vocab_limit=511)
+        argv = ["bench.py", "--arch", "tiny", "--workload", "mixed", "--num-seqs", "8", "--max-input-len", "100",
+                "--max-output-len", "6", "--request-rate", "200", "--json", str(tmp_path / "out.json")]
+        _, params = bench.make_workload("mixed", 8, 100, 6, vocab_limit=511)
         threads, results = set(threading.enumerate()), []
         for extra in ([], ["--through-server"]):
             monkeypatch.setattr(sys, "argv", argv + extra)
