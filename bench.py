@@ -154,7 +154,7 @@ def serve_through_server(llm, prompts, params, arrivals):
     thread of this process, as `python server.py` runs it (its event loop beside its engine thread); the load
     generator in a process of its own, so that the client's work never holds the server's interpreter lock. Each
     request is a streamed POST /v1/completions of token ids whose fields map back to exactly its SamplingParams.
-    Returns the client's clock start (perf_counter), the token times and the wall time."""
+    Returns the client's clock start (perf_counter), the token times and the wall time, as serve() does."""
     import uvicorn
     import server
     bodies, defaults = [], llm.get_default_sampling_params()
@@ -167,7 +167,7 @@ def serve_through_server(llm, prompts, params, arrivals):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         uvicorn_server = uvicorn.Server(uvicorn.Config(server.build_app(llm, "bench"), log_level="warning"))
-        thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), name="bench-uvicorn")
+        thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), daemon=True)
         thread.start()
         try:
             while not uvicorn_server.started:
@@ -175,18 +175,25 @@ def serve_through_server(llm, prompts, params, arrivals):
                     raise SystemExit("--through-server: the server did not start")
                 time.sleep(0.01)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
-                return client.submit(replay_over_http, sock.getsockname()[1], bodies, arrivals).result()
+                start, token_times, usages, seconds = client.submit(
+                    replay_over_http, sock.getsockname()[1], bodies, arrivals).result()
         finally:  # uvicorn stops, then the app's shutdown stops the engine thread: nothing is left running
             uvicorn_server.should_exit = True
             thread.join()
+    for i, usage in enumerate(usages):  # the server's counts: the prompt it got, and a token a chunk
+        if usage is None or (usage["prompt_tokens"], usage["completion_tokens"]) != (len(prompts[i]),
+                                                                                     len(token_times[i])):
+            raise SystemExit(f"--through-server: request {i} of {len(prompts[i])} prompt tokens got "
+                             f"{len(token_times[i])} chunks; the server counted {usage}")
+    return start, token_times, seconds
 
 
 def replay_over_http(port, bodies, arrivals):
     """The load generator (in its own process): each request POSTed at its arrival time, on a thread of its own,
     and its stream read as it comes. The server sends a chunk for each step that gave a request a token, so a
-    chunk is a token: the counts are checked against the stream's final usage. perf_counter is the system's
-    monotonic clock, the same in every process: the caller lines its step times up with the returned start."""
-    start, token_times = time.perf_counter(), [[] for _ in bodies]
+    chunk is a token. Returns the clock's start (perf_counter: the system's monotonic clock, the same in every
+    process), each request's token times and its usage (the server's counts), and the wall time."""
+    start, token_times, usages = time.perf_counter(), [[] for _ in bodies], [None] * len(bodies)
 
     def request(i):
         time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
@@ -205,15 +212,13 @@ def replay_over_http(port, bodies, arrivals):
                     raise RuntimeError(f"request {i} failed: {chunk['error']['message']}")
                 if chunk["choices"]:
                     token_times[i].append(now)
-                elif (chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"]) != (
-                        len(bodies[i]["prompt"]), len(token_times[i])):  # the last chunk (usage alone) disagrees
-                    raise RuntimeError(f"request {i}: {len(bodies[i]['prompt'])} prompt tokens and "
-                                       f"{len(token_times[i])} chunks, but the server counted {chunk['usage']}")
+                else:  # the last chunk: the usage alone
+                    usages[i] = chunk["usage"]
         finally:
             connection.close()
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         list(pool.map(request, range(len(bodies))))  # (re-raises a request's error)
-    return start, token_times, time.perf_counter() - start
+    return start, token_times, usages, time.perf_counter() - start
 
 
 def latency_table(token_times, arrivals, classes):
