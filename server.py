@@ -220,7 +220,7 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
             prompt = "" if not echo else output.prompt if output.prompt is not None else tokenizer.decode(
                 output.prompt_token_ids)  # echo: the prompt comes first
             logprobs = None if completion.logprobs is None else completion_logprobs(
-                [*zip(output.prompt_token_ids, output.prompt_logprobs)] * (echo and first)
+                [*zip(output.prompt_token_ids, output.prompt_logprobs or [])] * (echo and first)
                 + [*zip(completion.token_ids[start:], completion.logprobs[start:])],
                 0 if first else len(prompt) + len(previous.text), tokenizer)
             return {"index": index, "text": prompt * first + text, "logprobs": logprobs,

@@ -3356,6 +3356,10 @@ class TestServer:
         assert choice.logprobs.tokens[1:] == [e[t].decoded_token for t, e in pairs]
         for top, entry in zip(choice.logprobs.top_logprobs[1:], entries[1:], strict=True):
             assert top == pytest.approx({e.decoded_token: e.logprob for e in entry.values()}, abs=1e-5)
+        chunks = client.completions.create(model="tiny-chat", prompt="the cat sat", max_tokens=5, temperature=0,
+                                           logprobs=3, stream=True, extra_body=dict(ignore_eos=True))  # no echo
+        assert [p for c in chunks for p in c.choices[0].logprobs.token_logprobs] == pytest.approx(
+            [e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs, strict=True)], abs=1e-5)
         [chat] = reference.chat([{"role": "user", "content": "hello"}],
                                 replace(params, logprobs=2, prompt_logprobs=None), use_tqdm=False)
         _, _, streamed, _ = _streamed(client.chat.completions.create(
