@@ -3030,7 +3030,8 @@ class TestBench:
         ("--logprobs", "513", "vocabulary size, 512"), ("--logprobs", "-1", "vocabulary size, 512"),
         ("--json", "{tmp}/missing/out.json", "directory is missing"),
         ("--plot", "{tmp}/missing/itl.png", "directory is missing"), ("--model", "{tmp}", "config.json not found"),
-        ("--compare", "--no-prefix-caching", "prefix caching is off already")])
+        ("--compare", "--no-prefix-caching", "prefix caching is off already"),
+        ("--through-server", "--latency", "replays an online workload's requests")])
     def test_bench_rejects_bad_flag_naming_it_before_any_run(self, tmp_path, monkeypatch, capsys, flag, value, says):
         monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--workload", "short", "--num-seqs", "2",
                                           "--max-output-len", "4", flag, value.format(tmp=tmp_path)])
