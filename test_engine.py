@@ -3288,6 +3288,13 @@ class TestServer:
         client.close()
         _stop(uvicorn_server, thread)
 
+    def test_the_online_defaults_reach_the_engine_unless_a_flag_overrides_them(self):
+        import server
+        _, args = server.parse_args(["--model", "m"])
+        assert args == server.SERVER_DEFAULTS == {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
+        _, args = server.parse_args(["--model", "m", "--no-budget-counts-attention", "--max-num-batched-tokens", "8"])
+        assert args == {"max_num_batched_tokens": 8, "budget_counts_attention": False}
+
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
     def test_completions_equal_generate(self, served, stream):
         client, _, reference, _ = served
