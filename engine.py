@@ -27,8 +27,8 @@ import torch
 
 from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
-from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
-                   resolve_device_and_dtype)
+from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, quantize_fp8,
+                   random_model, resolve_device_and_dtype)
 from sampler import SamplingTensors, logits_adjustment, logprobs_of, sample, seed_for, to_device
 from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
                        SchedulerOutput, find_stop_string)
@@ -898,9 +898,12 @@ def _load(model: str, config: EngineConfig) -> tuple[Transformer, Tokenizer | No
     if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
+    network = random_model(model, dtype, device, seed=config.seed) if model in SHAPES else load_model(model, dtype, device)
+    if config.quantization == "fp8":  # online: after loading, as vLLM (an fp8 checkpoint's weights already are)
+        quantize_fp8(network)
     if model in SHAPES:
-        return random_model(model, dtype, device, seed=config.seed), None
-    network, tokenizer = load_model(model, dtype, device), None
+        return network, None
+    tokenizer = None
     try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
         tokenizer = load_tokenizer(model)
     except FileNotFoundError as missing:

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import attention
-from attention import FP8_MAX, AttentionMetadata
+from attention import FP8, FP8_MAX, AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -77,6 +77,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32  # the dtype the model runs in; load_model/random_model set it
     sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, as SamplingParams fields
+    quantization: str | None = None  # "fp8": the checkpoint's linear weights are e4m3 (its quantization_config)
+    static_input_scales: bool = False  # with "fp8": the checkpoint's activation scales (input_scale), else per token
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -147,7 +149,7 @@ CONFIG_RULES = {
     **dict.fromkeys(["num_key_value_heads", "head_dim", "sliding_window"], _rule((int,), "an int >= 1", above=0)),
     "rms_norm_eps": _POSITIVE, "rope_theta": _POSITIVE, "rope_scaling": _OBJECT, "rope_parameters": _OBJECT,
     **dict.fromkeys(["tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"], _FLAG),
-    "layer_types": _LIST, **ID_RULES}
+    "layer_types": _LIST, "quantization_config": _OBJECT, **ID_RULES}
 
 
 def _as_id_list(value) -> list[int]:
@@ -200,6 +202,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         raise ValueError(f"config.json: sliding-window attention (sliding_window={window}, max_position_embeddings="
                          f"{max_positions}) is not supported; supported: full attention (sliding_window null)")
     rope_theta, rope_scaling = _read_rope(raw)
+    quantization, static_input_scales = _read_quantization(raw.get("quantization_config"))
     num_q_heads = raw["num_attention_heads"]
     default_head_dim = 128 if architecture == "Qwen3ForCausalLM" else raw["hidden_size"] // num_q_heads
     return ModelConfig(
@@ -210,7 +213,44 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
-        sampling_defaults=_sampling_defaults(generation))
+        sampling_defaults=_sampling_defaults(generation), quantization=quantization,
+        static_input_scales=static_input_scales)
+
+
+def _read_quantization(spec: dict | None) -> tuple[str | None, bool]:
+    """config.json's quantization_config -> ("fp8", whether activation scales are static) for the fp8 checkpoints we
+    run: llm-compressor's (compressed-tensors: fp8 weights per tensor or channel, fp8 activations per token or tensor)
+    and vLLM's quant_method "fp8"; (None, False) without one. Any other scheme is refused by name: loading its
+    tensors as bf16 would run a different model."""
+    if spec is None:
+        return None, False
+    method, groups, ignored = spec.get("quant_method"), spec.get("config_groups"), spec.get("ignore") or []
+    if method == "fp8" and not spec.get("weight_block_size"):
+        return "fp8", spec.get("activation_scheme", "dynamic") == "static"
+    groups = [g if isinstance(g, dict) else {} for g in (groups.values() if isinstance(groups, dict) else [])]
+    pairs = [(g.get("weights") or {}, g.get("input_activations") or {}) for g in groups]
+    schemes = {_fp8_scheme(weights, activations) for weights, activations in pairs}
+    # Layers it leaves unquantized (beyond lm_head) would come as bf16 weights that we would quantize: refused.
+    if method == "compressed-tensors" and len(schemes) == 1 and None not in schemes and set(ignored) <= {"lm_head"}:
+        return "fp8", schemes.pop() == "static"
+    scheme = (f"block-wise fp8 (weight_block_size {spec['weight_block_size']})" if method == "fp8" else
+              f"quant_method {method!r}" + "".join(f", weights {w.get('type')}{w.get('num_bits')} per "
+                                                   f"{w.get('strategy')} with activations {a.get('type', 'bf16')}"
+                                                   f"{a.get('num_bits', '')}" for w, a in pairs)
+              + (f", ignore {ignored}" if set(ignored) - {"lm_head"} else ""))
+    raise ValueError(f"config.json: quantization_config {scheme} is not supported; supported: fp8 weights per tensor "
+                     "or channel with fp8 activations (llm-compressor's FP8 / FP8_DYNAMIC, quant_method 'fp8')")
+
+
+def _fp8_scheme(weights: dict, activations: dict) -> str | None:
+    """A compressed-tensors config group: "dynamic" or "static" (its activation scales) if we run it, else None."""
+    def fp8(spec):
+        return spec.get("type") == "float" and spec.get("num_bits") == 8
+    if not (fp8(weights) and weights.get("strategy") in ("tensor", "channel") and fp8(activations)):
+        return None
+    if activations.get("dynamic") is True:  # per token or per tensor: each token's own scale is the finer of them
+        return "dynamic"
+    return "static" if activations.get("strategy") == "tensor" else None
 
 
 def _sampling_defaults(generation: dict) -> dict:
@@ -343,6 +383,94 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---- fp8 weights (W8A8): e4m3 weights with a scale per output channel, activations rounded to e4m3 per token.
+# The scales are amax / FP8_MAX, so each row's largest value lands on e4m3's largest. Where the weights come
+# from (online, or a checkpoint's per-tensor or per-channel scales) is the loader's business: a per-tensor scale
+# is simply repeated over its rows, so fused q/k/v (gate/up) parts with different scales stay exact.
+
+class Fp8Linear(nn.Module):
+    """A linear weight [out, in] as e4m3 `weight` and fp32 `scale` [out, 1] (weight ~= weight * scale), quantized here
+    from a float one; input_scale: a checkpoint's static activation scale [1], or None (each token's own)."""
+
+    def __init__(self, weight: torch.Tensor, static_input_scale: bool = False):
+        super().__init__()
+        quantized, scale = quantize_rows_reference(weight)
+        self.weight, self.scale = (nn.Parameter(t, requires_grad=False) for t in (quantized, scale))
+        self.input_scale = nn.Parameter(torch.zeros(1, device=weight.device), requires_grad=False) \
+            if static_input_scale else None
+
+
+def quantize_rows_reference(x: torch.Tensor, input_scale: torch.Tensor | None = None):
+    """x [rows, cols] -> (e4m3 [rows, cols], fp32 scales [rows, 1]) with x ~= e4m3 * scale: each row's amax / FP8_MAX,
+    or the static input_scale [1] for every row (saturating what exceeds it)."""
+    x = x.float()
+    scale = (x.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12) if input_scale is None else \
+        input_scale.expand(x.shape[0], 1)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, input_scale_ptr, cols, stride_x, BLOCK: tl.constexpr,
+                          STATIC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
+    scale = tl.load(input_scale_ptr) if STATIC else tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)  # FP8_MAX
+    quantized = tl.clamp(x / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * cols + offsets, quantized, mask=offsets < cols)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None):
+    """Triton version of quantize_rows_reference (same arguments and result) for GPUs with e4m3 (capability >= 8.9;
+    the CPU interpreter mis-rounds fp32 -> e4m3): one program per row."""
+    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    if x.shape[0] > 0:
+        block = triton.next_power_of_2(x.shape[1])
+        _quantize_rows_kernel[(x.shape[0],)](x, out, scale, scale if input_scale is None else input_scale, x.shape[1],
+                                             x.stride(0), BLOCK=block, STATIC=input_scale is not None,
+                                             num_warps=min(16, max(1, block // 512)))
+    return out, scale
+
+
+def linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) in x's dtype. An Fp8Linear: x rounded to e4m3 per token, the e4m3 products summed in
+    fp32 and scaled by both scales, as fp8 tensor cores do (exact products, fp32 sums)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    quantized, scale = quantize_rows_reference(x, weight.input_scale)
+    out = (quantized.float() @ weight.weight.float().t()) * scale * weight.scale.t()
+    return (out if bias is None else out + bias).to(x.dtype)
+
+
+@functools.cache
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_reference's fast version: an Fp8Linear in bf16 on fp8 tensor cores (Ada, Hopper and later) runs
+    torch._scaled_mm with row-wise scales (per token, per channel); the rest is linear_reference."""
+    if isinstance(weight, torch.Tensor) or x.dtype != torch.bfloat16 or not _has_fp8_tensor_cores(x.device):
+        return linear_reference(x, weight, bias)
+    quantized, scale = quantize_rows(x, weight.input_scale)
+    out = torch._scaled_mm(quantized, weight.weight.t(), scale, weight.scale.t(), out_dtype=x.dtype)
+    return out if bias is None else out + bias
+
+
+@torch.no_grad()
+def quantize_fp8(model: "Transformer", static_input_scales: bool = False) -> None:
+    """Online fp8 (vLLM's quantization="fp8"): each layer's four linear weights still in a float dtype become
+    Fp8Linears; the embedding, lm_head and norms stay. An fp8 checkpoint runs it before loading, whose tensors then
+    overwrite the weights and scales. Under tensor parallelism each rank quantizes its own shard."""
+    for layer in model.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            if isinstance(weight := getattr(layer, name), torch.Tensor):
+                delattr(layer, name)  # nn.Module lets a parameter's name hold only a parameter
+                setattr(layer, name, Fp8Linear(weight, static_input_scales))
+
+
 @dataclass(frozen=True)
 class LayerKernels:
     """A layer's fused Triton kernels, or (the default) their plain-torch references: same signatures."""
@@ -350,9 +478,11 @@ class LayerKernels:
     rope_and_write_kv: Callable = attention.rope_and_write_kv_reference
     paged_attention: Callable = attention.paged_attention_reference
     silu_and_mul: Callable = silu_and_mul_reference
+    linear: Callable = linear_reference
 
 
-TRITON_KERNELS = LayerKernels(add_rms_norm, attention.rope_and_write_kv, attention.paged_attention, silu_and_mul)
+TRITON_KERNELS = LayerKernels(add_rms_norm, attention.rope_and_write_kv, attention.paged_attention, silu_and_mul,
+                              linear)
 
 
 def _empty(*shape, config: ModelConfig) -> nn.Parameter:
@@ -382,7 +512,7 @@ class DecoderLayer(nn.Module):
 
     def attention(self, x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         c = self.config
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        qkv = kernels.linear(x, self.qkv_proj, self.qkv_bias)
         if self.calibrate_kv_scale:  # calculate_kv_scales: amax / FP8_MAX of this first batch's K and V, then frozen
             _, k, v = attention.rotated_qkv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                             c.rms_norm_eps, c.num_kv_heads, c.head_dim)
@@ -393,7 +523,7 @@ class DecoderLayer(nn.Module):
         q = kernels.rope_and_write_kv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                       c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping, self.kv_scale)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5, self.kv_scale)
-        return F.linear(out.reshape(x.shape[0], -1), self.o_proj)
+        return kernels.linear(out.reshape(x.shape[0], -1), self.o_proj)
 
     def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         """hidden: the previous layer's output, not yet added to the residual stream: the add is
@@ -403,7 +533,7 @@ class DecoderLayer(nn.Module):
         x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps)
         x = self.attention(x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels)
         x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps)
-        return F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return kernels.linear(kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class Transformer(nn.Module):
@@ -451,21 +581,22 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------- weights
 
 def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the slice of our (fused) parameter it is copied into."""
+    """HF tensor name -> the slice of our (fused) parameter it is copied into (Fp8Rows for an fp8 weight's)."""
     targets = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm}
     if not model.config.tie_word_embeddings:
         targets["lm_head.weight"] = model.lm_head
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}."
-        q, k, v = layer.qkv_proj.split(layer.qkv_sizes)
-        gate, up = layer.gate_up_proj.chunk(2)
+        c = model.config
+        for names, weight, sizes in [
+                (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], layer.qkv_proj, layer.qkv_sizes),
+                (["self_attn.o_proj"], layer.o_proj, [c.hidden_size]),
+                (["mlp.gate_proj", "mlp.up_proj"], layer.gate_up_proj, [c.intermediate_size] * 2),
+                (["mlp.down_proj"], layer.down_proj, [c.hidden_size])]:
+            targets.update(_linear_targets([prefix + name for name in names], weight, sizes))
         targets.update({
             prefix + "input_layernorm.weight": layer.input_layernorm,
-            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": layer.o_proj,
             prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm,
-            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": layer.down_proj,
             # optional: the fp8 KV scales of llm-compressor checkpoints
             prefix + "self_attn.k_scale": layer.kv_scale[:1], prefix + "self_attn.v_scale": layer.kv_scale[1:]})
         if layer.qkv_bias is not None:
@@ -475,6 +606,38 @@ def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
         if layer.q_norm is not None:
             targets.update({prefix + "self_attn.q_norm.weight": layer.q_norm,
                             prefix + "self_attn.k_norm.weight": layer.k_norm})
+    return targets
+
+
+@dataclass
+class Fp8Rows:
+    """Rows of an Fp8Linear that one HF tensor fills: an e4m3 tensor is copied (its weight_scale comes apart), a
+    float one quantized per row into both (exact slice by slice: every row has its own scale)."""
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.weight.shape
+
+    def copy_(self, tensor: torch.Tensor) -> None:
+        if tensor.dtype == FP8:
+            self.weight.copy_(tensor)
+        else:
+            for target, value in zip((self.weight, self.scale), quantize_rows_reference(tensor.to(self.weight.device))):
+                target.copy_(value)
+
+
+def _linear_targets(names: list[str], weight, sizes: list[int]) -> dict:
+    """The HF names of a (fused) linear weight's parts -> their rows; for an Fp8Linear also each part's weight_scale
+    (per tensor [1] or per channel, repeated over its rows) and input_scale (the parts share one: see load_tensors)."""
+    if isinstance(weight, torch.Tensor):
+        return {name + ".weight": part for name, part in zip(names, weight.split(sizes))}
+    targets = {}
+    for name, rows, scale in zip(names, weight.weight.split(sizes), weight.scale.split(sizes)):
+        targets.update({name + ".weight": Fp8Rows(rows, scale), name + ".weight_scale": scale})
+        if weight.input_scale is not None:
+            targets[name + ".input_scale"] = weight.input_scale
     return targets
 
 
@@ -510,13 +673,21 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target = targets[name]
+        if tensor.dtype.itemsize == 1 and not (tensor.dtype == FP8 and isinstance(target, Fp8Rows)):
+            raise ValueError(f"tensor {name!r} in {source}: {tensor.dtype} is read only into the linear weights of a "
+                             "checkpoint whose config.json has an fp8 quantization_config")
         if name.endswith("_scale") and not (torch.isfinite(tensor).all() and (tensor > 0).all()):
-            raise ValueError(f"tensor {name!r} in {source}: a KV cache scale must be finite and > 0, got {tensor}")
-        if tensor.shape != target.shape and not tensor.numel() == target.numel() == 1:  # a scale: [] or [1]
+            raise ValueError(f"tensor {name!r} in {source}: a scale must be finite and > 0, got {tensor}")
+        # a scale: [] or [1] (per tensor), or one per row
+        if tensor.shape != target.shape and not (name.endswith("_scale") and tensor.numel() in (1, target.numel())):
             raise ValueError(f"tensor {name!r} in {source}: shape {tuple(tensor.shape)}, "
                              f"expected {tuple(target.shape)} from config.json")
         with torch.no_grad():
-            target.copy_(tensor.reshape(target.shape))
+            if name.endswith("input_scale"):  # q/k/v (gate/up) read one input: the largest of their scales, as vLLM
+                target.copy_(torch.maximum(target, tensor.reshape(1).to(target.device)))
+            else:
+                target.copy_(tensor if isinstance(target, Fp8Rows) else tensor.reshape(-1, 1).expand(target.shape)
+                             if name.endswith("weight_scale") else tensor.reshape(target.shape))
         loaded.add(name)
     return loaded
 
@@ -535,7 +706,8 @@ def load_weights(model: Transformer, path: str):
     """Every weight of a checkpoint directory into the model; a missing one is an error."""
     files = _safetensors_files(path)
     loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
-    if missing := sorted(name for name in _checkpoint_targets(model).keys() - loaded if not name.endswith("_scale")):
+    optional = (".k_scale", ".v_scale")
+    if missing := sorted(name for name in _checkpoint_targets(model).keys() - loaded if not name.endswith(optional)):
         raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                          f"in {', '.join(files)}")
 
@@ -544,6 +716,8 @@ def load_model(path: str, dtype=None, device=None) -> Transformer:
     """An HF checkpoint directory -> Transformer on `device` in `dtype` (see resolve_device_and_dtype)."""
     device, dtype = resolve_device_and_dtype(device, dtype)
     model = Transformer(replace(read_config(path), dtype=dtype), device)
+    if model.config.quantization == "fp8":  # the checkpoint's e4m3 weights and scales load into Fp8Linears
+        quantize_fp8(model, model.config.static_input_scales)
     load_weights(model, path)
     return model
 

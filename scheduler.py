@@ -72,6 +72,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = False
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (vLLM's cap)
+    quantization: str | None = None  # "fp8": linear weights in e4m3 (an fp8 checkpoint's are, with or without it)
 
     def __post_init__(self):
         flag = (lambda v: isinstance(v, bool), "a bool")
@@ -84,7 +85,8 @@ class EngineConfig:
             "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
             "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
-            "max_logprobs": (int_at_least(0), "an int >= 0")})
+            "max_logprobs": (int_at_least(0), "an int >= 0"),
+            "quantization": (lambda v: v in (None, "fp8"), "one of None, 'fp8'")})
 
 
 
