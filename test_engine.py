@@ -2864,13 +2864,13 @@ class TestFp8:
     def test_model_with_fast_kernels_equals_reference_kernels_in_bf16(self):
         net = random_model("tiny", torch.bfloat16, "cuda")
         model.quantize_fp8(net)
-        input_ids, positions, kv_cache, meta = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _one_batch(
-            net.config, [9, 1, 30]))
-        meta = _paged_batch([9, 1, 30], [0, 0, 0], [[0, 1], [2], [3, 4, 5, 6]], 8, "cuda")[1]
+        positions, meta = _paged_batch([9, 1, 30], [0, 0, 0], [[0, 1], [2], [3, 4, 5, 6]], 8, "cuda")
+        input_ids = torch.randint(0, net.config.vocab_size, (40,), device="cuda")
+        kv_cache = _kv_cache(net.config, 7, 8).cuda()
         with torch.no_grad():
-            fast = net(input_ids, positions, kv_cache.cuda(), meta)
-            net.use_triton = False
-            reference = net(input_ids, positions, kv_cache.cuda(), meta)
+            fast = net(input_ids, positions, kv_cache, meta)
+            net.use_triton = False  # the plain-torch LayerKernels, linear_reference among them
+            reference = net(input_ids, positions, kv_cache, meta)
         _assert_close(fast, reference)
 
     @pytest.mark.parametrize("method,strategy,static", [("compressed-tensors", "tensor", True),
