@@ -112,6 +112,8 @@ class LLM:
     def __init__(self, model: str, **engine_args):
         config = EngineConfig(**engine_args)
         network, self.tokenizer = _load(model, config)
+        if config.quantization == "fp8":  # online: after loading, as in vLLM (an fp8 checkpoint's weights already are)
+            quantize_fp8(network)
         limit = network.config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
@@ -898,12 +900,9 @@ def _load(model: str, config: EngineConfig) -> tuple[Transformer, Tokenizer | No
     if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
-    network = random_model(model, dtype, device, seed=config.seed) if model in SHAPES else load_model(model, dtype, device)
-    if config.quantization == "fp8":  # online: after loading, as vLLM (an fp8 checkpoint's weights already are)
-        quantize_fp8(network)
     if model in SHAPES:
-        return network, None
-    tokenizer = None
+        return random_model(model, dtype, device, seed=config.seed), None
+    network, tokenizer = load_model(model, dtype, device), None
     try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
         tokenizer = load_tokenizer(model)
     except FileNotFoundError as missing:

@@ -13,8 +13,8 @@ attention.py's fused RoPE + KV write a layer runs 9 kernels instead of 21 (Qwen3
 The tokenizer (its own section) turns an HF byte-level BPE tokenizer.json into a tiktoken.Encoding
 and renders chat templates.
 
-Owns: ModelConfig (from HF config.json), the forward, loading *.safetensors, random init, the
-tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
+Owns: ModelConfig (from HF config.json), the forward, fp8 weights (Fp8Linear: online or an fp8 checkpoint's),
+loading *.safetensors, random init, the tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
 """
 import codecs
 import functools
@@ -202,7 +202,6 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         raise ValueError(f"config.json: sliding-window attention (sliding_window={window}, max_position_embeddings="
                          f"{max_positions}) is not supported; supported: full attention (sliding_window null)")
     rope_theta, rope_scaling = _read_rope(raw)
-    quantization, static_input_scales = _read_quantization(raw.get("quantization_config"))
     num_q_heads = raw["num_attention_heads"]
     default_head_dim = 128 if architecture == "Qwen3ForCausalLM" else raw["hidden_size"] // num_q_heads
     return ModelConfig(
@@ -213,44 +212,33 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
-        sampling_defaults=_sampling_defaults(generation), quantization=quantization,
-        static_input_scales=static_input_scales)
+        sampling_defaults=_sampling_defaults(generation), **_read_quantization(raw.get("quantization_config")))
 
 
-def _read_quantization(spec: dict | None) -> tuple[str | None, bool]:
-    """config.json's quantization_config -> ("fp8", whether activation scales are static) for the fp8 checkpoints we
-    run: llm-compressor's (compressed-tensors: fp8 weights per tensor or channel, fp8 activations per token or tensor)
-    and vLLM's quant_method "fp8"; (None, False) without one. Any other scheme is refused by name: loading its
-    tensors as bf16 would run a different model."""
+def _read_quantization(spec: dict | None) -> dict:
+    """quantization_config -> ModelConfig's quantization and static_input_scales for the fp8 schemes we run ({} without
+    one). Any other is refused by name (layers left in bf16 beyond lm_head too): that would be another model."""
     if spec is None:
-        return None, False
+        return {}
     method, groups, ignored = spec.get("quant_method"), spec.get("config_groups"), spec.get("ignore") or []
+    schemes = {_fp8_scheme(group) for group in (groups.values() if isinstance(groups, dict) else [])}
     if method == "fp8" and not spec.get("weight_block_size"):
-        return "fp8", spec.get("activation_scheme", "dynamic") == "static"
-    groups = [g if isinstance(g, dict) else {} for g in (groups.values() if isinstance(groups, dict) else [])]
-    pairs = [(g.get("weights") or {}, g.get("input_activations") or {}) for g in groups]
-    schemes = {_fp8_scheme(weights, activations) for weights, activations in pairs}
-    # Layers it leaves unquantized (beyond lm_head) would come as bf16 weights that we would quantize: refused.
+        return dict(quantization="fp8", static_input_scales=spec.get("activation_scheme") == "static")
     if method == "compressed-tensors" and len(schemes) == 1 and None not in schemes and set(ignored) <= {"lm_head"}:
-        return "fp8", schemes.pop() == "static"
-    scheme = (f"block-wise fp8 (weight_block_size {spec['weight_block_size']})" if method == "fp8" else
-              f"quant_method {method!r}" + "".join(f", weights {w.get('type')}{w.get('num_bits')} per "
-                                                   f"{w.get('strategy')} with activations {a.get('type', 'bf16')}"
-                                                   f"{a.get('num_bits', '')}" for w, a in pairs)
-              + (f", ignore {ignored}" if set(ignored) - {"lm_head"} else ""))
-    raise ValueError(f"config.json: quantization_config {scheme} is not supported; supported: fp8 weights per tensor "
-                     "or channel with fp8 activations (llm-compressor's FP8 / FP8_DYNAMIC, quant_method 'fp8')")
+        return dict(quantization="fp8", static_input_scales=schemes.pop() == "static")
+    details = json.dumps({key: spec[key] for key in ("config_groups", "weight_block_size", "ignore") if spec.get(key)})
+    raise ValueError(f"config.json: quantization_config quant_method {method!r} {details[:300]} is not supported; "
+                     "supported: fp8 weights per tensor or channel with fp8 activations (llm-compressor's FP8 schemes)")
 
 
-def _fp8_scheme(weights: dict, activations: dict) -> str | None:
-    """A compressed-tensors config group: "dynamic" or "static" (its activation scales) if we run it, else None."""
-    def fp8(spec):
-        return spec.get("type") == "float" and spec.get("num_bits") == 8
-    if not (fp8(weights) and weights.get("strategy") in ("tensor", "channel") and fp8(activations)):
+def _fp8_scheme(group) -> str | None:
+    """A compressed-tensors config group we run: "dynamic" (per token or tensor: we take per token) or "static"."""
+    group = group if isinstance(group, dict) else {}
+    weights, inputs = group.get("weights") or {}, group.get("input_activations") or {}
+    if not (all(spec.get("type") == "float" and spec.get("num_bits") == 8 for spec in (weights, inputs))
+            and weights.get("strategy") in ("tensor", "channel")):
         return None
-    if activations.get("dynamic") is True:  # per token or per tensor: each token's own scale is the finer of them
-        return "dynamic"
-    return "static" if activations.get("strategy") == "tensor" else None
+    return "dynamic" if inputs.get("dynamic") is True else "static" if inputs.get("strategy") == "tensor" else None
 
 
 def _sampling_defaults(generation: dict) -> dict:
@@ -383,10 +371,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# ---- fp8 weights (W8A8): e4m3 weights with a scale per output channel, activations rounded to e4m3 per token.
-# The scales are amax / FP8_MAX, so each row's largest value lands on e4m3's largest. Where the weights come
-# from (online, or a checkpoint's per-tensor or per-channel scales) is the loader's business: a per-tensor scale
-# is simply repeated over its rows, so fused q/k/v (gate/up) parts with different scales stay exact.
+# ---- fp8 weights (W8A8): e4m3 weights, a scale (amax / FP8_MAX) per output channel; activations e4m3 per token.
 
 class Fp8Linear(nn.Module):
     """A linear weight [out, in] as e4m3 `weight` and fp32 `scale` [out, 1] (weight ~= weight * scale), quantized here
@@ -394,43 +379,36 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, static_input_scale: bool = False):
         super().__init__()
-        quantized, scale = quantize_rows_reference(weight)
-        self.weight, self.scale = (nn.Parameter(t, requires_grad=False) for t in (quantized, scale))
-        self.input_scale = nn.Parameter(torch.zeros(1, device=weight.device), requires_grad=False) \
-            if static_input_scale else None
+        self.weight, self.scale = (nn.Parameter(t, requires_grad=False) for t in quantize_rows_reference(weight))
+        self.input_scale = nn.Parameter(torch.zeros(1, device=weight.device), False) if static_input_scale else None
 
 
 def quantize_rows_reference(x: torch.Tensor, input_scale: torch.Tensor | None = None):
-    """x [rows, cols] -> (e4m3 [rows, cols], fp32 scales [rows, 1]) with x ~= e4m3 * scale: each row's amax / FP8_MAX,
-    or the static input_scale [1] for every row (saturating what exceeds it)."""
+    """x -> (e4m3, fp32 scales [rows, 1]), x ~= e4m3 * scale: each row's amax / FP8_MAX, or a static input_scale [1]."""
     x = x.float()
-    scale = (x.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12) if input_scale is None else \
-        input_scale.expand(x.shape[0], 1)
+    scale = input_scale.expand(len(x), 1) if input_scale is not None else (x.abs().amax(1, True) / FP8_MAX).clamp(1e-12)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, input_scale_ptr, cols, stride_x, BLOCK: tl.constexpr,
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, input_scale_ptr, width, stride_x, BLOCK: tl.constexpr,
                           STATIC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offsets = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * stride_x + offsets, mask=offsets < cols, other=0.0).to(tl.float32)
+    col = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + col, mask=col < width, other=0.0).to(tl.float32)
     scale = tl.load(input_scale_ptr) if STATIC else tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)  # FP8_MAX
-    quantized = tl.clamp(x / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * cols + offsets, quantized, mask=offsets < cols)
+    tl.store(out_ptr + row * width + col, tl.clamp(x / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty), col < width)
     tl.store(scale_ptr + row, scale)
 
 
 def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None):
-    """Triton version of quantize_rows_reference (same arguments and result) for GPUs with e4m3 (capability >= 8.9;
-    the CPU interpreter mis-rounds fp32 -> e4m3): one program per row."""
-    out = torch.empty(x.shape, dtype=FP8, device=x.device)
-    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    if x.shape[0] > 0:
+    """Triton version of quantize_rows_reference (same arguments and result), one program per row: GPUs only."""
+    out, scale = torch.empty(x.shape, dtype=FP8, device=x.device), x.new_empty(len(x), 1, dtype=torch.float32)
+    if len(x) > 0:
         block = triton.next_power_of_2(x.shape[1])
-        _quantize_rows_kernel[(x.shape[0],)](x, out, scale, scale if input_scale is None else input_scale, x.shape[1],
-                                             x.stride(0), BLOCK=block, STATIC=input_scale is not None,
-                                             num_warps=min(16, max(1, block // 512)))
+        _quantize_rows_kernel[(len(x),)](x, out, scale, scale if input_scale is None else input_scale, x.shape[1],
+                                         x.stride(0), BLOCK=block, STATIC=input_scale is not None,
+                                         num_warps=max(1, min(16, block // 512)))
     return out, scale
 
 
@@ -444,26 +422,19 @@ def linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) 
     return (out if bias is None else out + bias).to(x.dtype)
 
 
-@functools.cache
-def _has_fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+_has_fp8_tensor_cores = functools.cache(lambda device: torch.cuda.get_device_capability(device) >= (8, 9))
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear_reference's fast version: an Fp8Linear in bf16 on fp8 tensor cores (Ada, Hopper and later) runs
-    torch._scaled_mm with row-wise scales (per token, per channel); the rest is linear_reference."""
+    """linear_reference; on CUDA an Fp8Linear in bf16 runs torch._scaled_mm (fp8 tensor cores, row-wise scales)."""
     if isinstance(weight, torch.Tensor) or x.dtype != torch.bfloat16 or not _has_fp8_tensor_cores(x.device):
         return linear_reference(x, weight, bias)
     quantized, scale = quantize_rows(x, weight.input_scale)
-    out = torch._scaled_mm(quantized, weight.weight.t(), scale, weight.scale.t(), out_dtype=x.dtype)
-    return out if bias is None else out + bias
+    return torch._scaled_mm(quantized, weight.weight.t(), scale, weight.scale.t(), bias=bias, out_dtype=x.dtype)
 
 
-@torch.no_grad()
 def quantize_fp8(model: "Transformer", static_input_scales: bool = False) -> None:
-    """Online fp8 (vLLM's quantization="fp8"): each layer's four linear weights still in a float dtype become
-    Fp8Linears; the embedding, lm_head and norms stay. An fp8 checkpoint runs it before loading, whose tensors then
-    overwrite the weights and scales. Under tensor parallelism each rank quantizes its own shard."""
+    """Online fp8 (vLLM's quantization="fp8"): each layer's four linear weights yet in float become Fp8Linears."""
     for layer in model.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             if isinstance(weight := getattr(layer, name), torch.Tensor):
@@ -581,19 +552,17 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------- weights
 
 def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the slice of our (fused) parameter it is copied into (Fp8Rows for an fp8 weight's)."""
+    """HF tensor name -> the slice of our (fused) parameter it is copied into."""
     targets = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm}
     if not model.config.tie_word_embeddings:
         targets["lm_head.weight"] = model.lm_head
     for i, layer in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        c = model.config
-        for names, weight, sizes in [
-                (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], layer.qkv_proj, layer.qkv_sizes),
-                (["self_attn.o_proj"], layer.o_proj, [c.hidden_size]),
-                (["mlp.gate_proj", "mlp.up_proj"], layer.gate_up_proj, [c.intermediate_size] * 2),
-                (["mlp.down_proj"], layer.down_proj, [c.hidden_size])]:
-            targets.update(_linear_targets([prefix + name for name in names], weight, sizes))
+        prefix, c = f"model.layers.{i}.", model.config
+        for names, weight, sizes in [("self_attn.q_proj self_attn.k_proj self_attn.v_proj", layer.qkv_proj,
+                                      layer.qkv_sizes), ("self_attn.o_proj", layer.o_proj, c.hidden_size),
+                                     ("mlp.gate_proj mlp.up_proj", layer.gate_up_proj, c.intermediate_size),
+                                     ("mlp.down_proj", layer.down_proj, c.hidden_size)]:
+            targets.update(_linear_targets([prefix + name for name in names.split()], weight, sizes))
         targets.update({
             prefix + "input_layernorm.weight": layer.input_layernorm,
             prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm,
@@ -609,33 +578,13 @@ def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
     return targets
 
 
-@dataclass
-class Fp8Rows:
-    """Rows of an Fp8Linear that one HF tensor fills: an e4m3 tensor is copied (its weight_scale comes apart), a
-    float one quantized per row into both (exact slice by slice: every row has its own scale)."""
-    weight: torch.Tensor
-    scale: torch.Tensor
-
-    @property
-    def shape(self):
-        return self.weight.shape
-
-    def copy_(self, tensor: torch.Tensor) -> None:
-        if tensor.dtype == FP8:
-            self.weight.copy_(tensor)
-        else:
-            for target, value in zip((self.weight, self.scale), quantize_rows_reference(tensor.to(self.weight.device))):
-                target.copy_(value)
-
-
-def _linear_targets(names: list[str], weight, sizes: list[int]) -> dict:
-    """The HF names of a (fused) linear weight's parts -> their rows; for an Fp8Linear also each part's weight_scale
-    (per tensor [1] or per channel, repeated over its rows) and input_scale (the parts share one: see load_tensors)."""
+def _linear_targets(names: list[str], weight, sizes: list[int] | int) -> dict:
+    """HF names of a (fused) linear weight's parts -> their rows; an Fp8Linear's also -> their scales' rows."""
     if isinstance(weight, torch.Tensor):
         return {name + ".weight": part for name, part in zip(names, weight.split(sizes))}
     targets = {}
     for name, rows, scale in zip(names, weight.weight.split(sizes), weight.scale.split(sizes)):
-        targets.update({name + ".weight": Fp8Rows(rows, scale), name + ".weight_scale": scale})
+        targets.update({name + ".weight": rows, name + ".weight_scale": scale})
         if weight.input_scale is not None:
             targets[name + ".input_scale"] = weight.input_scale
     return targets
@@ -673,21 +622,19 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target = targets[name]
-        if tensor.dtype.itemsize == 1 and not (tensor.dtype == FP8 and isinstance(target, Fp8Rows)):
-            raise ValueError(f"tensor {name!r} in {source}: {tensor.dtype} is read only into the linear weights of a "
-                             "checkpoint whose config.json has an fp8 quantization_config")
+        if tensor.dtype.itemsize == 1 and (tensor.dtype, target.dtype) != (FP8, FP8):
+            raise ValueError(f"tensor {name!r} in {source}: {tensor.dtype} fits only fp8 checkpoints' linear weights")
         if name.endswith("_scale") and not (torch.isfinite(tensor).all() and (tensor > 0).all()):
             raise ValueError(f"tensor {name!r} in {source}: a scale must be finite and > 0, got {tensor}")
-        # a scale: [] or [1] (per tensor), or one per row
         if tensor.shape != target.shape and not (name.endswith("_scale") and tensor.numel() in (1, target.numel())):
             raise ValueError(f"tensor {name!r} in {source}: shape {tuple(tensor.shape)}, "
                              f"expected {tuple(target.shape)} from config.json")
         with torch.no_grad():
+            if target.dtype == FP8 and tensor.dtype != FP8:  # quantized per row: slice by slice is exact
+                tensor, targets[name + "_scale"][:] = quantize_rows_reference(tensor.to(target.device))
             if name.endswith("input_scale"):  # q/k/v (gate/up) read one input: the largest of their scales, as vLLM
-                target.copy_(torch.maximum(target, tensor.reshape(1).to(target.device)))
-            else:
-                target.copy_(tensor if isinstance(target, Fp8Rows) else tensor.reshape(-1, 1).expand(target.shape)
-                             if name.endswith("weight_scale") else tensor.reshape(target.shape))
+                tensor = torch.maximum(target, tensor.reshape(1).to(target.device))
+            target.copy_(tensor.reshape(-1, 1) if name.endswith("weight_scale") else tensor.reshape(target.shape))
         loaded.add(name)
     return loaded
 
@@ -706,8 +653,7 @@ def load_weights(model: Transformer, path: str):
     """Every weight of a checkpoint directory into the model; a missing one is an error."""
     files = _safetensors_files(path)
     loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
-    optional = (".k_scale", ".v_scale")
-    if missing := sorted(name for name in _checkpoint_targets(model).keys() - loaded if not name.endswith(optional)):
+    if missing := sorted(n for n in {*_checkpoint_targets(model)} - loaded if not n.endswith(("k_scale", "v_scale"))):
         raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                          f"in {', '.join(files)}")
 
