@@ -246,10 +246,16 @@ def copy_bandwidth():
     return 2 * source.numel() * source.element_size() / (us * 1e-6)
 
 
-def matmul_rate():
-    """FLOP/s of a large bf16 matrix product (random data): the arithmetic ceiling we compare with."""
+def matmul_rate(fp8=False):
+    """FLOP/s of a large bf16 matrix product (random data), or with fp8: of the e4m3 product with row-wise scales
+    that fp8 weights run (torch._scaled_mm): the arithmetic ceiling we compare with."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=60, return_mode="median")
+    if fp8:
+        a, b, ones = a.to(FP8), b.to(FP8), torch.ones(8192, 1, device="cuda")
+        ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b.t(), ones, ones.t(), out_dtype=torch.bfloat16),
+                                     warmup=10, rep=60, return_mode="median")
+    else:
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=60, return_mode="median")
     return 2 * 8192 ** 3 / (ms * 1e-3)
 
 
@@ -293,7 +299,7 @@ def record_steps(llm):
     return steps
 
 
-def step_limits(llm, step, bandwidth, flops_rate):
+def step_limits(llm, step, bandwidth, flops_rate, layer_flops_rate=None):
     """One step's byte limit (every weight once plus its K/V context, over the copy bandwidth) and
     roofline limit: the sum over its two phases of the larger of bytes and FLOPs over the measured
     matmul rate. The matmuls stream the weights and compute every new token (lm_head: only the
@@ -306,13 +312,15 @@ def step_limits(llm, step, bandwidth, flops_rate):
     weight_seconds, kv_seconds = _weight_bytes(llm) / bandwidth, context * per_token / bandwidth
     q, kv = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim
     layer_params = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.intermediate_size * c.hidden_size
-    matmul_flops = 2 * c.num_layers * layer_params * new_tokens + 2 * c.vocab_size * c.hidden_size * sampled
-    roofline = (max(weight_seconds, matmul_flops / flops_rate)
+    # the layers' matmuls at layer_flops_rate (fp8 weights: the fp8 rate), lm_head at the bf16 rate
+    matmul_seconds = (2 * c.num_layers * layer_params * new_tokens / (layer_flops_rate or flops_rate)
+                      + 2 * c.vocab_size * c.hidden_size * sampled / flops_rate)
+    roofline = (max(weight_seconds, matmul_seconds)
                 + max(kv_seconds, 4 * c.num_layers * q * pairs / flops_rate))
     return weight_seconds + kv_seconds, roofline
 
 
-def timeline(llm, steps, start, bandwidth, flops_rate):
+def timeline(llm, steps, start, bandwidth, flops_rate, layer_flops_rate=None):
     """Decode-only steps bucketed by how many requests they ran (1-16, 17-32, ..., up to max_num_seqs),
     then one row for the steps that carry prompt tokens (their matmuls, not their bytes, set their
     speed): steps, seconds, byte-limit seconds, roofline-limit seconds, fractions, and each row's share
@@ -325,7 +333,7 @@ def timeline(llm, steps, start, bandwidth, flops_rate):
         row = buckets.setdefault(upper if step[3] == step[1] else math.inf, [0, 0.0, 0.0, 0.0])
         row[0], row[1] = row[0] + 1, row[1] + step[0] - previous
         if bandwidth:
-            byte_seconds, roofline_seconds = step_limits(llm, step, bandwidth, flops_rate)
+            byte_seconds, roofline_seconds = step_limits(llm, step, bandwidth, flops_rate, layer_flops_rate)
             row[2], row[3] = row[2] + byte_seconds, row[3] + roofline_seconds
         previous = step[0]
     lost = sum(seconds - limit for _, seconds, limit, _ in buckets.values()) if bandwidth else 0
@@ -607,6 +615,8 @@ def main():
     p.add_argument("--calculate-kv-scales", action="store_true", help="fp8 scales from the first batch")
     p.add_argument("--budget-counts-attention", action="store_true",
                    help="a token at context L counts 1 + L/P of the budget (P: attention FLOPs = linear FLOPs)")
+    p.add_argument("--quantization", choices=["fp8"], help="fp8: linear weights in e4m3 with a scale per output "
+                   "channel, activations per token (W8A8); an fp8 checkpoint (--model) is detected without it")
     p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="online workloads: draw inter-token latency over time (with "
@@ -699,7 +709,8 @@ def engine_settings(args, compare=False):
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                    calculate_kv_scales=args.calculate_kv_scales, budget_counts_attention=args.budget_counts_attention)
+                    calculate_kv_scales=args.calculate_kv_scales, budget_counts_attention=args.budget_counts_attention,
+                    quantization=args.quantization)
     if compare and args.kv_cache_dtype != "auto":
         settings["kv_cache_dtype"] = "auto"
     elif compare and args.workload == "mixed":
@@ -724,6 +735,7 @@ def run(args, on_gpu, compare=False):
         params = [dataclasses.replace(p, logprobs=args.logprobs) for p in params]
     bandwidth = copy_bandwidth() if on_gpu else None
     flops_rate = matmul_rate() if on_gpu else None
+    fp8_rate = matmul_rate(fp8=True) if on_gpu and args.quantization == "fp8" else None
     # Warm-up on another draw of the same workload with short outputs: its chunked prefills have the
     # shapes of the timed run's, so the Triton kernels they need are compiled (and cached on disk)
     # before the clock starts; it shares no prefix with the timed prompts.
@@ -763,6 +775,7 @@ def run(args, on_gpu, compare=False):
         device=str(llm.runner.device), gpu=torch.cuda.get_device_name() if on_gpu else None,
         async_scheduling=settings["async_scheduling"], cuda_graphs=bool(llm.runner.graphs),
         prefix_caching=settings["enable_prefix_caching"], kv_cache_dtype=settings["kv_cache_dtype"],
+        quantization=settings["quantization"],
         max_num_batched_tokens=settings["max_num_batched_tokens"], budget_counts_attention=args.budget_counts_attention,
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),
         output_tokens_per_s=round(output_tokens / seconds, 1),
@@ -781,7 +794,7 @@ def run(args, on_gpu, compare=False):
         if args.plot:  # (popped before printing) each short request's inter-token gaps, at the time of the later token
             result["itl_points"] = [(b, 1e3 * (b - a)) for i, c in enumerate(classes) if c != "document"
                                     for a, b in zip(token_times[i], token_times[i][1:])]
-    result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate)
+    result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate, fp8_rate)
     if on_gpu:
         torch.cuda.synchronize()
         busy_ms = sum(begin.elapsed_time(end) for begin, end in gpu_spans)
@@ -790,6 +803,7 @@ def run(args, on_gpu, compare=False):
         roofline_seconds = sum(row["roofline_seconds"] for row in result["timeline"])  # already per step
         result.update(peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), matmul_tflop_s=round(flops_rate / 1e12, 1),
+                      fp8_matmul_tflop_s=fp8_rate and round(fp8_rate / 1e12, 1),
                       bytes_needed_gb=round(needed / 1e9, 1),
                       limit_output_tokens_per_s=round(output_tokens / limit_seconds, 1),
                       fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4),
@@ -817,7 +831,8 @@ def decode_latency(args, on_gpu):
     decode = [(b[0] - a[0], b[2]) for a, b in zip(steps, steps[1:]) if b[3] == 1]  # (seconds, context)
     seconds = sorted(t for t, _ in decode)[len(decode) // 2]
     result = dict(arch=args.model or args.arch, gpu=torch.cuda.get_device_name() if on_gpu else None,
-                  async_scheduling=settings["async_scheduling"], context=f"{decode[0][1]}-{decode[-1][1]}",
+                  async_scheduling=settings["async_scheduling"], quantization=settings["quantization"],
+                  kv_cache_dtype=settings["kv_cache_dtype"], context=f"{decode[0][1]}-{decode[-1][1]}",
                   steps=len(decode), ms_per_step=round(seconds * 1e3, 3))
     if on_gpu:  # the byte limit of the middle step (one new token; no matmul rate: its roofline is not reported)
         bandwidth, context = copy_bandwidth(), decode[len(decode) // 2][1]

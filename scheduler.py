@@ -75,6 +75,7 @@ class EngineConfig:
     # A token at context L counts 1 + L / P of max_num_batched_tokens (P: the model's attention_parity_context), so
     # a step's FLOPs, hence its time, stay bounded however long the contexts of its prefill chunks (the server's)
     budget_counts_attention: bool = False
+    quantization: str | None = None  # "fp8": linear weights in e4m3 (an fp8 checkpoint's are, with or without it)
 
     def __post_init__(self):
         flag = (lambda v: isinstance(v, bool), "a bool")
@@ -88,7 +89,8 @@ class EngineConfig:
             "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
             "budget_counts_attention": flag,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
-            "max_logprobs": (int_at_least(0), "an int >= 0")})
+            "max_logprobs": (int_at_least(0), "an int >= 0"),
+            "quantization": (lambda v: v in (None, "fp8"), "one of None, 'fp8'")})
 
 
 

@@ -38,7 +38,7 @@ ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num
                 "max_num_batched_tokens": int, "block_size": int, "gpu_memory_utilization": float, "seed": int,
                 "kv_cache_dtype": str, "long_prefill_token_threshold": int, "enable_prefix_caching": bool,
                 "async_scheduling": bool, "enforce_eager": bool, "calculate_kv_scales": bool,
-                "budget_counts_attention": bool}
+                "budget_counts_attention": bool, "quantization": str}
 # Online defaults: a budget that counts attention keeps each step's time, hence the inter-token latency, near
 # steady while long documents are prefilled (BENCHMARKS.md, mixed workload: p99 / p50 1.71x, against 3.69x at 8,192)
 SERVER_DEFAULTS = {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
