@@ -15,15 +15,22 @@ Never touches: block bookkeeping (kv_cache.py), stop rules (scheduler.py), arith
 import contextlib
 import gc
 import itertools
+import os
 import random
+import signal
+import socket
 import sys
 import threading
 import time
 import warnings
+import weakref
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
@@ -111,15 +118,15 @@ class LLM:
 
     def __init__(self, model: str, **engine_args):
         config = EngineConfig(**engine_args)
-        network, self.tokenizer = _load(model, config)
-        limit = network.config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
-                             "(the model's max_position_embeddings)")
-        self.config = config = replace(config, max_model_len=config.max_model_len or limit)
+        self.tp = start_tensor_parallel(model, config)  # None: one process (under torchrun, ranks > 0 exit in here)
+        if self.tp:  # the workers end when this LLM is closed or collected, or at exit
+            weakref.finalize(self, self.tp.close)
+        with self.tp.collectives(atomic=False) if self.tp else contextlib.nullcontext():  # a failure stops every rank
+            network, self.tokenizer = _load(model, config)
+            self.config = config = _with_model_limit(config, network)
+            self.runner = ModelRunner(network, config, self.tp)
         # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
         eos = [*network.config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]
-        self.runner = ModelRunner(network, config)
         self.scheduler = Scheduler(config, self.runner.num_blocks, network.config.vocab_size, eos)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats, self.rng = self.runner.stats, random.Random(config.seed)  # rng: seeds of requests that bring none
@@ -219,6 +226,11 @@ class LLM:
         """Whether a request is running, or a final output waits for step()."""
         return self.scheduler.has_unfinished_requests() or bool(self.output_processor.finals.get(None))
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers now (collecting the LLM or exiting does it too); later calls fail."""
+        if self.tp:
+            self.tp.close()
+
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
 
@@ -235,6 +247,9 @@ class LLM:
                 raise RuntimeError("load_weights: requests are still running; finish or abort them first")
             self._settle()
             try:
+                if self.tp:  # every rank loads its part of the same tensors
+                    with self.tp.collectives():
+                        weights = share_weights(weights, self.runner)
                 load_tensors(self.runner.model, weights, "load_weights")
             finally:  # even a load that failed half-way has changed weights
                 self.reset_prefix_cache()
@@ -550,6 +565,9 @@ class OutputProcessor:
 # ---- ModelRunner: one step on the device. Every step's integers go to the device in ONE copy. -----------------------
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")  # float32 values bit-cast into the int32 buffer
+# The buffer's first words, all that tensor-parallel ranks > 0 read of it: what to do (STOP, STEP, LOAD) and a step's
+# StepPlan.shape.
+STOP, STEP, LOAD, HEADER_SIZE = 0, 1, 2, 7
 
 
 class InputBuffer:
@@ -559,7 +577,7 @@ class InputBuffer:
     table comes last, so a step copies only the prefix that holds its rows."""
 
     def __init__(self, max_tokens, max_seqs, max_blocks_per_seq, device, pin_memory):
-        sizes = dict(input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
+        sizes = dict(header=HEADER_SIZE, input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
                      temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
@@ -630,6 +648,12 @@ class StepPlan:
     prompt_targets: torch.Tensor | None = None
     num_prompt_logprobs: int = 0
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """run_model's arguments: all that every rank's forward needs to know of the step."""
+        return (self.num_tokens, self.num_rows, self.max_query_len, self.max_seq_len, self.num_sampling,
+                self.num_sampling + len(self.prompt_positions))
+
 
 @dataclass
 class InFlight:
@@ -658,8 +682,8 @@ def batch_order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
 class ModelRunner:
     """Runs steps of a Transformer on its device: execute(schedule) launches one and returns at once."""
 
-    def __init__(self, model: Transformer, config: EngineConfig):
-        self.model, self.config = model, config
+    def __init__(self, model: Transformer, config: EngineConfig, tp: "TensorParallel | None" = None):
+        self.model, self.config, self.tp = model, config, tp  # tp: rank 0's handle on the other ranks
         self.kv_cache_dtype = model.config.dtype if config.kv_cache_dtype == "auto" else FP8
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
@@ -682,6 +706,10 @@ class ModelRunner:
             useful = config.max_num_seqs * self.inputs.width
             num_blocks = min(useful, self._profile_num_blocks(per_block) if self.on_cuda
                              else (1 << 30) // per_block)  # CPU: at most 1 GiB of cache
+        if c.tp_size > 1:  # the scheduler's blocks are on every rank: as many as the smallest rank holds
+            num_blocks = _min_over_ranks(num_blocks, self.device)
+            if tp:
+                tp.buffer = self.inputs.device
         check_kv_capacity(num_blocks, config.block_size, config.max_model_len)
         self.num_blocks, self.kv_caches = num_blocks, self._allocate_kv_caches(num_blocks)
         if self.graph_sizes:
@@ -694,7 +722,10 @@ class ModelRunner:
         does not wait for the device. `previous` is the step still in flight, whose sampled tokens
         this step's placeholders read on the device."""
         plan = self.prepare_inputs(schedule, batch_order(schedule.scheduled), previous)
-        logits = self.run_model(plan)
+        with self.tp.collectives() if self.tp else contextlib.nullcontext():
+            if self.model.config.tp_size > 1:  # the other ranks run this step on their shards (serve_steps)
+                dist.broadcast(self.inputs.device, src=0)
+            logits = self.run_model(*plan.shape)
         sampling_logits = logits[: plan.num_sampling]
         sampled = sample(sampling_logits, plan.sampling)
         host = self.sampled_host[self._num_steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
@@ -758,15 +789,16 @@ class ModelRunner:
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
         num_rows = self._pad_for_graph(fields, num_seqs) if max_query_len == 1 and self.graphs else num_seqs
-        self.inputs.write(num_rows, tables, fields | sample_fields)
-        if placeholder_dst:
-            self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
-        self.stats.context_tokens_read += sum(seq_lens)
-        return StepPlan(
+        plan = StepPlan(
             schedule, len(fields["input_ids"]), num_rows, len(samplers), max_query_len, max(seq_lens),
             {entry.request: row for row, (entry, _) in enumerate(samplers)}, sampling, num_logprobs, prompt_positions,
             to_device(prompt_targets, self.device) if prompt_rows else None,
             max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
+        self.inputs.write(num_rows, tables, fields | sample_fields | {"header": [STEP, *plan.shape]})
+        if placeholder_dst:  # (before a tensor-parallel broadcast: the other ranks get the whole input_ids)
+            self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
+        self.stats.context_tokens_read += sum(seq_lens)
+        return plan
 
     def _sampling_inputs(self, samplers, previous: InFlight | None) -> tuple[dict[str, list], SamplingTensors, int | None]:
         """The sampling rows' fields for the buffer, the SamplingTensors that view them (plus the penalties'
@@ -809,20 +841,19 @@ class ModelRunner:
         return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
                      for t in pair)
 
-    def run_model(self, plan: StepPlan) -> torch.Tensor:
-        """Logits of the sampling rows, then of the prompt-logprobs rows: a graph replay for
-        decode-only batches, else eager."""
-        num_logits = plan.num_sampling + len(plan.prompt_positions)
+    def run_model(self, num_tokens, num_rows, max_query_len, max_seq_len, num_sampling, num_logits) -> torch.Tensor:
+        """Logits of the sampling rows, then of the prompt-logprobs rows (StepPlan.shape says how many):
+        a graph replay for decode-only batches, else eager."""
         calibrating = any(layer.calibrate_kv_scale for layer in self.model.layers)  # graphs do not: run eager
-        if plan.num_rows in self.graphs and plan.max_query_len == 1 and not calibrating:
-            graph, logits = self.graphs[plan.num_rows]
+        if num_rows in self.graphs and max_query_len == 1 and not calibrating:
+            graph, logits = self.graphs[num_rows]
             graph.replay()
             self.stats.graph_steps += 1
-            if num_logits == plan.num_sampling == plan.num_rows:
+            if num_logits == num_sampling == num_rows:
                 return logits[:num_logits]
             return logits.index_select(0, self.inputs.view("logits_indices", num_logits).long())
         with torch.inference_mode():
-            return self._forward(plan.num_tokens, plan.num_rows, plan.max_query_len, plan.max_seq_len, num_logits)
+            return self._forward(num_tokens, num_rows, max_query_len, max_seq_len, num_logits)
 
     def _forward(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
         input_ids, positions, meta, logits_indices = self.inputs.model_inputs(
@@ -892,15 +923,181 @@ class ModelRunner:
         torch.cuda.synchronize()
 
 
-def _load(model: str, config: EngineConfig) -> tuple[Transformer, Tokenizer | None]:
-    """The network on its device (random weights of a named shape, or a checkpoint's) and its tokenizer."""
+# ---- Tensor parallelism: rank 0 drives; every rank runs each step's forward on its own shard. -------------------------
+
+RANK0_TIMEOUT = timedelta(minutes=10)  # rank 0's wait in a collective: a worker that hangs is an error after this
+WORKER_TIMEOUT = timedelta(days=365)   # a worker waits for rank 0's next step however long rank 0 idles
+
+
+@dataclass(eq=False)
+class TensorParallel:
+    """Rank 0's handle on the other ranks: the workers it spawned (none under torchrun), the queue their errors
+    come back on, and the step buffer they receive. A failure inside a collective breaks the group for good (the
+    ranks' collectives no longer pair up): the workers are stopped and every later call fails at once."""
+    processes: list
+    errors: object | None  # (rank, error) of a spawned worker that failed
+    buffer: torch.Tensor | None = None
+    failure: str | None = None
+
+    @contextlib.contextmanager
+    def collectives(self, atomic: bool = True):
+        """Around rank 0's collectives. `atomic`: Ctrl-C waits until all of them are issued (a rank stopped half-way
+        would pair its next step's broadcast with the others' all-reduce); a failed step is undone as without TP."""
+        if self.failure is None and not all(process.is_alive() for process in self.processes):
+            self.failure = self._worker_error() or "a tensor-parallel worker died"
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        try:
+            with _interrupts_deferred() if atomic else contextlib.nullcontext():
+                yield
+        except BaseException as error:
+            worker_error = self._worker_error()
+            self.failure = worker_error or f"tensor parallelism stopped by an error ({type(error).__name__}: {error})"
+            self.close()
+            if worker_error:
+                raise RuntimeError(worker_error) from error
+            raise
+
+    def _worker_error(self) -> str | None:
+        if self.errors is None or self.errors.empty():
+            return None
+        return "tensor parallel rank {} failed: {}".format(*self.errors.get())
+
+    def close(self) -> None:
+        """Stop the workers (a STOP step; those still running after 10 s are terminated) and leave the group."""
+        if self.failure is None and self.buffer is not None:
+            self.buffer[0] = STOP
+            with contextlib.suppress(RuntimeError):
+                dist.broadcast(self.buffer, src=0)
+        self.failure = self.failure or "this LLM is closed"
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_tensor_parallel(model: str, config: EngineConfig) -> TensorParallel | None:
+    """tensor_parallel_size > 1: the other ranks, spawned here (one process each; gloo on the CPU, NCCL on GPUs),
+    or, under torchrun (RANK and WORLD_SIZE set), already running this same script: there ranks > 0 serve rank 0's
+    steps in here and exit when rank 0 closes its LLM."""
+    size = config.tensor_parallel_size
+    if size == 1:
+        return None
+    device, _ = resolve_device_and_dtype(config.device, config.dtype)
+    if device.type == "cuda" and size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={size}: more than the {torch.cuda.device_count()} visible GPUs")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != size:
+            raise ValueError(f"tensor_parallel_size={size}: the launcher started {os.environ['WORLD_SIZE']} ranks")
+        if (rank := int(os.environ["RANK"])) > 0:
+            serve(model, config, rank, backend, "env://")
+            sys.exit(0)
+        dist.init_process_group(backend, rank=0, world_size=size, timeout=RANK0_TIMEOUT)
+        return TensorParallel([], None)
+    with socket.socket() as probe:  # a free port for the group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    context = torch.multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    tp = TensorParallel([context.Process(target=serve_spawned, args=(model, config, rank, backend, address, errors),
+                                         daemon=True) for rank in range(1, size)], errors)
+    for process in tp.processes:
+        process.start()
+    with tp.collectives(atomic=False):
+        dist.init_process_group(backend, init_method=address, rank=0, world_size=size, timeout=RANK0_TIMEOUT)
+    return tp
+
+
+def serve_spawned(model: str, config: EngineConfig, rank: int, backend: str, address: str, errors) -> None:
+    """A spawned worker: serve(), its error (at load or in a step) sent to rank 0 before it exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; closing its LLM ends this
+    try:
+        serve(model, config, rank, backend, address)
+    except BaseException as error:
+        errors.put((rank, f"{type(error).__name__}: {error}"))
+        os._exit(1)  # at once: rank 0's collectives with this rank fail now, not at a timeout
+
+
+def serve(model: str, config: EngineConfig, rank: int, backend: str, address: str) -> None:
+    """Rank `rank` > 0: join the group, load this rank's shard, then run rank 0's steps until it says STOP."""
+    dist.init_process_group(backend, init_method=address, rank=rank, world_size=config.tensor_parallel_size,
+                            timeout=WORKER_TIMEOUT)
+    network, _ = _load(model, config, rank)
+    runner = ModelRunner(network, _with_model_limit(config, network))
+    while True:
+        dist.broadcast(runner.inputs.device, src=0)
+        command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
+        if command == STOP:
+            break
+        if command == LOAD:
+            with contextlib.suppress(ValueError):  # bad tensors: rank 0 raises the same error to the caller
+                load_tensors(runner.model, share_weights(None, runner), "load_weights")
+        else:
+            runner.run_model(*shape)  # the logits are rank 0's to sample
+    dist.destroy_process_group()
+
+
+def share_weights(weights, runner: ModelRunner) -> list:
+    """load_weights under tensor parallelism: rank 0's (name, tensor) pairs (`weights`; None on the other ranks)
+    whole on every rank, names and shapes pickled once, each tensor broadcast; each rank then loads its part."""
+    if weights is not None:
+        pairs = list(weights.items() if isinstance(weights, Mapping) else weights)
+        if not all(isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[1], torch.Tensor)
+                   for pair in pairs):
+            return pairs  # load_tensors refuses them on rank 0 before any rank changed a weight
+        runner.inputs.view("header", 1).fill_(LOAD)
+        dist.broadcast(runner.inputs.device, src=0)
+    specs = [None if weights is None else [(name, tensor.shape, tensor.dtype) for name, tensor in pairs]]
+    dist.broadcast_object_list(specs, src=0)
+    shared = []
+    for i, (name, shape, dtype) in enumerate(specs[0]):
+        tensor = (torch.empty(shape, dtype=dtype, device=runner.device) if weights is None
+                  else pairs[i][1].to(runner.device).contiguous())
+        dist.broadcast(tensor, src=0)
+        shared.append((name, tensor))
+    return shared
+
+
+def _min_over_ranks(value: int, device) -> int:
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C (SIGINT, which reaches the main thread only) delivered when the block ends, not inside it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(*caught[0])
+
+
+def _load(model: str, config: EngineConfig, rank: int = 0) -> tuple[Transformer, Tokenizer | None]:
+    """The network (rank `rank`'s shard) on its device (random weights of a named shape, or a checkpoint's) and
+    its tokenizer. With tensor parallelism each rank has a GPU of its own: its rank's, or torchrun's LOCAL_RANK."""
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
+    size = config.tensor_parallel_size
     if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) if size > 1 else index)
         torch.cuda.set_device(device)
     if model in SHAPES:
-        return random_model(model, dtype, device, seed=config.seed), None
-    network, tokenizer = load_model(model, dtype, device), None
+        return random_model(model, dtype, device, seed=config.seed, rank=rank, size=size), None
+    network, tokenizer = load_model(model, dtype, device, rank, size), None
+    if rank > 0:
+        return network, None
     try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
         tokenizer = load_tokenizer(model)
     except FileNotFoundError as missing:
@@ -910,6 +1107,15 @@ def _load(model: str, config: EngineConfig) -> tuple[Transformer, Tokenizer | No
     except ValueError as error:
         raise ValueError(f"{model}/generation_config.json: a bad sampling default: {error}") from None
     return network, tokenizer
+
+
+def _with_model_limit(config: EngineConfig, network: Transformer) -> EngineConfig:
+    """max_model_len: the model's max_position_embeddings if not given, and never more."""
+    limit = network.config.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
+                         "(the model's max_position_embeddings)")
+    return replace(config, max_model_len=config.max_model_len or limit)
 
 
 def _as_conversations(messages) -> list:

@@ -72,6 +72,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = False
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (vLLM's cap)
+    tensor_parallel_size: int = 1  # ranks (one GPU each) sharing every layer; more than the GPUs: engine.py refuses
 
     def __post_init__(self):
         flag = (lambda v: isinstance(v, bool), "a bool")
@@ -84,7 +85,7 @@ class EngineConfig:
             "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
             "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
-            "max_logprobs": (int_at_least(0), "an int >= 0")})
+            "max_logprobs": (int_at_least(0), "an int >= 0"), "tensor_parallel_size": (int_at_least(1), "an int >= 1")})
 
 
 
