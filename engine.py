@@ -35,7 +35,7 @@ import torch.distributed as dist
 from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
-                   resolve_device_and_dtype)
+                   read_config, resolve_device_and_dtype, shard_config)
 from sampler import SamplingTensors, logits_adjustment, logprobs_of, sample, seed_for, to_device
 from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
                        SchedulerOutput, find_stop_string)
@@ -989,6 +989,10 @@ def start_tensor_parallel(model: str, config: EngineConfig) -> TensorParallel | 
     device, _ = resolve_device_and_dtype(config.device, config.dtype)
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={size}: more than the {torch.cuda.device_count()} visible GPUs")
+    shard_config(SHAPES[model] if model in SHAPES else read_config(model), 0, size)  # a bad size: before any process
+    if dist.is_initialized():  # its default process group: one tensor-parallel LLM per process at a time
+        raise RuntimeError("tensor_parallel_size > 1: this process already has a process group (another LLM's? "
+                           "close() it first)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if int(os.environ["WORLD_SIZE"]) != size:
