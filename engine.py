@@ -123,7 +123,11 @@ class LLM:
             weakref.finalize(self, self.tp.close)
         with self.tp.collectives(atomic=False) if self.tp else contextlib.nullcontext():  # a failure stops every rank
             network, self.tokenizer = _load(model, config)
-            self.config = config = _with_model_limit(config, network)
+            limit = network.config.max_position_embeddings
+            if config.max_model_len is not None and config.max_model_len > limit:
+                raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
+                                 "(the model's max_position_embeddings)")
+            self.config = config = replace(config, max_model_len=config.max_model_len or limit)
             self.runner = ModelRunner(network, config, self.tp)
         # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
         eos = [*network.config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]
@@ -707,7 +711,9 @@ class ModelRunner:
             num_blocks = min(useful, self._profile_num_blocks(per_block) if self.on_cuda
                              else (1 << 30) // per_block)  # CPU: at most 1 GiB of cache
         if c.tp_size > 1:  # the scheduler's blocks are on every rank: as many as the smallest rank holds
-            num_blocks = _min_over_ranks(num_blocks, self.device)
+            num_blocks = torch.tensor(num_blocks, device=self.device)
+            dist.all_reduce(num_blocks, op=dist.ReduceOp.MIN)
+            num_blocks = int(num_blocks)
             if tp:
                 tp.buffer = self.inputs.device
         check_kv_capacity(num_blocks, config.block_size, config.max_model_len)
@@ -931,32 +937,38 @@ WORKER_TIMEOUT = timedelta(days=365)   # a worker waits for rank 0's next step h
 
 @dataclass(eq=False)
 class TensorParallel:
-    """Rank 0's handle on the other ranks: the workers it spawned (none under torchrun), the queue their errors
-    come back on, and the step buffer they receive. A failure inside a collective breaks the group for good (the
-    ranks' collectives no longer pair up): the workers are stopped and every later call fails at once."""
+    """Rank 0's handle on the other ranks: the workers it spawned (none under torchrun), their errors, the step
+    buffer they receive. A failure inside a collective ends the group: every later call fails at once."""
     processes: list
     errors: object | None  # (rank, error) of a spawned worker that failed
     buffer: torch.Tensor | None = None
     failure: str | None = None
+    closed: bool = False  # (the process group closed is this LLM's: a later LLM's is not, so close() acts once)
 
     @contextlib.contextmanager
     def collectives(self, atomic: bool = True):
-        """Around rank 0's collectives. `atomic`: Ctrl-C waits until all of them are issued (a rank stopped half-way
-        would pair its next step's broadcast with the others' all-reduce); a failed step is undone as without TP."""
+        """Around rank 0's collectives. `atomic`: Ctrl-C waits until all are issued (a rank stopped half-way would pair
+        its next broadcast with the others' all-reduce), so a step fails before or after them and is undone."""
         if self.failure is None and not all(process.is_alive() for process in self.processes):
             self.failure = self._worker_error() or "a tensor-parallel worker died"
         if self.failure is not None:
             raise RuntimeError(self.failure)
+        interrupts, handler = [], None
+        if atomic and threading.current_thread() is threading.main_thread():  # (signals reach the main thread only)
+            handler = signal.signal(signal.SIGINT, lambda *args: interrupts.append(args))
         try:
-            with _interrupts_deferred() if atomic else contextlib.nullcontext():
-                yield
+            yield
         except BaseException as error:
-            worker_error = self._worker_error()
-            self.failure = worker_error or f"tensor parallelism stopped by an error ({type(error).__name__}: {error})"
+            self.failure = self._worker_error() or f"tensor parallelism stopped by {type(error).__name__}: {error}"
             self.close()
-            if worker_error:
-                raise RuntimeError(worker_error) from error
+            if self.failure.startswith("tensor parallel rank"):
+                raise RuntimeError(self.failure) from error
             raise
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+                if interrupts and callable(handler):
+                    handler(*interrupts[0])
 
     def _worker_error(self) -> str | None:
         if self.errors is None or self.errors.empty():
@@ -964,35 +976,37 @@ class TensorParallel:
         return "tensor parallel rank {} failed: {}".format(*self.errors.get())
 
     def close(self) -> None:
-        """Stop the workers (a STOP step; those still running after 10 s are terminated) and leave the group."""
+        """Stop the workers (a STOP step; after a failure, or 10 s without exiting, a kill) and leave the group."""
+        if self.closed:
+            return
+        self.closed = True
         if self.failure is None and self.buffer is not None:
             self.buffer[0] = STOP
             with contextlib.suppress(RuntimeError):
                 dist.broadcast(self.buffer, src=0)
+            for process in self.processes:
+                process.join(timeout=10)
         self.failure = self.failure or "this LLM is closed"
         for process in self.processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+            process.kill()  # (none if it has exited)
+            process.join()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def start_tensor_parallel(model: str, config: EngineConfig) -> TensorParallel | None:
-    """tensor_parallel_size > 1: the other ranks, spawned here (one process each; gloo on the CPU, NCCL on GPUs),
-    or, under torchrun (RANK and WORLD_SIZE set), already running this same script: there ranks > 0 serve rank 0's
-    steps in here and exit when rank 0 closes its LLM."""
+    """tensor_parallel_size > 1: the other ranks, spawned here (gloo on the CPU, NCCL on GPUs); or, under torchrun
+    (RANK, WORLD_SIZE set) running this same script, where ranks > 0 serve in here and exit when rank 0 closes."""
     size = config.tensor_parallel_size
     if size == 1:
         return None
     device, _ = resolve_device_and_dtype(config.device, config.dtype)
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={size}: more than the {torch.cuda.device_count()} visible GPUs")
-    shard_config(SHAPES[model] if model in SHAPES else read_config(model), 0, size)  # a bad size: before any process
+    shape = shard_config(SHAPES[model] if model in SHAPES else read_config(model), 0, size)  # before any process
+    config = replace(config, max_model_len=config.max_model_len or shape.max_position_embeddings)  # (as LLM's)
     if dist.is_initialized():  # its default process group: one tensor-parallel LLM per process at a time
-        raise RuntimeError("tensor_parallel_size > 1: this process already has a process group (another LLM's? "
-                           "close() it first)")
+        raise RuntimeError("tensor_parallel_size > 1: this process has a process group already (close() the LLM)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if int(os.environ["WORLD_SIZE"]) != size:
@@ -1006,86 +1020,56 @@ def start_tensor_parallel(model: str, config: EngineConfig) -> TensorParallel | 
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
     context = torch.multiprocessing.get_context("spawn")
-    errors = context.SimpleQueue()
-    tp = TensorParallel([context.Process(target=serve_spawned, args=(model, config, rank, backend, address, errors),
-                                         daemon=True) for rank in range(1, size)], errors)
-    for process in tp.processes:
-        process.start()
+    tp = TensorParallel([], context.SimpleQueue())
+    for rank in range(1, size):
+        tp.processes.append(context.Process(target=serve, args=(model, config, rank, backend, address, tp.errors),
+                                            daemon=True))
+        tp.processes[-1].start()
     with tp.collectives(atomic=False):
         dist.init_process_group(backend, init_method=address, rank=0, world_size=size, timeout=RANK0_TIMEOUT)
     return tp
 
 
-def serve_spawned(model: str, config: EngineConfig, rank: int, backend: str, address: str, errors) -> None:
-    """A spawned worker: serve(), its error (at load or in a step) sent to rank 0 before it exits."""
+def serve(model: str, config: EngineConfig, rank: int, backend: str, address: str, errors=None) -> None:
+    """Rank `rank` > 0: join the group, load this rank's shard, run rank 0's steps until it says STOP. A spawned
+    worker's error goes to rank 0 (`errors`), then it exits at once: rank 0's collectives with it fail now."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; closing its LLM ends this
     try:
-        serve(model, config, rank, backend, address)
+        dist.init_process_group(backend, init_method=address, rank=rank, world_size=config.tensor_parallel_size,
+                                timeout=WORKER_TIMEOUT)
+        runner = ModelRunner(_load(model, config, rank)[0], config)
+        while (command := _receive_step(runner)) != STOP:
+            if command == LOAD:
+                with contextlib.suppress(ValueError):  # bad tensors: rank 0 raises the same error to the caller
+                    load_tensors(runner.model, share_weights(None, runner), "load_weights")
+        dist.destroy_process_group()
     except BaseException as error:
+        if errors is None:
+            raise
         errors.put((rank, f"{type(error).__name__}: {error}"))
-        os._exit(1)  # at once: rank 0's collectives with this rank fail now, not at a timeout
+        os._exit(1)
 
 
-def serve(model: str, config: EngineConfig, rank: int, backend: str, address: str) -> None:
-    """Rank `rank` > 0: join the group, load this rank's shard, then run rank 0's steps until it says STOP."""
-    dist.init_process_group(backend, init_method=address, rank=rank, world_size=config.tensor_parallel_size,
-                            timeout=WORKER_TIMEOUT)
-    network, _ = _load(model, config, rank)
-    runner = ModelRunner(network, _with_model_limit(config, network))
-    while True:
-        dist.broadcast(runner.inputs.device, src=0)
-        command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
-        if command == STOP:
-            break
-        if command == LOAD:
-            with contextlib.suppress(ValueError):  # bad tensors: rank 0 raises the same error to the caller
-                load_tensors(runner.model, share_weights(None, runner), "load_weights")
-        else:
-            runner.run_model(*shape)  # the logits are rank 0's to sample
-    dist.destroy_process_group()
+def _receive_step(runner: ModelRunner) -> int:
+    """Rank 0's next message; a step is run at once (its logits are rank 0's to sample)."""
+    dist.broadcast(runner.inputs.device, src=0)
+    command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
+    if command == STEP:
+        runner.run_model(*shape)
+    return command
 
 
-def share_weights(weights, runner: ModelRunner) -> list:
-    """load_weights under tensor parallelism: rank 0's (name, tensor) pairs (`weights`; None on the other ranks)
-    whole on every rank, names and shapes pickled once, each tensor broadcast; each rank then loads its part."""
+def share_weights(weights, runner: ModelRunner):
+    """load_weights under tensor parallelism: rank 0's `weights` (None on the other ranks), on the CPU and
+    pickled (not a per-step path), on every rank; each then loads its part of them."""
     if weights is not None:
-        pairs = list(weights.items() if isinstance(weights, Mapping) else weights)
-        if not all(isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[1], torch.Tensor)
-                   for pair in pairs):
-            return pairs  # load_tensors refuses them on rank 0 before any rank changed a weight
+        weights = [(pair[0], pair[1].cpu()) if isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(
+            pair[1], torch.Tensor) else pair for pair in (weights.items() if isinstance(weights, Mapping) else weights)]
         runner.inputs.view("header", 1).fill_(LOAD)
         dist.broadcast(runner.inputs.device, src=0)
-    specs = [None if weights is None else [(name, tensor.shape, tensor.dtype) for name, tensor in pairs]]
-    dist.broadcast_object_list(specs, src=0)
-    shared = []
-    for i, (name, shape, dtype) in enumerate(specs[0]):
-        tensor = (torch.empty(shape, dtype=dtype, device=runner.device) if weights is None
-                  else pairs[i][1].to(runner.device).contiguous())
-        dist.broadcast(tensor, src=0)
-        shared.append((name, tensor))
-    return shared
-
-
-def _min_over_ranks(value: int, device) -> int:
-    tensor = torch.tensor([value], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Ctrl-C (SIGINT, which reaches the main thread only) delivered when the block ends, not inside it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(*caught[0])
+    shared = [weights]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _load(model: str, config: EngineConfig, rank: int = 0) -> tuple[Transformer, Tokenizer | None]:
@@ -1111,15 +1095,6 @@ def _load(model: str, config: EngineConfig, rank: int = 0) -> tuple[Transformer,
     except ValueError as error:
         raise ValueError(f"{model}/generation_config.json: a bad sampling default: {error}") from None
     return network, tokenizer
-
-
-def _with_model_limit(config: EngineConfig, network: Transformer) -> EngineConfig:
-    """max_model_len: the model's max_position_embeddings if not given, and never more."""
-    limit = network.config.max_position_embeddings
-    if config.max_model_len is not None and config.max_model_len > limit:
-        raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
-                         "(the model's max_position_embeddings)")
-    return replace(config, max_model_len=config.max_model_len or limit)
 
 
 def _as_conversations(messages) -> list:

@@ -78,8 +78,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32  # the dtype the model runs in; load_model/random_model set it
     sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, as SamplingParams fields
-    # Tensor parallelism (shard_config): this rank of tp_size holds num_q_heads, num_kv_heads and intermediate_size
-    # of the model's, and its vocabulary rows; kv_replicas ranks hold the same KV heads (tp_size > the model's).
+    # Tensor parallelism (shard_config): the heads, MLP columns and vocabulary rows above are rank tp_rank's;
+    # kv_replicas ranks hold the same KV heads (more ranks than KV heads).
     tp_rank: int = 0
     tp_size: int = 1
     kv_replicas: int = 1
@@ -118,12 +118,9 @@ def shard_config(config: ModelConfig, rank: int, size: int) -> ModelConfig:
     """One rank's share of the model (Megatron's split): its query heads, KV heads (one head shared by
     size / num_kv_heads ranks when there are fewer KV heads than ranks, as vLLM does) and MLP columns."""
     q, kv, inter = config.num_q_heads, config.num_kv_heads, config.intermediate_size
-    for what, count in (("num_attention_heads", q), ("intermediate_size", inter)) + (("num_key_value_heads", kv),) * (
-            size <= kv):
-        if count % size:
-            raise ValueError(f"tensor_parallel_size={size} must divide the model's {what}={count}")
-    if size > kv and size % kv:
-        raise ValueError(f"tensor_parallel_size={size} must be a multiple of the model's num_key_value_heads={kv}")
+    if q % size or inter % size or (kv % size if size <= kv else size % kv):
+        raise ValueError(f"tensor_parallel_size={size} must divide the model's num_attention_heads={q} and "
+                         f"intermediate_size={inter}, and divide its num_key_value_heads={kv} or be a multiple of it")
     return replace(config, num_q_heads=q // size, num_kv_heads=max(1, kv // size), intermediate_size=inter // size,
                    tp_rank=rank, tp_size=size, kv_replicas=max(1, size // kv))
 

@@ -3025,7 +3025,7 @@ def _child_processes() -> set[int]:
 
 
 def _tp_worker_that_fails(where, *args):
-    """engine.serve_spawned, in a spawned worker, failing while loading its shard or in its third step."""
+    """engine.serve, in a spawned worker, failing while loading its shard or in its third step."""
     if where == "load":
         def failing_load(*_args, **_kwargs):
             raise OSError("injected: a bad shard")
@@ -3039,7 +3039,7 @@ def _tp_worker_that_fails(where, *args):
                 raise RuntimeError("injected: out of memory")
             return run_model(self, *shape)
         engine.ModelRunner.run_model = failing_step
-    engine.serve_spawned(*args)
+    engine.serve(*args)
 
 
 class _TPEngines:
@@ -3155,13 +3155,17 @@ print("TOKENS", json.dumps([o.outputs[0].token_ids for o in llm.generate({prompt
 
     def test_bad_sizes(self, tp_engines, monkeypatch):
         path = tp_engines.checkpoints["qwen2-tied-bias"][1]  # 4 query heads, 2 KV heads
+        tp_engines.two("qwen2-tied-bias")
         children = _child_processes()
         with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
             LLM(path, tensor_parallel_size=0)
-        with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide the model's num_attention_heads=4"):
+        with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide the model's num_attention_heads=4 and "
+                           "intermediate_size=96, and divide its num_key_value_heads=2 or be a multiple of it"):
             LLM(path, tensor_parallel_size=3)
         with pytest.raises(ValueError, match="tensor_parallel_size=8 must divide the model's num_attention_heads=4"):
             LLM(path, tensor_parallel_size=8)
+        with pytest.raises(RuntimeError, match="this process has a process group already"):  # one LLM per process
+            LLM(path, tensor_parallel_size=2)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         with pytest.raises(ValueError, match="tensor_parallel_size=2: more than the 1 visible GPUs"):
@@ -3174,7 +3178,7 @@ print("TOKENS", json.dumps([o.outputs[0].token_ids for o in llm.generate({prompt
         tp_engines.close()  # (one tensor-parallel LLM per process)
         path = tp_engines.checkpoints["qwen3-one-kv-head"][1]
         children = _child_processes()
-        monkeypatch.setattr(engine, "serve_spawned", functools.partial(_tp_worker_that_fails, where))
+        monkeypatch.setattr(engine, "serve", functools.partial(_tp_worker_that_fails, where))
         prompts, params = _tp_workload()
         error = "tensor parallel rank 1 failed: " + ("OSError: injected: a bad shard" if where == "load"
                                                     else "RuntimeError: injected: out of memory")
