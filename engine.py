@@ -8,7 +8,8 @@ LLM.generate -> add_request -> _run_until_done -> _step: Scheduler.schedule -> M
 
 Output flows one way: LLM alone calls the scheduler; the OutputProcessor returns what to stop; the
 runner lays rows out in its own order and keys each sampled token by its request. A final output
-stays in the engine until it is in its caller's hands, so an interrupt never loses one.
+stays in the engine until it is in its caller's hands, so an interrupt never loses one. Under tensor
+parallelism rank 0 runs all three and broadcasts each step's input buffer to the other ranks' runners (serve).
 Never touches: block bookkeeping (kv_cache.py), stop rules (scheduler.py), arithmetic on logits
 (sampler.py), model and kernel internals.
 """
@@ -929,7 +930,7 @@ class ModelRunner:
         torch.cuda.synchronize()
 
 
-# ---- Tensor parallelism: rank 0 drives; every rank runs each step's forward on its own shard. -------------------------
+# ---- Tensor parallelism: rank 0 drives; every rank runs each step's forward on its own shard. ------------------------
 
 RANK0_TIMEOUT = timedelta(minutes=10)  # rank 0's wait in a collective: a worker that hangs is an error after this
 WORKER_TIMEOUT = timedelta(days=365)   # a worker waits for rank 0's next step however long rank 0 idles
@@ -1001,7 +1002,7 @@ def start_tensor_parallel(model: str, config: EngineConfig) -> TensorParallel | 
     if size == 1:
         return None
     device, _ = resolve_device_and_dtype(config.device, config.dtype)
-    if device.type == "cuda" and size > torch.cuda.device_count():
+    if device.type == "cuda" and size > torch.cuda.device_count() and "RANK" not in os.environ:  # (spawned: one host)
         raise ValueError(f"tensor_parallel_size={size}: more than the {torch.cuda.device_count()} visible GPUs")
     shape = shard_config(SHAPES[model] if model in SHAPES else read_config(model), 0, size)  # before any process
     config = replace(config, max_model_len=config.max_model_len or shape.max_position_embeddings)  # (as LLM's)

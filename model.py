@@ -14,7 +14,8 @@ The tokenizer (its own section) turns an HF byte-level BPE tokenizer.json into a
 and renders chat templates.
 
 Owns: ModelConfig (from HF config.json), the forward, loading *.safetensors, random init, the
-tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
+tokenizer; under tensor parallelism, one rank's shard of each (shard_config) and its two all-reduces a
+layer. Never touches: scheduling, which blocks a request owns, sampling.
 """
 import codecs
 import functools

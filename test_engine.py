@@ -3095,6 +3095,10 @@ class TestTensorParallel:
         assert two.scheduler.num_preemptions > 0 and two.scheduler.kv_cache_manager.num_hit_tokens > 0
         assert two.config.max_num_batched_tokens == 7 and two.config.async_scheduling == _TP_ASYNC[name]
         assert two.runner.model.config.num_kv_heads == 1 and len(two.runner.model.embed_tokens) < 300
+        streamed = {}
+        for delta in two.stream(prompts[:2], params[:2]):  # streaming: rank 0's business, the same tokens
+            streamed.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+        assert list(streamed.values()) == [o.outputs[0].token_ids for o in reference[:2]]
         _assert_pool_free(two)
 
     def test_two_ranks_equal_one_with_a_kv_head_both_hold(self, tp_engines):
@@ -3107,7 +3111,8 @@ class TestTensorParallel:
         _fail_on_second_call(monkeypatch, engine, "sample", RuntimeError("injected"))  # rank 0, after the forward
         with pytest.raises(RuntimeError, match="injected"):
             two.generate(prompts, params, use_tqdm=False)
-        _assert_same_outputs(two.generate(prompts, params, use_tqdm=False), one.generate(prompts, params, use_tqdm=False))
+        reference = one.generate(prompts, params, use_tqdm=False)
+        _assert_same_outputs(two.generate(prompts, params, use_tqdm=False), reference)
 
     def test_torchrun(self, tp_engines, tmp_path):
         """The same engine under torchrun: rank 0 drives, rank 1 serves inside LLM() and exits when rank 0 does."""
