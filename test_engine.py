@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 from collections import Counter
+from multiprocessing import resource_tracker
 import math
 import os
 import random
@@ -3012,7 +3013,9 @@ def _assert_same_outputs(outputs, reference, tolerance=1e-5):
 
 
 def _child_processes() -> set[int]:
-    """This process's child processes (Linux: /proc), zombies included."""
+    """This process's child processes (Linux: /proc), zombies included; multiprocessing's resource tracker, one
+    per process for good, is started first so that it is not counted as a worker left behind."""
+    resource_tracker.ensure_running()
     children = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
