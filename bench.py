@@ -268,10 +268,10 @@ def record_gpu_spans(llm):
     if not llm.runner.on_cuda:
         return spans
 
-    def timed_run_model(plan):
+    def timed_run_model(*shape):
         spans.append([torch.cuda.Event(enable_timing=True)])
         spans[-1][0].record()
-        return run_model(plan)
+        return run_model(*shape)
 
     def timed_execute(schedule, previous):
         flight = execute(schedule, previous)
@@ -613,6 +613,8 @@ def main():
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="fp8: K/V stored in e4m3, half the bytes (with --compare: against auto)")
     p.add_argument("--calculate-kv-scales", action="store_true", help="fp8 scales from the first batch")
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                   help="shard the model over N GPUs (N processes); the byte limits are then one GPU's share")
     p.add_argument("--budget-counts-attention", action="store_true",
                    help="a token at context L counts 1 + L/P of the budget (P: attention FLOPs = linear FLOPs)")
     p.add_argument("--quantization", choices=["fp8"], help="fp8: linear weights in e4m3 with a scale per output "
@@ -709,8 +711,8 @@ def engine_settings(args, compare=False):
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                    calculate_kv_scales=args.calculate_kv_scales, budget_counts_attention=args.budget_counts_attention,
-                    quantization=args.quantization)
+                    calculate_kv_scales=args.calculate_kv_scales, tensor_parallel_size=args.tensor_parallel_size,
+                    budget_counts_attention=args.budget_counts_attention, quantization=args.quantization)
     if compare and args.kv_cache_dtype != "auto":
         settings["kv_cache_dtype"] = "auto"
     elif compare and args.workload == "mixed":
@@ -776,7 +778,8 @@ def run(args, on_gpu, compare=False):
         async_scheduling=settings["async_scheduling"], cuda_graphs=bool(llm.runner.graphs),
         prefix_caching=settings["enable_prefix_caching"], kv_cache_dtype=settings["kv_cache_dtype"],
         quantization=settings["quantization"],
-        max_num_batched_tokens=settings["max_num_batched_tokens"], budget_counts_attention=args.budget_counts_attention,
+        max_num_batched_tokens=settings["max_num_batched_tokens"], tensor_parallel_size=args.tensor_parallel_size,
+        budget_counts_attention=args.budget_counts_attention,
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),
         output_tokens_per_s=round(output_tokens / seconds, 1),
         total_tokens_per_s=round((output_tokens + prompt_tokens) / seconds, 1),

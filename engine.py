@@ -8,27 +8,35 @@ LLM.generate -> add_request -> _run_until_done -> _step: Scheduler.schedule -> M
 
 Output flows one way: LLM alone calls the scheduler; the OutputProcessor returns what to stop; the
 runner lays rows out in its own order and keys each sampled token by its request. A final output
-stays in the engine until it is in its caller's hands, so an interrupt never loses one.
+stays in the engine until it is in its caller's hands, so an interrupt never loses one. Under tensor
+parallelism rank 0 runs all three and broadcasts each step's input buffer to the other ranks' runners (serve).
 Never touches: block bookkeeping (kv_cache.py), stop rules (scheduler.py), arithmetic on logits
 (sampler.py), model and kernel internals.
 """
 import contextlib
 import gc
 import itertools
+import os
 import random
+import signal
+import socket
 import sys
 import threading
 import time
 import warnings
+import weakref
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, quantize_fp8,
-                   random_model, resolve_device_and_dtype)
+                   random_model, read_config, resolve_device_and_dtype, shard_config)
 from sampler import SamplingTensors, logits_adjustment, logprobs_of, sample, seed_for, to_device
 from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
                        SchedulerOutput, find_stop_string)
@@ -111,17 +119,21 @@ class LLM:
 
     def __init__(self, model: str, **engine_args):
         config = EngineConfig(**engine_args)
-        network, self.tokenizer = _load(model, config)
-        if config.quantization == "fp8":  # online: after loading, as in vLLM (an fp8 checkpoint's weights already are)
-            quantize_fp8(network)
-        limit = network.config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
-                             "(the model's max_position_embeddings)")
-        self.config = config = replace(config, max_model_len=config.max_model_len or limit)
+        self.tp = start_tensor_parallel(model, config)  # None: one process (under torchrun, ranks > 0 exit in here)
+        if self.tp:  # the workers end when this LLM is closed or collected, or at exit
+            weakref.finalize(self, self.tp.close)
+        with self.tp.collectives(atomic=False) if self.tp else contextlib.nullcontext():  # a failure stops every rank
+            network, self.tokenizer = _load(model, config)
+            if config.quantization == "fp8":  # online, after loading, as vLLM (an fp8 checkpoint's weights already are)
+                quantize_fp8(network)
+            limit = network.config.max_position_embeddings
+            if config.max_model_len is not None and config.max_model_len > limit:
+                raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "
+                                 "(the model's max_position_embeddings)")
+            self.config = config = replace(config, max_model_len=config.max_model_len or limit)
+            self.runner = ModelRunner(network, config, self.tp)
         # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
         eos = [*network.config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]
-        self.runner = ModelRunner(network, config)
         self.scheduler = Scheduler(config, self.runner.num_blocks, network.config.vocab_size, eos,
                                    network.config.attention_parity_context)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -222,6 +234,11 @@ class LLM:
         """Whether a request is running, or a final output waits for step()."""
         return self.scheduler.has_unfinished_requests() or bool(self.output_processor.finals.get(None))
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers now (collecting the LLM or exiting does it too); later calls fail."""
+        if self.tp:
+            self.tp.close()
+
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
 
@@ -238,6 +255,9 @@ class LLM:
                 raise RuntimeError("load_weights: requests are still running; finish or abort them first")
             self._settle()
             try:
+                if self.tp:  # every rank loads its part of the same tensors
+                    with self.tp.collectives():
+                        weights = share_weights(weights, self.runner)
                 load_tensors(self.runner.model, weights, "load_weights")
             finally:  # even a load that failed half-way has changed weights
                 self.reset_prefix_cache()
@@ -553,6 +573,9 @@ class OutputProcessor:
 # ---- ModelRunner: one step on the device. Every step's integers go to the device in ONE copy. -----------------------
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")  # float32 values bit-cast into the int32 buffer
+# The buffer's first words, all that tensor-parallel ranks > 0 read of it: what to do (STOP, STEP, LOAD) and a step's
+# StepPlan.shape.
+STOP, STEP, LOAD, HEADER_SIZE = 0, 1, 2, 7
 
 
 class InputBuffer:
@@ -562,7 +585,7 @@ class InputBuffer:
     table comes last, so a step copies only the prefix that holds its rows."""
 
     def __init__(self, max_tokens, max_seqs, max_blocks_per_seq, device, pin_memory):
-        sizes = dict(input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
+        sizes = dict(header=HEADER_SIZE, input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
                      temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
@@ -633,6 +656,12 @@ class StepPlan:
     prompt_targets: torch.Tensor | None = None
     num_prompt_logprobs: int = 0
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """run_model's arguments: all that every rank's forward needs to know of the step."""
+        return (self.num_tokens, self.num_rows, self.max_query_len, self.max_seq_len, self.num_sampling,
+                self.num_sampling + len(self.prompt_positions))
+
 
 @dataclass
 class InFlight:
@@ -661,8 +690,8 @@ def batch_order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
 class ModelRunner:
     """Runs steps of a Transformer on its device: execute(schedule) launches one and returns at once."""
 
-    def __init__(self, model: Transformer, config: EngineConfig):
-        self.model, self.config = model, config
+    def __init__(self, model: Transformer, config: EngineConfig, tp: "TensorParallel | None" = None):
+        self.model, self.config, self.tp = model, config, tp  # tp: rank 0's handle on the other ranks
         self.kv_cache_dtype = model.config.dtype if config.kv_cache_dtype == "auto" else FP8
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
@@ -685,6 +714,12 @@ class ModelRunner:
             useful = config.max_num_seqs * self.inputs.width
             num_blocks = min(useful, self._profile_num_blocks(per_block) if self.on_cuda
                              else (1 << 30) // per_block)  # CPU: at most 1 GiB of cache
+        if c.tp_size > 1:  # the scheduler's blocks are on every rank: as many as the smallest rank holds
+            num_blocks = torch.tensor(num_blocks, device=self.device)
+            dist.all_reduce(num_blocks, op=dist.ReduceOp.MIN)
+            num_blocks = int(num_blocks)
+            if tp:
+                tp.buffer = self.inputs.device
         check_kv_capacity(num_blocks, config.block_size, config.max_model_len)
         self.num_blocks, self.kv_caches = num_blocks, self._allocate_kv_caches(num_blocks)
         if self.graph_sizes:
@@ -697,7 +732,10 @@ class ModelRunner:
         does not wait for the device. `previous` is the step still in flight, whose sampled tokens
         this step's placeholders read on the device."""
         plan = self.prepare_inputs(schedule, batch_order(schedule.scheduled), previous)
-        logits = self.run_model(plan)
+        with self.tp.collectives() if self.tp else contextlib.nullcontext():
+            if self.model.config.tp_size > 1:  # the other ranks run this step on their shards (serve_steps)
+                dist.broadcast(self.inputs.device, src=0)
+            logits = self.run_model(*plan.shape)
         sampling_logits = logits[: plan.num_sampling]
         sampled = sample(sampling_logits, plan.sampling)
         host = self.sampled_host[self._num_steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
@@ -761,15 +799,16 @@ class ModelRunner:
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
         num_rows = self._pad_for_graph(fields, num_seqs) if max_query_len == 1 and self.graphs else num_seqs
-        self.inputs.write(num_rows, tables, fields | sample_fields)
-        if placeholder_dst:
-            self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
-        self.stats.context_tokens_read += sum(seq_lens)
-        return StepPlan(
+        plan = StepPlan(
             schedule, len(fields["input_ids"]), num_rows, len(samplers), max_query_len, max(seq_lens),
             {entry.request: row for row, (entry, _) in enumerate(samplers)}, sampling, num_logprobs, prompt_positions,
             to_device(prompt_targets, self.device) if prompt_rows else None,
             max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
+        self.inputs.write(num_rows, tables, fields | sample_fields | {"header": [STEP, *plan.shape]})
+        if placeholder_dst:  # (before a tensor-parallel broadcast: the other ranks get the whole input_ids)
+            self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
+        self.stats.context_tokens_read += sum(seq_lens)
+        return plan
 
     def _sampling_inputs(self, samplers, previous: InFlight | None) -> tuple[dict[str, list], SamplingTensors, int | None]:
         """The sampling rows' fields for the buffer, the SamplingTensors that view them (plus the penalties'
@@ -812,20 +851,19 @@ class ModelRunner:
         return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
                      for t in pair)
 
-    def run_model(self, plan: StepPlan) -> torch.Tensor:
-        """Logits of the sampling rows, then of the prompt-logprobs rows: a graph replay for
-        decode-only batches, else eager."""
-        num_logits = plan.num_sampling + len(plan.prompt_positions)
+    def run_model(self, num_tokens, num_rows, max_query_len, max_seq_len, num_sampling, num_logits) -> torch.Tensor:
+        """Logits of the sampling rows, then of the prompt-logprobs rows (StepPlan.shape says how many):
+        a graph replay for decode-only batches, else eager."""
         calibrating = any(layer.calibrate_kv_scale for layer in self.model.layers)  # graphs do not: run eager
-        if plan.num_rows in self.graphs and plan.max_query_len == 1 and not calibrating:
-            graph, logits = self.graphs[plan.num_rows]
+        if num_rows in self.graphs and max_query_len == 1 and not calibrating:
+            graph, logits = self.graphs[num_rows]
             graph.replay()
             self.stats.graph_steps += 1
-            if num_logits == plan.num_sampling == plan.num_rows:
+            if num_logits == num_sampling == num_rows:
                 return logits[:num_logits]
             return logits.index_select(0, self.inputs.view("logits_indices", num_logits).long())
         with torch.inference_mode():
-            return self._forward(plan.num_tokens, plan.num_rows, plan.max_query_len, plan.max_seq_len, num_logits)
+            return self._forward(num_tokens, num_rows, max_query_len, max_seq_len, num_logits)
 
     def _forward(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
         input_ids, positions, meta, logits_indices = self.inputs.model_inputs(
@@ -895,15 +933,163 @@ class ModelRunner:
         torch.cuda.synchronize()
 
 
-def _load(model: str, config: EngineConfig) -> tuple[Transformer, Tokenizer | None]:
-    """The network on its device (random weights of a named shape, or a checkpoint's) and its tokenizer."""
+# ---- Tensor parallelism: rank 0 drives; every rank runs each step's forward on its own shard. ------------------------
+
+RANK0_TIMEOUT = timedelta(minutes=10)  # rank 0's wait in a collective: a worker that hangs is an error after this
+WORKER_TIMEOUT = timedelta(days=365)   # a worker waits for rank 0's next step however long rank 0 idles
+
+
+@dataclass(eq=False)
+class TensorParallel:
+    """Rank 0's handle on the other ranks: the workers it spawned (none under torchrun), their errors, the step
+    buffer they receive. A failure inside a collective ends the group: every later call fails at once."""
+    processes: list
+    errors: object | None  # (rank, error) of a spawned worker that failed
+    buffer: torch.Tensor | None = None
+    failure: str | None = None
+    closed: bool = False  # (the process group closed is this LLM's: a later LLM's is not, so close() acts once)
+
+    @contextlib.contextmanager
+    def collectives(self, atomic: bool = True):
+        """Around rank 0's collectives. `atomic`: Ctrl-C waits until all are issued (a rank stopped half-way would pair
+        its next broadcast with the others' all-reduce), so a step fails before or after them and is undone."""
+        if self.failure is None and not all(process.is_alive() for process in self.processes):
+            self.failure = self._worker_error() or "a tensor-parallel worker died"
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        interrupts, handler = [], None
+        if atomic and threading.current_thread() is threading.main_thread():  # (signals reach the main thread only)
+            handler = signal.signal(signal.SIGINT, lambda *args: interrupts.append(args))
+        try:
+            yield
+        except BaseException as error:
+            self.failure = self._worker_error() or f"tensor parallelism stopped by {type(error).__name__}: {error}"
+            self.close()
+            if self.failure.startswith("tensor parallel rank"):
+                raise RuntimeError(self.failure) from error
+            raise
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+                if interrupts and callable(handler):
+                    handler(*interrupts[0])
+
+    def _worker_error(self) -> str | None:
+        if self.errors is None or self.errors.empty():
+            return None
+        return "tensor parallel rank {} failed: {}".format(*self.errors.get())
+
+    def close(self) -> None:
+        """Stop the workers (a STOP step; after a failure, or 10 s without exiting, a kill) and leave the group."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.failure is None and self.buffer is not None:
+            self.buffer[0] = STOP
+            with contextlib.suppress(RuntimeError):
+                dist.broadcast(self.buffer, src=0)
+            for process in self.processes:
+                process.join(timeout=10)
+        self.failure = self.failure or "this LLM is closed"
+        for process in self.processes:
+            process.kill()  # (none if it has exited)
+            process.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_tensor_parallel(model: str, config: EngineConfig) -> TensorParallel | None:
+    """tensor_parallel_size > 1: the other ranks, spawned here (gloo on the CPU, NCCL on GPUs); or, under torchrun
+    (RANK, WORLD_SIZE set) running this same script, where ranks > 0 serve in here and exit when rank 0 closes."""
+    size = config.tensor_parallel_size
+    if size == 1:
+        return None
+    device, _ = resolve_device_and_dtype(config.device, config.dtype)
+    if device.type == "cuda" and size > torch.cuda.device_count() and "RANK" not in os.environ:  # (spawned: one host)
+        raise ValueError(f"tensor_parallel_size={size}: more than the {torch.cuda.device_count()} visible GPUs")
+    shape = shard_config(SHAPES[model] if model in SHAPES else read_config(model), 0, size)  # before any process
+    config = replace(config, max_model_len=config.max_model_len or shape.max_position_embeddings)  # (as LLM's)
+    if dist.is_initialized():  # its default process group: one tensor-parallel LLM per process at a time
+        raise RuntimeError("tensor_parallel_size > 1: this process has a process group already (close() the LLM)")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != size:
+            raise ValueError(f"tensor_parallel_size={size}: the launcher started {os.environ['WORLD_SIZE']} ranks")
+        if (rank := int(os.environ["RANK"])) > 0:
+            serve(model, config, rank, backend, "env://")
+            sys.exit(0)
+        dist.init_process_group(backend, rank=0, world_size=size, timeout=RANK0_TIMEOUT)
+        return TensorParallel([], None)
+    with socket.socket() as probe:  # a free port for the group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    context = torch.multiprocessing.get_context("spawn")
+    tp = TensorParallel([], context.SimpleQueue())
+    for rank in range(1, size):
+        tp.processes.append(context.Process(target=serve, args=(model, config, rank, backend, address, tp.errors),
+                                            daemon=True))
+        tp.processes[-1].start()
+    with tp.collectives(atomic=False):
+        dist.init_process_group(backend, init_method=address, rank=0, world_size=size, timeout=RANK0_TIMEOUT)
+    return tp
+
+
+def serve(model: str, config: EngineConfig, rank: int, backend: str, address: str, errors=None) -> None:
+    """Rank `rank` > 0: join the group, load this rank's shard, run rank 0's steps until it says STOP. A spawned
+    worker's error goes to rank 0 (`errors`), then it exits at once: rank 0's collectives with it fail now."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; closing its LLM ends this
+    try:
+        dist.init_process_group(backend, init_method=address, rank=rank, world_size=config.tensor_parallel_size,
+                                timeout=WORKER_TIMEOUT)
+        runner = ModelRunner(_load(model, config, rank)[0], config)
+        while (command := _receive_step(runner)) != STOP:
+            if command == LOAD:
+                with contextlib.suppress(ValueError):  # bad tensors: rank 0 raises the same error to the caller
+                    load_tensors(runner.model, share_weights(None, runner), "load_weights")
+        dist.destroy_process_group()
+    except BaseException as error:
+        if errors is None:
+            raise
+        errors.put((rank, f"{type(error).__name__}: {error}"))
+        os._exit(1)
+
+
+def _receive_step(runner: ModelRunner) -> int:
+    """Rank 0's next message; a step is run at once (its logits are rank 0's to sample)."""
+    dist.broadcast(runner.inputs.device, src=0)
+    command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
+    if command == STEP:
+        runner.run_model(*shape)
+    return command
+
+
+def share_weights(weights, runner: ModelRunner):
+    """load_weights under tensor parallelism: rank 0's `weights` (None on the other ranks), on the CPU and
+    pickled (not a per-step path), on every rank; each then loads its part of them."""
+    if weights is not None:
+        weights = [(pair[0], pair[1].cpu()) if isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(
+            pair[1], torch.Tensor) else pair for pair in (weights.items() if isinstance(weights, Mapping) else weights)]
+        runner.inputs.view("header", 1).fill_(LOAD)
+        dist.broadcast(runner.inputs.device, src=0)
+    shared = [weights]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def _load(model: str, config: EngineConfig, rank: int = 0) -> tuple[Transformer, Tokenizer | None]:
+    """The network (rank `rank`'s shard) on its device (random weights of a named shape, or a checkpoint's) and
+    its tokenizer. With tensor parallelism each rank has a GPU of its own: its rank's, or torchrun's LOCAL_RANK."""
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
+    size = config.tensor_parallel_size
     if device.type == "cuda":  # streams, events and graphs use the current device: make it ours
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) if size > 1 else index)
         torch.cuda.set_device(device)
     if model in SHAPES:
-        return random_model(model, dtype, device, seed=config.seed), None
-    network, tokenizer = load_model(model, dtype, device), None
+        return random_model(model, dtype, device, seed=config.seed, rank=rank, size=size), None
+    network, tokenizer = load_model(model, dtype, device, rank, size), None
+    if rank > 0:
+        return network, None
     try:  # a checkpoint without tokenizer files still runs, on token-id prompts only: say so at load time
         tokenizer = load_tokenizer(model)
     except FileNotFoundError as missing:

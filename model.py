@@ -14,7 +14,8 @@ The tokenizer (its own section) turns an HF byte-level BPE tokenizer.json into a
 and renders chat templates.
 
 Owns: ModelConfig (from HF config.json), the forward, fp8 weights (Fp8Linear: online or an fp8 checkpoint's),
-loading *.safetensors, random init, the tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
+loading *.safetensors, random init, the tokenizer; under tensor parallelism, one rank's shard of each (shard_config)
+and its two all-reduces a layer. Never touches: scheduling, which blocks a request owns, sampling.
 """
 import codecs
 import functools
@@ -29,6 +30,7 @@ from datetime import datetime
 
 import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 import triton.language as tl
@@ -79,6 +81,11 @@ class ModelConfig:
     sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, as SamplingParams fields
     quantization: str | None = None  # "fp8": the checkpoint's linear weights are e4m3 (its quantization_config)
     static_input_scales: bool = False  # with "fp8": the checkpoint's activation scales (input_scale), else per token
+    # Tensor parallelism (shard_config): the heads, MLP columns and vocabulary rows above are rank tp_rank's;
+    # kv_replicas ranks hold the same KV heads (more ranks than KV heads).
+    tp_rank: int = 0
+    tp_size: int = 1
+    kv_replicas: int = 1
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -87,6 +94,10 @@ class ModelConfig:
     @property
     def has_qk_norm(self) -> bool:
         return self.architecture == "Qwen3ForCausalLM"
+
+    @property
+    def vocab_rows(self) -> int:  # the embedding and lm_head rows of one rank (the last one's padded)
+        return -(-self.vocab_size // self.tp_size)
 
     @property
     def attention_parity_context(self) -> int:
@@ -112,6 +123,17 @@ SHAPES = {
         num_q_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e4,
         rope_scaling=None, tie_word_embeddings=True, eos_token_ids=[511]),
 }
+
+
+def shard_config(config: ModelConfig, rank: int, size: int) -> ModelConfig:
+    """One rank's share of the model (Megatron's split): its query heads, KV heads (one head shared by
+    size / num_kv_heads ranks when there are fewer KV heads than ranks, as vLLM does) and MLP columns."""
+    q, kv, inter = config.num_q_heads, config.num_kv_heads, config.intermediate_size
+    if q % size or inter % size or (kv % size if size <= kv else size % kv):
+        raise ValueError(f"tensor_parallel_size={size} must divide the model's num_attention_heads={q} and "
+                         f"intermediate_size={inter}, and divide its num_key_value_heads={kv} or be a multiple of it")
+    return replace(config, num_q_heads=q // size, num_kv_heads=max(1, kv // size), intermediate_size=inter // size,
+                   tp_rank=rank, tp_size=size, kv_replicas=max(1, size // kv))
 
 
 def _read_json(path: str, required: bool = False) -> dict:
@@ -502,7 +524,7 @@ class DecoderLayer(nn.Module):
         q = kernels.rope_and_write_kv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                       c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping, self.kv_scale)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5, self.kv_scale)
-        return kernels.linear(out.reshape(x.shape[0], -1), self.o_proj)
+        return _all_reduce(kernels.linear(out.reshape(x.shape[0], -1), self.o_proj), c)
 
     def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         """hidden: the previous layer's output, not yet added to the residual stream: the add is
@@ -512,7 +534,33 @@ class DecoderLayer(nn.Module):
         x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps)
         x = self.attention(x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels)
         x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps)
-        return kernels.linear(kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj)), self.down_proj)
+        return _all_reduce(kernels.linear(kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj)), self.down_proj),
+                           self.config)
+
+
+def _all_reduce(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Row-parallel o_proj and down_proj: each rank's partial sum (over its heads, its MLP columns) made whole."""
+    if config.tp_size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _embed(input_ids: torch.Tensor, weight: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Vocab-parallel embedding: each rank looks up the ids of its rows, zeros for the others, then one sum."""
+    if config.tp_size == 1:
+        return F.embedding(input_ids, weight)
+    local = input_ids - config.tp_rank * config.vocab_rows
+    hidden = F.embedding(local.clamp(0, weight.shape[0] - 1), weight)
+    return _all_reduce(hidden.masked_fill_(((local < 0) | (local >= weight.shape[0]))[:, None], 0), config)
+
+
+def _gather_vocab(logits: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Vocab-parallel lm_head: every rank's columns of the logits, side by side, without the padding."""
+    if config.tp_size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(config.tp_size)]
+    dist.all_gather(parts, logits)
+    return torch.cat(parts, dim=1)[:, :config.vocab_size].contiguous()
 
 
 class Transformer(nn.Module):
@@ -522,11 +570,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         with torch.device(device):
-            self.embed_tokens = _empty(config.vocab_size, config.hidden_size, config=config)
+            self.embed_tokens = _empty(config.vocab_rows, config.hidden_size, config=config)
             self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
             self.norm = _empty(config.hidden_size, config=config)
             self.lm_head = (self.embed_tokens if config.tie_word_embeddings
-                            else _empty(config.vocab_size, config.hidden_size, config=config))
+                            else _empty(config.vocab_rows, config.hidden_size, config=config))
         cos, sin = rope_tables(config, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -544,7 +592,7 @@ class Transformer(nn.Module):
                              f"[{c.num_layers}, 2, num_blocks, block_size, {c.num_kv_heads}, {c.head_dim}] {c.dtype} "
                              "(or float8_e4m3fn)")
         kernels = TRITON_KERNELS if self.use_triton else LayerKernels()
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        hidden = _embed(input_ids, self.embed_tokens, c)
         # The residual stream starts at zero and the embedding is the first output added to it, so
         # every layer starts the same way (add + norm), the first one included.
         residual = torch.zeros_like(hidden)
@@ -554,7 +602,7 @@ class Transformer(nn.Module):
         if logits_indices is not None:  # the final norm and lm_head only for rows that sample
             hidden, residual = hidden[logits_indices], residual[logits_indices]
         hidden = kernels.add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
-        return F.linear(hidden, self.lm_head)
+        return _gather_vocab(F.linear(hidden, self.lm_head), c)
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -613,6 +661,22 @@ def _safetensors_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def _shard_of(name: str, c: ModelConfig) -> tuple[int, int, int, int] | None:
+    """Under tensor parallelism, which part of an HF tensor this rank holds: (dim, start, length, the full length),
+    Megatron's split: QKV and gate/up by output rows, o_proj and down_proj by input columns, the vocabulary by
+    rows. None: every rank holds it whole (norms, scales), as without tensor parallelism."""
+    if c.tp_size == 1:
+        return None
+    q, kv, inter, vocab = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, c.vocab_rows
+    heads, mlp = (c.tp_rank * q, q, q * c.tp_size), (c.tp_rank * inter, inter, inter * c.tp_size)
+    kv_heads = (c.tp_rank // c.kv_replicas * kv, kv, kv * c.tp_size // c.kv_replicas)
+    rows = (c.tp_rank * vocab, min(vocab, c.vocab_size - c.tp_rank * vocab), c.vocab_size)
+    dim, part = {"q_proj": (0, heads), "k_proj": (0, kv_heads), "v_proj": (0, kv_heads), "o_proj": (1, heads),
+                 "gate_proj": (0, mlp), "up_proj": (0, mlp), "down_proj": (1, mlp), "embed_tokens": (0, rows),
+                 "lm_head": (0, rows)}.get(name.split(".")[-2], (None, None))
+    return None if dim is None else (dim, *part)
+
+
 def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
     """Copy HF-named tensors (a dict, or (name, tensor) pairs) straight into their places (slices of the fused
     weights); returns the names loaded. `source` names where they come from, for the errors."""
@@ -621,7 +685,8 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
             raise ValueError(f"{source}: expected a dict of tensors or (name, tensor) pairs, got an item {pair!r:.40}")
         name, tensor = pair
-        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):  # copy_ would cast ints silently
+        lazy = hasattr(tensor, "get_shape")  # a safetensors slice: only what this rank holds is read from the file
+        if not (lazy or isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):  # copy_ would cast ints
             raise ValueError(f"tensor {name!r} in {source}: expected a floating-point torch.Tensor, got "
                              f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
         if name not in targets:
@@ -629,14 +694,24 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
             if (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
-        target = targets[name]
+        target, index = targets[name], ...
+        expected, shape = tuple(target.shape), tuple(tensor.get_shape() if lazy else tensor.shape)
+        shard = _shard_of(name, model.config)
+        if shard and name.endswith("_scale") and (shard[0] == 1 or math.prod(shape) == 1):
+            shard = None  # a per-tensor scale, or a row-parallel layer's per-channel one (its output rows are whole)
+        if shard:  # this rank's rows (or columns) of the HF tensor
+            dim, start, length, full = shard
+            target, index = target.narrow(dim, 0, length), (slice(None),) * dim + (slice(start, start + length),)
+            expected = expected[:dim] + (full,) + expected[dim + 1:]
+        if shape != expected and not (name.endswith("_scale") and math.prod(shape) in (1, math.prod(expected))):
+            raise ValueError(f"tensor {name!r} in {source}: shape {shape}, expected {expected} from config.json")
+        tensor = tensor[index]
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {name!r} in {source}: expected a floating-point torch.Tensor, got {tensor.dtype}")
         if tensor.dtype.itemsize == 1 and (tensor.dtype, target.dtype) != (FP8, FP8):
             raise ValueError(f"tensor {name!r} in {source}: {tensor.dtype} fits only fp8 checkpoints' linear weights")
         if name.endswith("_scale") and not (torch.isfinite(tensor).all() and (tensor > 0).all()):
             raise ValueError(f"tensor {name!r} in {source}: a scale must be finite and > 0, got {tensor}")
-        if tensor.shape != target.shape and not (name.endswith("_scale") and tensor.numel() in (1, target.numel())):
-            raise ValueError(f"tensor {name!r} in {source}: shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(target.shape)} from config.json")
         with torch.no_grad():
             if target.dtype == FP8 and tensor.dtype != FP8:  # quantized per row: slice by slice is exact
                 tensor, targets[name + "_scale"][:] = quantize_rows_reference(tensor.to(target.device))
@@ -652,7 +727,7 @@ def _read_safetensors(file: str):
     try:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
     except (SafetensorError, OSError) as e:  # e.g. a truncated download; safetensors names no file
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
@@ -666,10 +741,11 @@ def load_weights(model: Transformer, path: str):
                          f"in {', '.join(files)}")
 
 
-def load_model(path: str, dtype=None, device=None) -> Transformer:
-    """An HF checkpoint directory -> Transformer on `device` in `dtype` (see resolve_device_and_dtype)."""
+def load_model(path: str, dtype=None, device=None, rank: int = 0, size: int = 1) -> Transformer:
+    """An HF checkpoint directory -> Transformer on `device` in `dtype` (see resolve_device_and_dtype); with
+    tensor parallelism, rank `rank`'s shard of `size` (shard_config), reading only its part of each tensor."""
     device, dtype = resolve_device_and_dtype(device, dtype)
-    model = Transformer(replace(read_config(path), dtype=dtype), device)
+    model = Transformer(replace(shard_config(read_config(path), rank, size), dtype=dtype), device)
     if model.config.quantization == "fp8":  # the checkpoint's e4m3 weights and scales load into Fp8Linears
         quantize_fp8(model, model.config.static_input_scales)
     load_weights(model, path)
@@ -677,13 +753,14 @@ def load_model(path: str, dtype=None, device=None) -> Transformer:
 
 
 @torch.no_grad()
-def random_model(name: str | ModelConfig, dtype=None, device=None, seed: int = 0) -> Transformer:
+def random_model(name: str | ModelConfig, dtype=None, device=None, seed: int = 0, rank: int = 0, size: int = 1
+                 ) -> Transformer:
     """A named shape (or a ModelConfig) with random weights drawn on the device: std 1/sqrt(fan_in),
     and 1/sqrt(2 * num_layers) more for the two projections writing into the residual stream, whose
     variance so stays O(1) at any depth (GPT-2's scaling); a tied lm_head then gives O(1) logits."""
     if isinstance(name, str) and name not in SHAPES:
         raise ValueError(f"model shape {name!r} is unknown; known: {', '.join(SHAPES)}")
-    config = SHAPES[name] if isinstance(name, str) else name
+    config = shard_config(SHAPES[name] if isinstance(name, str) else name, rank, size)  # (each rank draws its own)
     device, dtype = resolve_device_and_dtype(device, dtype)
     model = Transformer(replace(config, dtype=dtype), device)
     generator = torch.Generator(device).manual_seed(seed)

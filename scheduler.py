@@ -72,6 +72,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = False
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (vLLM's cap)
+    tensor_parallel_size: int = 1  # ranks (one GPU each) sharing every layer; more than the GPUs: engine.py refuses
     # A token at context L counts 1 + L / P of max_num_batched_tokens (P: the model's attention_parity_context), so
     # a step's FLOPs, hence its time, stay bounded however long the contexts of its prefill chunks (the server's)
     budget_counts_attention: bool = False
@@ -89,7 +90,7 @@ class EngineConfig:
             "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
             "budget_counts_attention": flag,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
-            "max_logprobs": (int_at_least(0), "an int >= 0"),
+            "max_logprobs": (int_at_least(0), "an int >= 0"), "tensor_parallel_size": (int_at_least(1), "an int >= 1"),
             "quantization": (lambda v: v in (None, "fp8"), "one of None, 'fp8'")})
 
 

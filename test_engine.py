@@ -5,6 +5,7 @@
     python3 -m pytest -q test_engine.py                # on a GPU: also the kernels in bf16, and CUDA graphs
 """
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -12,6 +13,7 @@ import functools
 import itertools
 import json
 from collections import Counter
+from multiprocessing import resource_tracker
 import math
 import os
 import random
@@ -3008,6 +3010,7 @@ class TestEngine:
 
 # ==== fp8 weights (model.py: Fp8Linear, linear, quantize_fp8, fp8 checkpoints) ====================
 
+
 _FP8_CORES = _CUDA and torch.cuda.get_device_capability() >= (8, 9)
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -3165,6 +3168,229 @@ class TestFp8:
         save_file(tensors, os.path.join(path, "model.safetensors"))
         with pytest.raises(ValueError, match="float8_e4m3fn fits only fp8 checkpoints' linear weights"):
             _load(path)
+
+# ==== tensor parallelism (engine.py, model.py) =====================================================
+
+# Two tiny checkpoints: a Qwen3 with fewer KV heads than ranks (replicated) and a vocabulary two ranks split
+# unevenly (padded); a tied Qwen2 (q/k/v bias) whose two KV heads split.
+_TP_CHECKPOINTS = {"qwen3-one-kv-head": ("Qwen3ForCausalLM", dict(head_dim=16, num_key_value_heads=1, vocab_size=301)),
+                   "qwen2-tied-bias": ("Qwen2ForCausalLM", dict(tie=True))}
+# Prefix caching, chunked prefill (budget 7) and preemption (a pool too small) all at once; async on and off.
+_TP_ENGINE = dict(dtype=torch.float32, block_size=4, num_blocks=12, max_model_len=48, max_num_batched_tokens=7,
+                  max_num_seqs=8, enable_prefix_caching=True)
+_TP_ASYNC = {"qwen3-one-kv-head": True, "qwen2-tied-bias": False}
+
+
+def _tp_workload():
+    shared = [5] * 9 + [9, 8]  # a shared prefix for the prefix cache
+    prompts = _prompts(5, 300, seed=3, longest=30) + [shared + [1], shared + [2, 3]]
+    params = [SamplingParams(temperature=0, max_tokens=3 + i % 6, ignore_eos=True, logprobs=2) for i in range(6)]
+    params += [SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True, logprobs=0,
+                              prompt_logprobs=1)]
+    return prompts, params
+
+
+def _assert_same_outputs(outputs, reference, tolerance=1e-5):
+    """The same tokens, and logprobs (sampled and prompt) within `tolerance`."""
+    for output, expected in zip(outputs, reference, strict=True):
+        for completion, want in zip(output.outputs, expected.outputs, strict=True):
+            assert completion.token_ids == want.token_ids
+            for entry, want_entry in zip(completion.logprobs or [], want.logprobs or [], strict=True):
+                assert entry.keys() == want_entry.keys()
+                assert all(abs(entry[t].logprob - want_entry[t].logprob) < tolerance for t in entry)
+        for entry, want_entry in zip(output.prompt_logprobs or [], expected.prompt_logprobs or [], strict=True):
+            assert (entry is None) == (want_entry is None)
+            assert entry is None or all(abs(entry[t].logprob - want_entry[t].logprob) < tolerance for t in entry)
+
+
+def _child_processes() -> set[int]:
+    """This process's child processes (Linux: /proc), zombies included; multiprocessing's resource tracker, one
+    per process for good, is started first so that it is not counted as a worker left behind."""
+    resource_tracker.ensure_running()
+    children = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    children.add(int(pid))
+        except OSError:  # it ended meanwhile
+            pass
+    return children
+
+
+def _tp_worker_that_fails(where, *args):
+    """engine.serve, in a spawned worker, failing while loading its shard or in its third step."""
+    if where == "load":
+        def failing_load(*_args, **_kwargs):
+            raise OSError("injected: a bad shard")
+        engine.load_model = failing_load
+    else:
+        run_model, calls = engine.ModelRunner.run_model, []
+
+        def failing_step(self, *shape):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected: out of memory")
+            return run_model(self, *shape)
+        engine.ModelRunner.run_model = failing_step
+    engine.serve(*args)
+
+
+class _TPEngines:
+    """Per checkpoint: its HF model, its path, an LLM on one rank; and, made when first asked for, one on two
+    ranks. A process holds one tensor-parallel LLM at a time, so asking for another checkpoint's closes the last;
+    tests that come in checkpoint order spawn each one's worker once."""
+
+    def __init__(self, tmp_path_factory):
+        self.checkpoints, self.current = {}, None
+        for name, (architecture, overrides) in _TP_CHECKPOINTS.items():
+            path = str(tmp_path_factory.mktemp(name))
+            hf = _hf_checkpoint(path, architecture, **overrides)
+            self.checkpoints[name] = (hf, path, LLM(path, **self.settings(name)))
+
+    @staticmethod
+    def settings(name):
+        return dict(_TP_ENGINE, async_scheduling=_TP_ASYNC[name])
+
+    def two(self, name):
+        if self.current is not None and self.current[0] != name:
+            self.close()
+        if self.current is None:
+            self.current = name, LLM(self.checkpoints[name][1], tensor_parallel_size=2, **self.settings(name))
+        return self.current[1]
+
+    def close(self):
+        if self.current is not None:
+            self.current[1].close()
+            self.current = None
+
+
+@pytest.fixture(scope="class")
+def tp_engines(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the workers' (as torchrun does): 3 processes share 2 cores
+        engines = _TPEngines(tmp_path_factory)
+        yield engines
+        engines.close()
+
+
+class TestTensorParallel:
+    """Two ranks (gloo, spawned workers or torchrun) against one: the same tokens and logprobs; faults end every
+    process; bad sizes are ValueErrors."""
+
+    def _check_two_ranks_equal_one(self, tp_engines, name):
+        _, _, one = tp_engines.checkpoints[name]
+        two = tp_engines.two(name)
+        prompts, params = _tp_workload()
+        reference = one.generate(prompts, params, use_tqdm=False)
+        outputs = two.generate(prompts, params, use_tqdm=False)
+        _assert_same_outputs(outputs, reference)
+        # What the settings are for really happened: preemption, prefix-cache hits, chunks of 7 tokens.
+        assert two.scheduler.num_preemptions > 0 and two.scheduler.kv_cache_manager.num_hit_tokens > 0
+        assert two.config.max_num_batched_tokens == 7 and two.config.async_scheduling == _TP_ASYNC[name]
+        assert two.runner.model.config.num_kv_heads == 1 and len(two.runner.model.embed_tokens) < 300
+        streamed = {}
+        for delta in two.stream(prompts[:2], params[:2]):  # streaming: rank 0's business, the same tokens
+            streamed.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+        assert list(streamed.values()) == [o.outputs[0].token_ids for o in reference[:2]]
+        _assert_pool_free(two)
+
+    def test_two_ranks_equal_one_with_a_kv_head_both_hold(self, tp_engines):
+        self._check_two_ranks_equal_one(tp_engines, "qwen3-one-kv-head")
+
+    def test_failed_step_is_undone_on_every_rank(self, tp_engines, monkeypatch):
+        _, _, one = tp_engines.checkpoints["qwen3-one-kv-head"]
+        two = tp_engines.two("qwen3-one-kv-head")
+        prompts, params = _tp_workload()
+        _fail_on_second_call(monkeypatch, engine, "sample", RuntimeError("injected"))  # rank 0, after the forward
+        with pytest.raises(RuntimeError, match="injected"):
+            two.generate(prompts, params, use_tqdm=False)
+        reference = one.generate(prompts, params, use_tqdm=False)
+        _assert_same_outputs(two.generate(prompts, params, use_tqdm=False), reference)
+
+    def test_torchrun(self, tp_engines, tmp_path):
+        """The same engine under torchrun: rank 0 drives, rank 1 serves inside LLM() and exits when rank 0 does."""
+        _, path, one = tp_engines.checkpoints["qwen3-one-kv-head"]
+        prompts, params = _tp_workload()
+        script = tmp_path / "run.py"
+        script.write_text(f"""import json, sys, torch
+from engine import LLM, SamplingParams
+llm = LLM({path!r}, tensor_parallel_size=2, **{dict(_TP_ENGINE, dtype="float32")!r})
+params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in llm.generate({prompts!r}, params, use_tqdm=False)]))
+""")
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(script)], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__))))
+        assert run.returncode == 0, run.stderr[-3000:]
+        [line] = [line for line in run.stdout.splitlines() if line.startswith("TOKENS")]
+        reference = one.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+        assert json.loads(line.split(" ", 1)[1]) == [o.outputs[0].token_ids for o in reference]
+
+    def test_two_ranks_equal_one_tied_with_bias_sync(self, tp_engines):
+        self._check_two_ranks_equal_one(tp_engines, "qwen2-tied-bias")
+
+    def test_load_weights_on_every_rank(self, tp_engines):
+        hf, _, one = tp_engines.checkpoints["qwen2-tied-bias"]
+        two = tp_engines.two("qwen2-tied-bias")
+        prompts, params = _tp_workload()
+        before = two.generate(prompts, params, use_tqdm=False)
+        generator = torch.Generator().manual_seed(1)
+        new = {name: t + 0.1 * torch.randn(t.shape, generator=generator) for name, t in hf.state_dict().items()}
+        try:
+            for llm in (one, two):
+                llm.load_weights(new)
+            outputs = two.generate(prompts, params, use_tqdm=False)
+            _assert_same_outputs(outputs, one.generate(prompts, params, use_tqdm=False))
+            assert [o.outputs[0].token_ids for o in outputs] != [o.outputs[0].token_ids for o in before]
+            with pytest.raises(ValueError, match="unexpected tensor 'nonsense'"):  # on every rank; the group lives on
+                two.load_weights([("model.norm.weight", torch.ones(64)), ("nonsense", torch.zeros(1))])
+            with pytest.raises(ValueError, match="expected a floating-point torch.Tensor, got list"):
+                two.load_weights([("model.norm.weight", [1.0])])
+        finally:
+            for llm in (one, two):
+                llm.load_weights(hf.state_dict())
+        _assert_same_outputs(two.generate(prompts, params, use_tqdm=False), before)
+
+    def test_bad_sizes(self, tp_engines, monkeypatch):
+        path = tp_engines.checkpoints["qwen2-tied-bias"][1]  # 4 query heads, 2 KV heads
+        tp_engines.two("qwen2-tied-bias")
+        children = _child_processes()
+        with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
+            LLM(path, tensor_parallel_size=0)
+        with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide the model's num_attention_heads=4 and "
+                           "intermediate_size=96, and divide its num_key_value_heads=2 or be a multiple of it"):
+            LLM(path, tensor_parallel_size=3)
+        with pytest.raises(ValueError, match="tensor_parallel_size=8 must divide the model's num_attention_heads=4"):
+            LLM(path, tensor_parallel_size=8)
+        with pytest.raises(RuntimeError, match="this process has a process group already"):  # one LLM per process
+            LLM(path, tensor_parallel_size=2)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(ValueError, match="tensor_parallel_size=2: more than the 1 visible GPUs"):
+            LLM(path, tensor_parallel_size=2)
+        assert _child_processes() == children
+
+
+    @pytest.mark.parametrize("where", ["load", "step"])
+    def test_a_failing_worker_fails_the_caller_and_leaves_no_process(self, tp_engines, monkeypatch, where):
+        tp_engines.close()  # (one tensor-parallel LLM per process)
+        path = tp_engines.checkpoints["qwen3-one-kv-head"][1]
+        children = _child_processes()
+        monkeypatch.setattr(engine, "serve", functools.partial(_tp_worker_that_fails, where))
+        prompts, params = _tp_workload()
+        error = "tensor parallel rank 1 failed: " + ("OSError: injected: a bad shard" if where == "load"
+                                                    else "RuntimeError: injected: out of memory")
+        if where == "load":
+            with pytest.raises(RuntimeError, match=error):
+                LLM(path, tensor_parallel_size=2, **_TP_ENGINE)
+        else:
+            llm = LLM(path, tensor_parallel_size=2, **_TP_ENGINE)
+            with pytest.raises(RuntimeError, match=error):
+                llm.generate(prompts, params, use_tqdm=False)
+            with pytest.raises(RuntimeError, match=error):  # the next call fails at once
+                llm.generate(prompts, params, use_tqdm=False)
+        assert _child_processes() == children
 
 
 class TestBench:
