@@ -29,7 +29,7 @@ from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
                    resolve_device_and_dtype)
-from sampler import SamplingTensors, logits_adjustment, logprobs_of, sample, seed_for, to_device
+from sampler import SamplingTensors, accept_drafts, logits_adjustment, logprobs_of, sample, seed_for, to_device
 from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
                        SchedulerOutput, find_stop_string)
 
@@ -100,6 +100,9 @@ class EngineStats:  # counters for bench.py: what each step had to read from mem
     graph_steps: int = 0
     output_tokens: int = 0
     context_tokens_read: int = 0  # sum over steps of every scheduled request's context length
+    draft_tokens: int = 0           # speculative decoding: drafts proposed,
+    accepted_draft_tokens: int = 0  # of which accepted,
+    draft_request_steps: int = 0    # in this many (request, step) pairs: each emits 1 + accepted / this tokens
 
 
 # ---- LLM: requests in, outputs out. ---------------------------------------------------------------------------------
@@ -251,10 +254,15 @@ class LLM:
         launches step N+1 *before* waiting for step N's tokens, so the CPU's scheduling and input
         building hide behind the GPU's forward pass. A step that fails or is interrupted is undone."""
         try:
+            moved = []
+            if self.in_flight is not None and self.scheduler.drafting():  # drafts need every token known: no overlap
+                flight, self.in_flight = self.in_flight, None
+                moved = self._collect(flight)
             schedule = self.scheduler.schedule()
             launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
-            collect, self.in_flight = (self.in_flight, launched) if self.config.async_scheduling else (launched, None)
-            moved = self._collect(collect) if collect is not None else []
+            overlap = self.config.async_scheduling and not (launched and launched.plan.drafts)
+            collect, self.in_flight = (self.in_flight, launched) if overlap else (launched, None)
+            moved += self._collect(collect) if collect is not None else []
             if self.in_flight is not None and not self.scheduler.has_unfinished_requests():  # the engine ends idle
                 flight, self.in_flight = self.in_flight, None
                 moved += self._collect(flight)
@@ -271,9 +279,13 @@ class LLM:
         moved = [request for request in tokens if not request.status.is_finished]  # update() appends to these
         self.output_processor.add_logprobs(flight, tokens)
         self.scheduler.update(flight.plan.schedule, tokens)
-        for request, stop in self.output_processor.find_stop_strings(moved):
-            self.scheduler.stop_at_string(request, stop)
-        self.stats.output_tokens += len(moved)
+        for request, stop, num_tokens in self.output_processor.find_stop_strings(moved):
+            self.scheduler.stop_at_string(request, stop, num_tokens)
+        self.stats.output_tokens += sum(len(tokens[request]) for request in moved)
+        for request, drafts in flight.plan.drafts.items():
+            self.stats.draft_tokens += len(drafts)
+            self.stats.accepted_draft_tokens += len(tokens[request]) - 1
+        self.stats.draft_request_steps += len(flight.plan.drafts)
         return moved
 
     def _recover(self) -> None:
@@ -285,8 +297,8 @@ class LLM:
             with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
                 torch.cuda.synchronize(self.runner.device)
         self.scheduler.recover()
-        for request, stop in self.output_processor.trim_after_failure():
-            self.scheduler.stop_at_string(request, stop)
+        for request, stop, num_tokens in self.output_processor.trim_after_failure():
+            self.scheduler.stop_at_string(request, stop, num_tokens)
         for group in [group for group in self.output_processor.groups.values() if group.finished]:
             self.output_processor.finish(group, keep=True)
 
@@ -427,18 +439,20 @@ class OutputProcessor:
             ids, values = (t.tolist() for t in flight.sampled_logprobs)
             for request, row in flight.plan.sample_row.items():
                 if request.sampling_params.logprobs is not None and not request.status.is_finished:
-                    self.live[request.request_id].logprobs.append(self._logprob_dict(
-                        tokens[request], ids[row], values[row], request.sampling_params))
+                    self.live[request.request_id].logprobs.extend(self._logprob_dict(
+                        token, ids[row + i], values[row + i], request.sampling_params)  # a row per draft position
+                        for i, token in enumerate(tokens[request]))
         if flight.prompt_logprobs is not None:
             self._add_prompt_logprobs(flight.plan.prompt_positions, *(t.tolist() for t in flight.prompt_logprobs))
 
-    def find_stop_strings(self, moved: list[Request]) -> list[tuple[Request, str]]:
-        """After update(): the moved requests whose text now holds a stop string (cut there), with it."""
-        return [(request, stop) for request in moved if request.sampling_params.stop
-                and request.status is not RequestStatus.FINISHED_STOPPED
-                and (stop := self._find_stop_string(self.live[request.request_id])) is not None]
+    def find_stop_strings(self, moved: list[Request]) -> list[tuple[Request, str, int]]:
+        """After update(): the moved requests whose text now holds a stop string (cut there), with it and
+        the number of output tokens that completes it (accepted drafts may have brought more)."""
+        return [(request, *hit) for request in moved if request.sampling_params.stop
+                and not isinstance(request.stop_reason, str)
+                and (hit := self._find_stop_string(self.live[request.request_id])) is not None]
 
-    def trim_after_failure(self) -> list[tuple[Request, str]]:
+    def trim_after_failure(self) -> list[tuple[Request, str, int]]:
         """After a failed step: each completion's logprobs, text and stop search made whole again;
         the stop strings found in text whose search the failure cut off."""
         stops = []
@@ -449,8 +463,8 @@ class OutputProcessor:
             if completion.stream is not None and not isinstance(request.stop_reason, str):  # decode text anew
                 completion.stream, completion.text, completion.num_decoded = completion.stream.restart(), "", 0
             if request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
-                if (stop := self._find_stop_string(completion)) is not None:  # its last step may have died first
-                    stops.append((request, stop))
+                if (hit := self._find_stop_string(completion)) is not None:  # its last step may have died first
+                    stops.append((request, *hit))
         return stops
 
     def groups_of(self, requests: list[Request]) -> list[RequestGroup]:
@@ -505,16 +519,17 @@ class OutputProcessor:
             return self.tokenizer.decode([token]) if self.tokenizer else None
         return None
 
-    def _find_stop_string(self, completion: Completion) -> str | None:
-        """Search the newest text (across tokens) for a stop string, as the scheduler's rule says: cut there."""
+    def _find_stop_string(self, completion: Completion) -> tuple[str, int] | None:
+        """Search the newest text (across tokens) for a stop string, as the scheduler's rule says: cut there. Token
+        by token (accepted drafts bring several in a step): the stop string and the output tokens that complete it."""
         request = completion.request
-        text = self._detokenize(completion)
-        if (hit := find_stop_string(request.sampling_params, len(request.output_token_ids), text,
-                                    completion.num_searched)) is not None:
-            end, stop = hit
-            completion.text = text[:end]
-            return stop
-        completion.num_searched = len(text)
+        for num_tokens in range(completion.num_decoded + 1, len(request.output_token_ids) + 1):
+            text = self._detokenize(completion, num_tokens)
+            if (hit := find_stop_string(request.sampling_params, num_tokens, text, completion.num_searched)) is not None:
+                end, stop = hit
+                completion.text = text[:end]
+                return stop, num_tokens
+            completion.num_searched = max(completion.num_searched, len(text))
         return None
 
     def _completion_output(self, completion: Completion) -> CompletionOutput:
@@ -523,25 +538,27 @@ class OutputProcessor:
         if not request.status.is_finished and params.stop and not params.include_stop_str_in_output:
             # hold back what may still become a stop string, which would be cut
             text = text[:len(text) - _stop_string_prefix(text, params.stop)]
-        logprobs = None if completion.logprobs is None else list(completion.logprobs)
+        # (a stop inside accepted drafts leaves logprobs of tokens it dropped)
+        logprobs = None if completion.logprobs is None else completion.logprobs[:len(request.output_token_ids)]
         cumulative = None if logprobs is None else sum(entry[t].logprob for t, entry in zip(request.output_token_ids,
                                                                                              logprobs))
         return CompletionOutput(completion.index, text, list(request.output_token_ids), cumulative, logprobs,
                                 request.finish_reason, request.stop_reason)
 
-    def _detokenize(self, completion: Completion) -> str:
-        """The output's text so far, decoding only the tokens not decoded before (O(1) a token). The
-        token that stopped a request and ids the tokenizer has no bytes for (padded embedding rows,
-        holes in its vocabulary) have no text; a stop string has fixed the text for good."""
+    def _detokenize(self, completion: Completion, num_tokens: int | None = None) -> str:
+        """The output's text so far (its first num_tokens tokens' at most), decoding only the tokens not decoded
+        before (O(1) a token). The token that stopped a request and ids the tokenizer has no bytes for (padded
+        embedding rows, holes in its vocabulary) have no text; a stop string has fixed the text for good."""
         request = completion.request
         if completion.stream is None or isinstance(request.stop_reason, str):
             return completion.text
         tokens = request.output_token_ids
-        end = len(tokens) - (request.status is RequestStatus.FINISHED_STOPPED)
+        last = len(tokens) - (request.status is RequestStatus.FINISHED_STOPPED)
+        end = last if num_tokens is None else min(num_tokens, last)
         for token in tokens[completion.num_decoded:end]:
             completion.text += completion.stream.push(token)
         completion.num_decoded = max(end, completion.num_decoded)
-        if request.status.is_finished:
+        if request.status.is_finished and end == last:
             completion.text += completion.stream.finish()
             completion.stream = None
         return completion.text
@@ -558,10 +575,10 @@ class InputBuffer:
     views are static, so a CUDA graph captured on them replays after each step's copy. The block
     table comes last, so a step copies only the prefix that holds its rows."""
 
-    def __init__(self, max_tokens, max_seqs, max_blocks_per_seq, device, pin_memory):
+    def __init__(self, max_tokens, max_seqs, max_blocks_per_seq, device, pin_memory, max_rows):
         sizes = dict(input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
-                     temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
+                     temperature=max_rows, top_p=max_rows, top_k=max_rows, min_p=max_rows, seeds=max_rows,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
         *starts, self.block_table_offset = itertools.accumulate(sizes.values(), initial=0)
         self.offset, self.width = dict(zip(sizes, starts)), max_blocks_per_seq
@@ -619,16 +636,18 @@ class StepPlan:
     schedule: SchedulerOutput
     num_tokens: int
     num_rows: int               # requests in the batch, padded up to a graph size when one is used
-    num_sampling: int
+    num_sampling: int           # rows of sampled tokens: one per sampling request, and one per draft
     max_query_len: int
     max_seq_len: int
-    sample_row: dict[Request, int]  # each sampling request's row of the sampled tokens (and logprobs)
+    sample_row: dict[Request, int]  # each sampling request's (first) row of the sampled tokens (and logprobs)
     sampling: SamplingTensors
     num_logprobs: int | None = None  # top-k logprobs for the sampled tokens (the most any row asks)
     # Prompt logprobs: logits rows after the sampling ones, each (request, prompt position it scores).
     prompt_positions: list[tuple[Request, int]] = field(default_factory=list)
     prompt_targets: torch.Tensor | None = None
     num_prompt_logprobs: int = 0
+    drafts: dict[Request, list[int]] = field(default_factory=dict)  # the requests with drafts: rows after its first
+
 
 
 @dataclass
@@ -641,12 +660,13 @@ class InFlight:
     sampled_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # logprobs_of's (ints, floats), on the host
     prompt_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def sampled_token_ids(self) -> dict[Request, int]:
-        """Wait for the step, then each sampling request's token."""
+    def sampled_token_ids(self) -> dict[Request, list[int]]:
+        """Wait for the step, then each sampling request's tokens: one, or its accepted drafts and one more."""
         if self.ready is not None:
             self.ready.synchronize()
-        tokens = self.sampled_host.tolist()
-        return {request: tokens[row] for request, row in self.plan.sample_row.items()}
+        tokens, drafts = self.sampled_host.tolist(), self.plan.drafts
+        return {request: accept_drafts(tokens, row, drafts[request]) if request in drafts else [tokens[row]]
+                for request, row in self.plan.sample_row.items()}
 
 
 def batch_order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
@@ -664,11 +684,13 @@ class ModelRunner:
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
         self.stats, self._num_steps = EngineStats(), 0  # _num_steps: which host buffers this step fills
-        # A decode batch padded up to its graph size can hold more tokens than the budget.
+        # A decode batch padded up to its graph size can hold more tokens than the budget. Sampling rows: one
+        # per request, plus one per draft (drafts only while at most disable_by_batch_size requests run).
+        spec = config.speculative_config
+        max_rows = config.max_num_seqs + (spec and spec.num_speculative_tokens * spec.disable_by_batch_size or 0)
         self.inputs = InputBuffer(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
-                                  cdiv(config.max_model_len, config.block_size), self.device, self.on_cuda)
-        self.sampled_host = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda)
-                             for _ in range(2)]
+                                  cdiv(config.max_model_len, config.block_size), self.device, self.on_cuda, max_rows)
+        self.sampled_host = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=self.on_cuda) for _ in range(2)]
         self.graph_sizes = _graph_ladder(config.max_num_seqs) if self.on_cuda and not config.enforce_eager else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -728,7 +750,9 @@ class ModelRunner:
             known, blocks = request.num_tokens, request.block_ids
             pending = None  # the newest token, sampled by the step still in flight: read on the device
             input_ids += request.all_token_ids[start:min(end, known)]
-            if end > known:
+            if entry.draft_token_ids:  # drafts follow the known tokens; each position gets logits below
+                input_ids += entry.draft_token_ids
+            elif end > known:
                 assert end == known + 1, "only a request's newest token may be a placeholder"
                 pending = previous_rows[request]
                 placeholder_dst.append(len(input_ids))
@@ -750,7 +774,7 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(blocks[: cdiv(end, block_size)])
             if entry.samples_token:
-                logits_indices.append(len(input_ids) - 1)
+                logits_indices += range(len(input_ids) - 1 - len(entry.draft_token_ids), len(input_ids))
                 samplers.append((entry, pending))
         num_seqs, max_query_len = len(seq_lens), max(b - a for a, b in zip(query_start, query_start[1:]))
         fields = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
@@ -762,33 +786,37 @@ class ModelRunner:
         if placeholder_dst:
             self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
         self.stats.context_tokens_read += sum(seq_lens)
+        first_rows = itertools.accumulate((1 + len(entry.draft_token_ids) for entry, _ in samplers), initial=0)
         return StepPlan(
-            schedule, len(fields["input_ids"]), num_rows, len(samplers), max_query_len, max(seq_lens),
-            {entry.request: row for row, (entry, _) in enumerate(samplers)}, sampling, num_logprobs, prompt_positions,
-            to_device(prompt_targets, self.device) if prompt_rows else None,
-            max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
+            schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens),
+            {entry.request: row for row, (entry, _) in zip(first_rows, samplers)}, sampling, num_logprobs,
+            prompt_positions, to_device(prompt_targets, self.device) if prompt_rows else None,
+            max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0),
+            {entry.request: entry.draft_token_ids for entry in rows if entry.draft_token_ids})
 
     def _sampling_inputs(self, samplers, previous: InFlight | None) -> tuple[dict[str, list], SamplingTensors, int | None]:
         """The sampling rows' fields for the buffer, the SamplingTensors that view them (plus the penalties'
         and bans' tensors when a row has some), and the most top-k logprobs a row asks for."""
-        vocab_size, rows = self.model.config.vocab_size, len(samplers)
-        fields = dict(temperature=[], top_p=[], top_k=[], min_p=[], seeds=[])
+        vocab_size, fields = self.model.config.vocab_size, dict(temperature=[], top_p=[], top_k=[], min_p=[], seeds=[])
         num_logprobs, adjusted = None, []
-        for row, (entry, pending) in enumerate(samplers):
-            request, params = entry.request, entry.request.sampling_params
-            # The noise of the k-th token a request draws depends on (its seed, k) alone.
-            fields["seeds"].append(seed_for(params.seed, len(request.output_token_ids) + request.num_output_placeholders))
-            fields["temperature"].append(0.0 if params.is_greedy else params.temperature)
-            fields["top_p"].append(params.top_p)
-            fields["top_k"].append(params.top_k if 0 < params.top_k < vocab_size else 0)
-            fields["min_p"].append(params.min_p)
+        for entry, pending in samplers:
+            request, params, drafts = entry.request, entry.request.sampling_params, entry.draft_token_ids
             if params.logprobs is not None:
                 num_logprobs = max(num_logprobs or 0, params.logprobs)
-            if params.has_penalties or entry.banned_token_ids:
-                penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty)
-                adjusted.append((row, request.output_token_ids, request.prompt_token_ids,
-                                 penalties if params.has_penalties else None, pending, entry.banned_token_ids or ()))
-        top_p, top_k, min_p = fields["top_p"], fields["top_k"], fields["min_p"]
+            for i in range(1 + len(drafts)):  # a row per position that samples: each draft's, then one more
+                # The noise of the k-th token a request draws depends on (its seed, k) alone.
+                index = len(request.output_token_ids) + request.num_output_placeholders + i
+                fields["seeds"].append(seed_for(params.seed, index))
+                fields["temperature"].append(0.0 if params.is_greedy else params.temperature)
+                fields["top_p"].append(params.top_p)
+                fields["top_k"].append(params.top_k if 0 < params.top_k < vocab_size else 0)
+                fields["min_p"].append(params.min_p)
+                if params.has_penalties or entry.banned_token_ids:  # penalties count the drafts before the row
+                    penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty)
+                    adjusted.append((len(fields["seeds"]) - 1, request.output_token_ids + drafts[:i],
+                                     request.prompt_token_ids, penalties if params.has_penalties else None, pending,
+                                     entry.banned_token_ids or ()))
+        rows, top_p, top_k, min_p = len(fields["seeds"]), fields["top_p"], fields["top_k"], fields["min_p"]
         sampling = SamplingTensors(
             *(self.inputs.view(name, rows) for name in ("temperature", "top_p", "top_k", "seeds")),
             all_greedy=not any(fields["temperature"]), needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p)

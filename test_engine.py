@@ -962,7 +962,7 @@ class _FakeEngine:
                 self.written.append(p)
             if entry.samples_token:
                 token = _next_token(digest)
-                sampled[request] = tokens[request] = token
+                sampled[request], tokens[request] = token, [token]
                 self.num_sampled[request.request_id] = self.num_sampled.get(request.request_id, 0) + 1
         self.last_sampled = sampled
         return tokens
@@ -1292,7 +1292,7 @@ class TestScheduler:
             engine.step()
         output, tokens = scheduler.schedule(), None  # a third step, whose update is cut off after one append
         tokens = engine._run_model(output)
-        request.output_token_ids.append(tokens[request])
+        request.output_token_ids += tokens[request]
         scheduler.recover()
         assert request.all_token_ids == request.prompt_token_ids + request.output_token_ids
         assert request.status is (RequestStatus.FINISHED_LENGTH if max_tokens == 3 else RequestStatus.PREEMPTED)
@@ -1306,9 +1306,9 @@ class TestScheduler:
         output = scheduler.schedule()
         [entry] = output.scheduled
         with pytest.raises(ValueError, match="sampled_token_ids has 2 tokens.*1 request"):
-            scheduler.update(output, {entry.request: 5, Request("b", [1]): 6})
+            scheduler.update(output, {entry.request: [5], Request("b", [1]): [6]})
         with pytest.raises(ValueError, match="sampled_token_ids has 1 tokens.*each needs its own"):
-            scheduler.update(output, {Request("a", [1, 2, 3]): 5})  # the same id, another request
+            scheduler.update(output, {Request("a", [1, 2, 3]): [5]})  # the same id, another request
 
     @pytest.mark.parametrize("field,value", [
         ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
