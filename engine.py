@@ -693,6 +693,11 @@ class ModelRunner:
         self.sampled_host = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=self.on_cuda) for _ in range(2)]
         self.graph_sizes = _graph_ladder(config.max_num_seqs) if self.on_cuda and not config.enforce_eager else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Decodes with k drafts each (the scheduler gives every drafting request k): graphs of their own.
+        self.draft_query_len = 1 + spec.num_speculative_tokens if spec else 0
+        self.draft_graph_sizes = [size for size in self.graph_sizes if spec and size <= spec.disable_by_batch_size
+                                  and size * self.draft_query_len <= config.max_num_batched_tokens]
+        self.draft_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
         c = model.config
         per_block = kv_cache_bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
@@ -781,7 +786,9 @@ class ModelRunner:
                       seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows,
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
-        num_rows = self._pad_for_graph(fields, num_seqs) if max_query_len == 1 and self.graphs else num_seqs
+        uniform = len(input_ids) == num_seqs * max_query_len  # every row has as many tokens: a graph's shape
+        graphs = self._graphs_for(max_query_len)
+        num_rows = self._pad_for_graph(fields, num_seqs, max_query_len, graphs) if uniform and graphs else num_seqs
         self.inputs.write(num_rows, tables, fields | sample_fields)
         if placeholder_dst:
             self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
@@ -825,12 +832,19 @@ class ModelRunner:
             if adjusted else None)
         return fields, sampling, num_logprobs
 
-    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int) -> int:
-        """A decode batch runs the graph of the next size up: padding rows write no token and read no key."""
-        rows = next((size for size in self.graphs if size >= num_seqs), num_seqs)
-        for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0)):
-            fields[name] += [fill] * (rows - num_seqs)
-        fields["query_start_loc"] += range(num_seqs + 1, rows + 1)
+    def _graphs_for(self, query_len: int) -> dict:
+        """The graphs of batches whose every row has query_len tokens: decodes, and decodes with k drafts."""
+        return self.graphs if query_len == 1 else self.draft_graphs if query_len == self.draft_query_len else {}
+
+    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int, query_len: int, graphs: dict) -> int:
+        """A batch of rows of query_len tokens runs the graph of the next size up: padding rows write no token
+        and read no key."""
+        rows = next((size for size in graphs if size >= num_seqs), num_seqs)
+        for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+            fields[name] += [fill] * ((rows - num_seqs) * query_len)
+        fields["seq_lens"] += [0] * (rows - num_seqs)
+        end = fields["query_start_loc"][-1]
+        fields["query_start_loc"] += range(end + query_len, end + (rows - num_seqs) * query_len + 1, query_len)
         return rows
 
     def _to_host(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -842,11 +856,12 @@ class ModelRunner:
         decode-only batches, else eager."""
         num_logits = plan.num_sampling + len(plan.prompt_positions)
         calibrating = any(layer.calibrate_kv_scale for layer in self.model.layers)  # graphs do not: run eager
-        if plan.num_rows in self.graphs and plan.max_query_len == 1 and not calibrating:
-            graph, logits = self.graphs[plan.num_rows]
+        graphs = self._graphs_for(plan.max_query_len)
+        if plan.num_rows in graphs and plan.num_tokens == plan.num_rows * plan.max_query_len and not calibrating:
+            graph, logits = graphs[plan.num_rows]
             graph.replay()
             self.stats.graph_steps += 1
-            if num_logits == plan.num_sampling == plan.num_rows:
+            if num_logits == plan.num_sampling == plan.num_tokens:
                 return logits[:num_logits]
             return logits.index_select(0, self.inputs.view("logits_indices", num_logits).long())
         with torch.inference_mode():
@@ -893,30 +908,35 @@ class ModelRunner:
     def graph_logits_bytes(self) -> int:
         """What the decode graphs keep alive after capture (which comes after profiling): each its
         logits, [size, vocab] in the model's dtype."""
-        return sum(self.graph_sizes) * self.model.config.vocab_size * self.model.config.dtype.itemsize
+        rows = sum(self.graph_sizes) + sum(self.draft_graph_sizes) * self.draft_query_len
+        return rows * self.model.config.vocab_size * self.model.config.dtype.itemsize
 
     def _capture_graphs(self):
-        """One CUDA graph per decode batch size of a ladder; a batch is padded up to the next size.
+        """One CUDA graph per decode batch size of a ladder (and per size of decodes with k drafts each, up to
+        disable_by_batch_size); a batch is padded up to the next size.
 
         Without graphs a small model's decode step costs more in kernel launches than in work."""
-        sizes = self.graph_sizes
         gc.collect()  # an earlier engine's graphs freed by the collector mid-capture would invalidate the capture
-        self.inputs.view("slot_mapping", sizes[-1]).fill_(-1)      # capture writes no KV
-        self.inputs.view("query_start_loc", sizes[-1] + 1).copy_(torch.arange(sizes[-1] + 1))
-        self.inputs.view("seq_lens", sizes[-1]).fill_(1)
+        shapes = [(self.graphs, size, 1) for size in self.graph_sizes]
+        shapes += [(self.draft_graphs, size, self.draft_query_len) for size in self.draft_graph_sizes]
         pool = None
         with torch.inference_mode():
-            for size in reversed(sizes):  # largest first: smaller graphs reuse its scratch memory
+            # Largest first: smaller graphs reuse its scratch memory.
+            for graphs, size, query_len in sorted(shapes, key=lambda shape: -shape[1] * shape[2]):
+                self.inputs.view("slot_mapping", size * query_len).fill_(-1)  # capture writes no KV
+                self.inputs.view("query_start_loc", size + 1).copy_(torch.arange(size + 1) * query_len)
+                self.inputs.view("seq_lens", size).fill_(query_len)
+
                 # The inputs are built inside the capture too: their int32 -> int64 casts must replay.
                 def forward():
-                    return self._forward(size, size, 1, self.config.max_model_len, None)
+                    return self._forward(size * query_len, size, query_len, self.config.max_model_len, None)
                 forward()  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = forward()
-                pool, self.graphs[size] = graph.pool(), (graph, logits)
-        self.graphs = dict(sorted(self.graphs.items()))
+                pool, graphs[size] = graph.pool(), (graph, logits)
+        self.graphs, self.draft_graphs = dict(sorted(self.graphs.items())), dict(sorted(self.draft_graphs.items()))
         torch.cuda.synchronize()
 
 

@@ -109,7 +109,10 @@ def propose_ngram_drafts(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> 
         ends, length = longer, back + 1
     if length < min_n or not len(ends):
         return []
-    return tokens[ends[-1] + 1:ends[-1] + 1 + k].tolist()
+    # The tokens after the match, k of them: where the context ends first, the copy goes on from the copied
+    # tokens themselves (an LZ77-style overlapping copy), so a repeating pattern is continued with its period.
+    period = len(tokens) - 1 - ends[-1]
+    return tokens[ends[-1] + 1 + np.arange(k) % period].tolist()
 
 
 @dataclass(frozen=True)
@@ -480,7 +483,10 @@ class Scheduler:
             request.token_array = np.resize(request.token_array, 2 * len(tokens))
         request.token_array[request.num_arrayed:len(tokens)] = tokens[request.num_arrayed:]
         request.num_arrayed = len(tokens)
-        return propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        drafts = propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        # No match: guess that the last token repeats. Every drafting request then has k drafts (unless capped): one
+        # shape, which a CUDA graph runs; extra rows in a memory-bound step cost almost nothing.
+        return drafts or [tokens[-1]] * k
 
     def _cap(self, request: Request, num_tokens: int, budget: int) -> int:
         cap = min(num_tokens, budget, self.long_prefill_token_threshold or budget)
