@@ -693,7 +693,7 @@ class ModelRunner:
         self.sampled_host = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=self.on_cuda) for _ in range(2)]
         self.graph_sizes = _graph_ladder(config.max_num_seqs) if self.on_cuda and not config.enforce_eager else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Decodes with k drafts each (the scheduler gives every drafting request k): graphs of their own.
+        # Decodes with up to k drafts each: graphs of their own, whose rows have room for 1 + k tokens.
         self.draft_query_len = 1 + spec.num_speculative_tokens if spec else 0
         self.draft_graph_sizes = [size for size in self.graph_sizes if spec and size <= spec.disable_by_batch_size
                                   and size * self.draft_query_len <= config.max_num_batched_tokens]
@@ -786,9 +786,7 @@ class ModelRunner:
                       seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows,
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
-        uniform = len(input_ids) == num_seqs * max_query_len  # every row has as many tokens: a graph's shape
-        graphs = self._graphs_for(max_query_len)
-        num_rows = self._pad_for_graph(fields, num_seqs, max_query_len, graphs) if uniform and graphs else num_seqs
+        num_rows = self._pad_for_graph(fields, num_seqs, *self._graphs_for(max_query_len))
         self.inputs.write(num_rows, tables, fields | sample_fields)
         if placeholder_dst:
             self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
@@ -832,19 +830,25 @@ class ModelRunner:
             if adjusted else None)
         return fields, sampling, num_logprobs
 
-    def _graphs_for(self, query_len: int) -> dict:
-        """The graphs of batches whose every row has query_len tokens: decodes, and decodes with k drafts."""
-        return self.graphs if query_len == 1 else self.draft_graphs if query_len == self.draft_query_len else {}
+    def _graphs_for(self, max_query_len: int) -> tuple[dict, int]:
+        """The graphs that run a batch whose rows have at most max_query_len tokens, and their rows' length:
+        decodes (1), and decodes with drafts (1 + k; also short chunks)."""
+        if max_query_len == 1:
+            return self.graphs, 1
+        return (self.draft_graphs, self.draft_query_len) if max_query_len <= self.draft_query_len else ({}, 0)
 
-    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int, query_len: int, graphs: dict) -> int:
-        """A batch of rows of query_len tokens runs the graph of the next size up: padding rows write no token
-        and read no key."""
-        rows = next((size for size in graphs if size >= num_seqs), num_seqs)
+    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int, graphs: dict, query_len: int) -> int:
+        """A batch runs the graph of the next size up, whose rows have room for query_len tokens each: padding
+        rows (up to query_len tokens each, seq_len 0) read no key, padding tokens write none, and the tokens
+        left after the last padding row belong to no row (attention leaves them alone)."""
+        num_tokens = len(fields["input_ids"])
+        rows = next((size for size in graphs if size >= num_seqs and size * query_len >= num_tokens), None)
+        if rows is None:
+            return num_seqs
         for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
-            fields[name] += [fill] * ((rows - num_seqs) * query_len)
+            fields[name] += [fill] * (rows * query_len - num_tokens)
         fields["seq_lens"] += [0] * (rows - num_seqs)
-        end = fields["query_start_loc"][-1]
-        fields["query_start_loc"] += range(end + query_len, end + (rows - num_seqs) * query_len + 1, query_len)
+        fields["query_start_loc"] += [min(num_tokens + i * query_len, rows * query_len) for i in range(1, rows - num_seqs + 1)]
         return rows
 
     def _to_host(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -856,8 +860,8 @@ class ModelRunner:
         decode-only batches, else eager."""
         num_logits = plan.num_sampling + len(plan.prompt_positions)
         calibrating = any(layer.calibrate_kv_scale for layer in self.model.layers)  # graphs do not: run eager
-        graphs = self._graphs_for(plan.max_query_len)
-        if plan.num_rows in graphs and plan.num_tokens == plan.num_rows * plan.max_query_len and not calibrating:
+        graphs, query_len = self._graphs_for(plan.max_query_len)
+        if plan.num_rows in graphs and plan.num_tokens == plan.num_rows * query_len and not calibrating:
             graph, logits = graphs[plan.num_rows]
             graph.replay()
             self.stats.graph_steps += 1

@@ -483,10 +483,7 @@ class Scheduler:
             request.token_array = np.resize(request.token_array, 2 * len(tokens))
         request.token_array[request.num_arrayed:len(tokens)] = tokens[request.num_arrayed:]
         request.num_arrayed = len(tokens)
-        drafts = propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min, spec.prompt_lookup_max)
-        # No match: guess that the last token repeats. Every drafting request then has k drafts (unless capped): one
-        # shape, which a CUDA graph runs; extra rows in a memory-bound step cost almost nothing.
-        return drafts or [tokens[-1]] * k
+        return propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _cap(self, request: Request, num_tokens: int, budget: int) -> int:
         cap = min(num_tokens, budget, self.long_prefill_token_threshold or budget)
