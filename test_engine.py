@@ -3165,15 +3165,17 @@ class TestSpeculative:
     def test_seeded_samples_are_those_without_drafts(self, monkeypatch):
         """Each row draws with the noise of its output index, so a seeded request gets the very tokens it gets
         without drafts; a wrong rejection rule (always accept) shows up as different tokens."""
-        prompts = [[5, 6, 7, 8] * 5, [11, 12] * 8]
-        params = SamplingParams(temperature=0.4, seed=11, max_tokens=24, ignore_eos=True, presence_penalty=0.2)
+        prompts = [[5, 6, 7, 8] * 5, [11, 12] * 8]  # (a negative frequency penalty makes the first repeat itself)
+        params = [SamplingParams(temperature=0.4, seed=11, max_tokens=24, ignore_eos=True, frequency_penalty=-0.5),
+                  SamplingParams(n=2, temperature=0.4, seed=3, max_tokens=24, ignore_eos=True, presence_penalty=0.2)]
         plain = LLM("tiny", dtype=torch.float32, max_num_seqs=4)
         drafted = LLM("tiny", dtype=torch.float32, max_num_seqs=4, speculative_config=_SPEC)
-        expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
-        assert [o.outputs[0].token_ids for o in drafted.generate(prompts, params, use_tqdm=False)] == expected
+        tokens = lambda llm: [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]  # noqa: E731
+        expected = tokens(plain)
+        assert tokens(drafted) == expected and tokens(drafted) == expected  # reproducible
         assert drafted.stats.accepted_draft_tokens > 0
         monkeypatch.setattr(engine, "accept_drafts", lambda tokens, row, drafts: tokens[row:row + 1 + len(drafts)])
-        assert [o.outputs[0].token_ids for o in drafted.generate(prompts, params, use_tqdm=False)] != expected
+        assert tokens(drafted) != expected
 
     def test_rejected_drafts_kv_is_never_read(self):
         """NaN in the slots of every rejected draft after its step: the outputs stay those without drafts
