@@ -525,6 +525,8 @@ def main():
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="fp8: K/V stored in e4m3, half the bytes (with --compare: against auto)")
     p.add_argument("--calculate-kv-scales", action="store_true", help="fp8 scales from the first batch")
+    p.add_argument("--budget-counts-attention", action="store_true",
+                   help="a token at context L counts 1 + L/P of the budget (P: attention FLOPs = linear FLOPs)")
     p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="online workloads: draw inter-token latency over time (with "
@@ -611,7 +613,7 @@ def engine_settings(args, compare=False):
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                    calculate_kv_scales=args.calculate_kv_scales)
+                    calculate_kv_scales=args.calculate_kv_scales, budget_counts_attention=args.budget_counts_attention)
     if compare and args.kv_cache_dtype != "auto":
         settings["kv_cache_dtype"] = "auto"
     elif compare and args.workload == "mixed":
@@ -671,7 +673,7 @@ def run(args, on_gpu, compare=False):
         device=str(llm.runner.device), gpu=torch.cuda.get_device_name() if on_gpu else None,
         async_scheduling=settings["async_scheduling"], cuda_graphs=bool(llm.runner.graphs),
         prefix_caching=settings["enable_prefix_caching"], kv_cache_dtype=settings["kv_cache_dtype"],
-        max_num_batched_tokens=settings["max_num_batched_tokens"],
+        max_num_batched_tokens=settings["max_num_batched_tokens"], budget_counts_attention=args.budget_counts_attention,
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),
         output_tokens_per_s=round(output_tokens / seconds, 1),
         total_tokens_per_s=round((output_tokens + prompt_tokens) / seconds, 1),

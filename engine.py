@@ -123,7 +123,8 @@ class LLM:
         # Generation stops on the model's EOS ids (generation_config.json) and the tokenizer's.
         eos = [*network.config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else [])]
         self.runner = ModelRunner(network, config)
-        self.scheduler = Scheduler(config, self.runner.num_blocks, network.config.vocab_size, eos)
+        self.scheduler = Scheduler(config, self.runner.num_blocks, network.config.vocab_size, eos,
+                                   network.config.attention_parity_context)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats, self.rng = self.runner.stats, random.Random(config.seed)  # rng: seeds of requests that bring none
         self.in_flight: InFlight | None = None

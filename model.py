@@ -86,6 +86,14 @@ class ModelConfig:
     def has_qk_norm(self) -> bool:
         return self.architecture == "Qwen3ForCausalLM"
 
+    @property
+    def attention_parity_context(self) -> int:
+        """The context at which a token's attention FLOPs (4 x q heads x head_dim a context token and layer) equal
+        its linear layers' (2 a weight): the unit of EngineConfig.budget_counts_attention."""
+        q, kv = self.num_q_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        weights = self.hidden_size * (2 * q + 2 * kv + 3 * self.intermediate_size)
+        return max(1, weights // (2 * q))
+
 
 SHAPES = {
     "qwen3-0.6b": ModelConfig(

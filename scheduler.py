@@ -135,6 +135,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = False
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for (vLLM's cap)
+    # A token at context L counts 1 + L / P of max_num_batched_tokens (P: the model's attention_parity_context), so
+    # a step's FLOPs, hence its time, stay bounded however long the contexts of its prefill chunks (the server's)
+    budget_counts_attention: bool = False
     speculative_config: SpeculativeConfig | dict | None = None  # a dict of vLLM's keys; None: no drafts
 
     def __post_init__(self):
@@ -149,6 +152,7 @@ class EngineConfig:
             "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"), "seed": (is_int, "an int"),
             "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
             "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
+            "budget_counts_attention": flag,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
             "max_logprobs": (int_at_least(0), "an int >= 0")})
 
@@ -300,7 +304,8 @@ class Scheduler:
     """Runs requests under a token budget; see the module docstring. Only running requests hold
     blocks; the waiting queue is FCFS, with preempted requests put back at its front."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int, vocab_size: int, eos_token_ids):
+    def __init__(self, config: EngineConfig, num_blocks: int, vocab_size: int, eos_token_ids,
+                 parity_context: int | None = None):
         assert config.max_model_len is not None, "the engine resolves max_model_len from the model first"
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.max_num_batched_tokens, self.max_num_seqs = config.max_num_batched_tokens, config.max_num_seqs
@@ -313,6 +318,7 @@ class Scheduler:
         self.num_preemptions = self.num_scheduled_steps = 0
         self.num_finished_steps = 0  # update() has run for every step up to this one
         self.prompt_logprob_rows_left = config.max_num_seqs  # per step: see _cap
+        self.parity_context = parity_context if config.budget_counts_attention else None
         self.speculative_config = config.speculative_config
 
     def has_unfinished_requests(self) -> bool:
@@ -355,7 +361,7 @@ class Scheduler:
             drafts = self._propose_drafts(request, num_new_tokens, budget) if drafting else []
             if num_new_tokens and self._allocate_or_preempt(request, num_new_tokens + len(drafts), finished):
                 scheduled.append(self._advance(request, num_new_tokens, drafts))
-                budget -= num_new_tokens + len(drafts)
+                budget -= self._cost(scheduled[-1])
             index += 1
         # A request preempted this step would come straight back in and push someone else out:
         # admit nobody until the next step.
@@ -374,7 +380,7 @@ class Scheduler:
                     continue
                 self.running.append(request)
                 scheduled.append(self._advance(request, num_new_tokens))
-                budget -= num_new_tokens
+                budget -= self._cost(scheduled[-1])
         return SchedulerOutput(scheduled, finished, self.num_scheduled_steps)
 
     def update(self, output: SchedulerOutput, sampled_token_ids: dict[Request, list[int]]) -> list[Request]:
@@ -463,19 +469,25 @@ class Scheduler:
         if (len(request.output_token_ids) + request.num_output_placeholders >= _max_tokens(request.sampling_params)
                 or num_tokens >= self.max_model_len):
             return 0
-        return self._cap(request, num_tokens - request.num_computed_tokens, budget)
+        return self._cap(request, num_tokens - request.num_computed_tokens, budget, request.num_computed_tokens)
+
+    def _cost(self, s: ScheduledRequest) -> float:
+        """Its share of the budget: its tokens, plus their attention FLOPs counted in tokens of the linear layers'."""
+        if self.parity_context is None:
+            return s.num_new_tokens
+        return s.num_new_tokens * (1 + (s.start + s.num_new_tokens / 2) / self.parity_context)
 
     def drafting(self) -> bool:
         """Whether the next schedule() proposes drafts: speculation is on and the batch is small enough."""
         return self.speculative_config is not None and len(self.running) <= self.speculative_config.disable_by_batch_size
 
-    def _propose_drafts(self, request: Request, num_new_tokens: int, budget: int) -> list[int]:
+    def _propose_drafts(self, request: Request, num_new_tokens: int, budget: float) -> list[int]:
         """n-gram drafts for a decoding request whose tokens are all known (none in flight), once min_tokens'
         bans are over (they would differ per draft row); as many as the budget leaves, never past max_tokens
         or max_model_len."""
         spec, tokens = self.speculative_config, request.all_token_ids
-        k = min(spec.num_speculative_tokens, budget - 1, self.max_model_len - len(tokens) - 1,
-                _max_tokens(request.sampling_params) - len(request.output_token_ids) - 1)
+        k = min(self._cap(request, 1 + spec.num_speculative_tokens, budget, len(tokens) - 1) - 1,
+                self.max_model_len - len(tokens) - 1, _max_tokens(request.sampling_params) - len(request.output_token_ids) - 1)
         if (num_new_tokens != 1 or request.num_computed_tokens != len(tokens) - 1 or request.num_output_placeholders
                 or len(request.output_token_ids) < request.sampling_params.min_tokens or k <= 0):
             return []
@@ -485,8 +497,13 @@ class Scheduler:
         request.num_arrayed = len(tokens)
         return propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
-    def _cap(self, request: Request, num_tokens: int, budget: int) -> int:
-        cap = min(num_tokens, budget, self.long_prefill_token_threshold or budget)
+    def _cap(self, request: Request, num_tokens: int, budget: float, start: int) -> int:
+        cap = min(num_tokens, self.long_prefill_token_threshold or num_tokens)
+        if self.parity_context is None:
+            cap = min(cap, budget)
+        else:  # the most tokens from `start` whose _cost fits (n^2 / 2P + n(1 + start/P) <= budget); 1 at least
+            p = self.parity_context + start
+            cap = min(cap, max(1, int(math.sqrt(p * p + 2 * budget * self.parity_context) - p)))
         prompt_len = len(request.prompt_token_ids)
         if request.sampling_params.prompt_logprobs is not None and request.num_computed_tokens < prompt_len:
             # Each prompt row it computes comes out as a row of fp32 logits: about max_num_seqs a step.
@@ -516,7 +533,7 @@ class Scheduler:
         wants_every_position = request.sampling_params.prompt_logprobs is not None
         hits = [] if wants_every_position else self.kv_cache_manager.lookup(table, request.all_token_ids)
         num_hit_tokens = len(hits) * self.kv_cache_manager.block_size
-        num_new_tokens = self._cap(request, request.num_tokens - num_hit_tokens, budget)
+        num_new_tokens = self._cap(request, request.num_tokens - num_hit_tokens, budget, num_hit_tokens)
         if not self.kv_cache_manager.allocate(table, request.all_token_ids, num_hit_tokens + num_new_tokens, hits):
             return 0
         if request.status is RequestStatus.WAITING:

@@ -37,7 +37,8 @@ PASSED_FIELDS = ("n", "temperature", "top_p", "seed", "presence_penalty", "frequ
 ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num_seqs": int, "max_model_len": int,
                 "max_num_batched_tokens": int, "block_size": int, "gpu_memory_utilization": float, "seed": int,
                 "kv_cache_dtype": str, "long_prefill_token_threshold": int, "enable_prefix_caching": bool,
-                "async_scheduling": bool, "enforce_eager": bool, "calculate_kv_scales": bool}
+                "async_scheduling": bool, "enforce_eager": bool, "calculate_kv_scales": bool,
+                "budget_counts_attention": bool}
 
 
 class APIError(HTTPException):

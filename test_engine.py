@@ -971,11 +971,11 @@ class _FakeEngine:
 
 
 def _make_scheduler(num_blocks, block_size, budget=64, max_num_seqs=8, max_model_len=40,
-                    prefix_caching=True, threshold=0):
+                    prefix_caching=True, threshold=0, parity_context=None):
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                           max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
-                          long_prefill_token_threshold=threshold)
-    return Scheduler(config, num_blocks, _VOCAB, [_EOS])
+                          long_prefill_token_threshold=threshold, budget_counts_attention=parity_context is not None)
+    return Scheduler(config, num_blocks, _VOCAB, [_EOS], parity_context)
 
 
 def _make_requests(seed, num_requests=8, max_prompt=24):
@@ -1048,6 +1048,36 @@ class TestScheduler:
         assert num_preemptions[tiny_pool] > 50  # the small pool really did preempt
         assert num_preemptions[400] == 0
         assert num_length_capped > 0  # some requests ran into max_model_len
+
+    def test_a_budget_counting_attention_shrinks_chunks_as_context_grows(self):
+        """budget_counts_attention: the same tokens as each request alone; every step's cost (a token at context L
+        counts 1 + L/P) stays within the budget, but for the one token a request always gets; a long prompt's
+        chunks shrink as its context grows."""
+        for seed, budget, parity in [(seed, budget, parity) for seed in (0, 1) for budget in (3, 8, 20)
+                                     for parity in (4, 16)]:
+            scheduler = _make_scheduler(400, 4, budget, max_model_len=40, parity_context=parity)
+            requests = _make_requests(seed)
+            for r in requests:
+                scheduler.add(r)
+            schedule = scheduler.schedule
+
+            def checked_schedule():
+                output = schedule()
+                costs = [s.num_new_tokens * (1 + (s.start + s.num_new_tokens / 2) / parity) for s in output.scheduled]
+                assert sum(costs[:-1]) < budget and (sum(costs) <= budget or output.scheduled[-1].num_new_tokens == 1)
+                return output
+            scheduler.schedule = checked_schedule
+            _FakeEngine(scheduler, async_overlap=True).run()
+            _assert_matches_reference(requests, 40)
+            _assert_no_blocks_held(scheduler)
+        scheduler = _make_scheduler(400, 4, budget=16, max_model_len=80, parity_context=8)
+        scheduler.add(Request("long", [t % _VOCAB for t in range(60)], SamplingParams(max_tokens=1)))
+        chunks = []
+        while scheduler.has_unfinished_requests():
+            output = scheduler.schedule()
+            chunks.append(output.scheduled[0].num_new_tokens)
+            scheduler.update(output, {s.request: 1 for s in output.scheduled if s.samples_token})
+        assert sum(chunks) == 60 and chunks == sorted(chunks, reverse=True) and chunks[0] > 2 * chunks[-1], chunks
 
     def test_outputs_survive_forced_hash_collisions(self, monkeypatch):
         """Every block hashes to the same value: the token and parent checks keep outputs right."""
