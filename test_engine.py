@@ -1076,7 +1076,7 @@ class TestScheduler:
         while scheduler.has_unfinished_requests():
             output = scheduler.schedule()
             chunks.append(output.scheduled[0].num_new_tokens)
-            scheduler.update(output, {s.request: 1 for s in output.scheduled if s.samples_token})
+            scheduler.update(output, {s.request: [1] for s in output.scheduled if s.samples_token})
         assert sum(chunks) == 60 and chunks == sorted(chunks, reverse=True) and chunks[0] > 2 * chunks[-1], chunks
 
     def test_outputs_survive_forced_hash_collisions(self, monkeypatch):
