@@ -526,10 +526,9 @@ class OutputProcessor:
         request = completion.request
         for num_tokens in range(completion.num_decoded + 1, len(request.output_token_ids) + 1):
             text = self._detokenize(completion, num_tokens)
-            if (hit := find_stop_string(request.sampling_params, num_tokens, text, completion.num_searched)) is not None:
-                end, stop = hit
-                completion.text = text[:end]
-                return stop, num_tokens
+            if hit := find_stop_string(request.sampling_params, num_tokens, text, completion.num_searched):
+                completion.text = text[:hit[0]]
+                return hit[1], num_tokens
             completion.num_searched = max(completion.num_searched, len(text))
         return None
 
@@ -849,7 +848,8 @@ class ModelRunner:
         for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
             fields[name] += [fill] * (rows * query_len - num_tokens)
         fields["seq_lens"] += [0] * (rows - num_seqs)
-        fields["query_start_loc"] += [min(num_tokens + i * query_len, rows * query_len) for i in range(1, rows - num_seqs + 1)]
+        ends = (num_tokens + i * query_len for i in range(1, rows - num_seqs + 1))
+        fields["query_start_loc"] += [min(end, rows * query_len) for end in ends]
         return rows
 
     def _to_host(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

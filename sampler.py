@@ -6,9 +6,8 @@ the Gumbel-max trick in one Triton kernel, beside its plain-torch reference; eac
 from (its request's seed, the token's index), so a seeded request draws the same tokens in any batch.
 Logprobs are vLLM's raw ones: log_softmax of the model's logits, before any adjustment.
 
-Speculative decoding: the runner gives each draft position a row of its own (its penalties counting the
-drafts before it, its noise that of the output index it would have); accept_drafts keeps the drafts the
-rows' draws agree with, plus one token.
+Speculative decoding: each draft position is a row of its own; accept_drafts keeps the drafts the rows'
+draws agree with, plus one token.
 
 Owns: the sampling tensors of a step and every operation on logits. Never touches: requests, the
 scheduler (the runner hands it plain lists of rows and token ids).
@@ -130,12 +129,11 @@ def logprobs_of(logits, token_ids, k: int):
 
 
 def accept_drafts(tokens: list[int], row: int, drafts: list[int]) -> list[int]:
-    """The rejection sampler for drafts proposed with probability 1 (n-gram drafts): tokens[row + i] is the
-    draw at draft i's position, so accept the longest run of drafts equal to their draws, then the next draw.
-    For greedy rows that is "accept while the draft is the argmax". For sampled rows it is the standard rule:
-    the Gumbel draw equals draft d with probability p(d) (accept), and a draw that is not d follows p with
-    d removed and renormalised (the residual). The draws use the noise of the same output index without
-    drafts, so a seeded request gets the same tokens with speculation on or off."""
+    """The rejection sampler for drafts of probability 1 (n-gram): tokens[row + i] is the draw at draft i's
+    position; keep the drafts equal to their draws, then one draw more. Greedy: accept while the draft is the
+    argmax. Sampled, the standard rule: the Gumbel draw is draft d with probability p(d) (accept), and a draw
+    that is not d follows p with d removed, renormalised (the residual). Each row has the noise of its output
+    index, so a seeded request gets the same tokens with speculation on or off."""
     accepted = 0
     while accepted < len(drafts) and tokens[row + accepted] == drafts[accepted]:
         accepted += 1

@@ -20,12 +20,10 @@ requests and their states, the plan of a step, preemption, and every stop rule: 
 min_tokens (the bans the sampler applies come from here), max_tokens, and where a stop string
 ends the text.
 
-Speculative decoding (n-gram drafts) adds no phase: a decoding request whose tokens are all known gets
-1 + k tokens of the budget, its newest token and k drafts proposed from its own earlier tokens; update()
-takes the verified drafts plus one token and moves num_computed_tokens back over the rejected ones (their
-slots are simply written again). Drafts are never in all_token_ids, so a block is registered in the
-prefix cache only once all its tokens are verified. Never touches: tensors, the GPU, text (it hands the engine positions and block
-tables; the engine asks it about text it has decoded).
+Speculative decoding: a decoding request gets 1 + k tokens of the budget (its newest and k n-gram drafts);
+update() moves num_computed_tokens back over the rejected ones. Drafts never enter all_token_ids, so a
+block enters the prefix cache only once all its tokens are verified. Never touches: tensors, the GPU, text
+(it hands the engine positions and block tables; the engine asks it about text it has decoded).
 """
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -62,10 +60,9 @@ def check_fields(prefix: str, values: dict, rules: dict) -> None:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's speculative_config for n-gram (prompt-lookup) drafts: up to num_speculative_tokens drafts a
-    request a step, copied from after the latest earlier occurrence of the longest suffix (prompt_lookup_max
-    down to prompt_lookup_min tokens) of its tokens. None while more than disable_by_batch_size requests run:
-    a big batch is bound by its matmuls, and extra tokens cost more than the steps they save."""
+    """vLLM's speculative_config for n-gram drafts (propose_ngram_drafts); none while more than
+    disable_by_batch_size requests run: a big batch is bound by its matmuls, and extra tokens cost more than
+    the steps they save."""
     method: str | None = None
     num_speculative_tokens: int | None = None
     prompt_lookup_max: int | None = None
@@ -83,22 +80,20 @@ class SpeculativeConfig:
 
 
 def speculative_config(spec: dict | SpeculativeConfig) -> SpeculativeConfig:
-    """A dict of vLLM's keys as a SpeculativeConfig; vLLM's defaults: a missing lookup bound equals the other, 5 if both are."""
+    """A dict of vLLM's keys as a SpeculativeConfig, with vLLM's defaults: a missing lookup bound equals the
+    other, both 5 if both are missing."""
     if isinstance(spec, SpeculativeConfig):
         return spec
-    if not isinstance(spec, dict):
-        raise ValueError(f"speculative_config must be a dict or None, got {type(spec).__name__}")
-    if unknown := sorted(set(spec) - {f.name for f in fields(SpeculativeConfig)}):
-        raise ValueError(f"speculative_config: unknown keys {unknown}; known: {[f.name for f in fields(SpeculativeConfig)]}")
+    known = [f.name for f in fields(SpeculativeConfig)]
+    if unknown := sorted(set(spec if isinstance(spec, dict) else [repr(spec)]) - set(known)):
+        raise ValueError(f"speculative_config: unknown keys {unknown}; known: {known}")
     lookup_max = spec.get("prompt_lookup_max", spec.get("prompt_lookup_min", 5))
-    return SpeculativeConfig(**{"prompt_lookup_max": lookup_max, "prompt_lookup_min": spec.get("prompt_lookup_min", lookup_max),
-                                **spec})
+    return SpeculativeConfig(**{"prompt_lookup_max": lookup_max, "prompt_lookup_min": lookup_max, **spec})
 
 
 def propose_ngram_drafts(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
-    """Prompt lookup: find the longest suffix of `tokens` (max_n down to min_n tokens) that also ends
-    earlier, and propose the k tokens that followed its latest such occurrence. A few numpy passes over
-    the tokens (~15 us at 2k tokens), no Python loop over them."""
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
+    (max_n down to min_n tokens). A few numpy passes over the tokens (~15 us at 2k tokens)."""
     ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where the last token occurred before
     length = 1
     for back in range(1, min(max_n, len(tokens) - 1)):  # keep the ends whose match reaches one token further back
@@ -454,7 +449,8 @@ class Scheduler:
         """The engine found stop string `stop` in the request's text (find_stop_string), complete at its
         output token num_output_tokens: it ends there (tokens after it, from accepted drafts, are dropped),
         also if it had just finished otherwise (the string still cuts its text)."""
-        del request.output_token_ids[num_output_tokens:], request.all_token_ids[len(request.prompt_token_ids) + num_output_tokens:]
+        del request.output_token_ids[num_output_tokens:]
+        del request.all_token_ids[len(request.prompt_token_ids) + num_output_tokens:]
         request.stop_reason = stop
         if request.status.is_finished:
             request.status = RequestStatus.FINISHED_STOPPED
@@ -479,15 +475,16 @@ class Scheduler:
 
     def drafting(self) -> bool:
         """Whether the next schedule() proposes drafts: speculation is on and the batch is small enough."""
-        return self.speculative_config is not None and len(self.running) <= self.speculative_config.disable_by_batch_size
+        spec = self.speculative_config
+        return spec is not None and len(self.running) <= spec.disable_by_batch_size
 
     def _propose_drafts(self, request: Request, num_new_tokens: int, budget: float) -> list[int]:
-        """n-gram drafts for a decoding request whose tokens are all known (none in flight), once min_tokens'
-        bans are over (they would differ per draft row); as many as the budget leaves, never past max_tokens
-        or max_model_len."""
+        """Drafts for a decoding request whose tokens are all known, past min_tokens (its bans would differ per
+        draft row); as many as the budget leaves, never past max_tokens or max_model_len."""
         spec, tokens = self.speculative_config, request.all_token_ids
         k = min(self._cap(request, 1 + spec.num_speculative_tokens, budget, len(tokens) - 1) - 1,
-                self.max_model_len - len(tokens) - 1, _max_tokens(request.sampling_params) - len(request.output_token_ids) - 1)
+                self.max_model_len - len(tokens) - 1,
+                _max_tokens(request.sampling_params) - len(request.output_token_ids) - 1)
         if (num_new_tokens != 1 or request.num_computed_tokens != len(tokens) - 1 or request.num_output_placeholders
                 or len(request.output_token_ids) < request.sampling_params.min_tokens or k <= 0):
             return []
@@ -495,7 +492,8 @@ class Scheduler:
             request.token_array = np.resize(request.token_array, 2 * len(tokens))
         request.token_array[request.num_arrayed:len(tokens)] = tokens[request.num_arrayed:]
         request.num_arrayed = len(tokens)
-        return propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        return propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min,
+                                    spec.prompt_lookup_max)
 
     def _cap(self, request: Request, num_tokens: int, budget: float, start: int) -> int:
         cap = min(num_tokens, self.long_prefill_token_threshold or num_tokens)
