@@ -2,7 +2,7 @@
 
 The idea (vLLM V1): each step the scheduler hands a token budget to requests; the runner lays their
 scheduled tokens out as ONE flat batch (prefill chunks and decodes mixed), runs the model once and
-samples a token for each request that reached the end of its known tokens. A request's path:
+samples a token for each request that reached the end of its known tokens (and one per draft). Its path:
 LLM.generate -> add_request -> _run_until_done -> _step: Scheduler.schedule -> ModelRunner.execute
 (prepare_inputs, run_model, sampler.sample) -> _collect: Scheduler.update -> a RequestOutput.
 

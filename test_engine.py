@@ -3251,6 +3251,20 @@ class TestSpeculative:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts[-3:], params[-3:], use_tqdm=False)] == expected
         _assert_pool_free(llm)
 
+    def test_bench_reports_the_drafts(self, tmp_path, monkeypatch, capsys):
+        out = tmp_path / "bench.json"
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--num-seqs", "3", "--max-input-len", "40",
+                                          "--max-output-len", "24", "--speculative-ngram", "3", "--json", str(out)])
+        bench.main()
+        result = json.loads(out.read_text())
+        _, params = bench.make_workload("default", 3, 40, 24, vocab_limit=511)
+        assert result["output_tokens"] == sum(p.max_tokens for p in params)
+        assert 0 <= result["drafts_accepted"] <= result["drafts_proposed"] and "mean_accepted_length" in result
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--speculative-disable-by-batch-size", "4"])
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert "argument --speculative-disable-by-batch-size: needs --speculative-ngram" in capsys.readouterr().err
+
     def test_no_drafts_above_disable_by_batch_size(self):
         llm = LLM("tiny", dtype=torch.float32, speculative_config=dict(_SPEC, disable_by_batch_size=2))
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
