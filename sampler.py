@@ -6,8 +6,7 @@ the Gumbel-max trick in one Triton kernel, beside its plain-torch reference; eac
 from (its request's seed, the token's index), so a seeded request draws the same tokens in any batch.
 Logprobs are vLLM's raw ones: log_softmax of the model's logits, before any adjustment.
 
-Speculative decoding: each draft position is a row of its own; accept_drafts keeps the drafts the rows'
-draws agree with, plus one token.
+Speculative decoding: a row per draft position; accept_drafts keeps the drafts their rows' draws agree with.
 
 Owns: the sampling tensors of a step and every operation on logits. Never touches: requests, the
 scheduler (the runner hands it plain lists of rows and token ids).

@@ -73,10 +73,9 @@ class SpeculativeConfig:
         check_fields("speculative_config.", vars(self), {
             "method": (lambda v: v == "ngram", "'ngram' (the one method here)"),
             **{name: (int_at_least(1), "an int >= 1") for name in (
-                "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size")}})
-        if self.prompt_lookup_min > self.prompt_lookup_max:
-            raise ValueError(f"speculative_config.prompt_lookup_min={self.prompt_lookup_min} must be at most "
-                             f"prompt_lookup_max={self.prompt_lookup_max}")
+                "num_speculative_tokens", "prompt_lookup_max", "disable_by_batch_size")},
+            "prompt_lookup_min": (lambda v: int_at_least(1)(v) and v <= self.prompt_lookup_max,
+                                  f"an int in [1, prompt_lookup_max={self.prompt_lookup_max}]")})
 
 
 def speculative_config(spec: dict | SpeculativeConfig) -> SpeculativeConfig:
@@ -104,8 +103,7 @@ def propose_ngram_drafts(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> 
         ends, length = longer, back + 1
     if length < min_n or not len(ends):
         return []
-    # The tokens after the match, k of them: where the context ends first, the copy goes on from the copied
-    # tokens themselves (an LZ77-style overlapping copy), so a repeating pattern is continued with its period.
+    # k tokens after the match; past the context's end the copy reads itself (LZ77-style): a pattern repeats.
     period = len(tokens) - 1 - ends[-1]
     return tokens[ends[-1] + 1 + np.arange(k) % period].tolist()
 
@@ -315,6 +313,7 @@ class Scheduler:
         self.prompt_logprob_rows_left = config.max_num_seqs  # per step: see _cap
         self.parity_context = parity_context if config.budget_counts_attention else None
         self.speculative_config = config.speculative_config
+        self.draft_pause = 0  # steps left without drafting (see schedule)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -358,6 +357,10 @@ class Scheduler:
                 scheduled.append(self._advance(request, num_new_tokens, drafts))
                 budget -= self._cost(scheduled[-1])
             index += 1
+        # Drafting runs steps synchronously (drafts need the newest token); a step that found none overlaps the
+        # next few, so a batch without drafts keeps nearly all of async overlap's speed.
+        self.draft_pause = (4 if drafting and not any(s.draft_token_ids for s in scheduled)
+                            else max(0, self.draft_pause - 1))
         # A request preempted this step would come straight back in and push someone else out:
         # admit nobody until the next step.
         if self.num_preemptions == num_preemptions_before:
@@ -476,7 +479,7 @@ class Scheduler:
     def drafting(self) -> bool:
         """Whether the next schedule() proposes drafts: speculation is on and the batch is small enough."""
         spec = self.speculative_config
-        return spec is not None and len(self.running) <= spec.disable_by_batch_size
+        return spec is not None and len(self.running) <= spec.disable_by_batch_size and not self.draft_pause
 
     def _propose_drafts(self, request: Request, num_new_tokens: int, budget: float) -> list[int]:
         """Drafts for a decoding request whose tokens are all known, past min_tokens (its bans would differ per

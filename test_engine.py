@@ -3024,8 +3024,9 @@ def _spec_workload():
 
 def _fake_graphs(llm, sizes=(1, 2, 4, 8, 16)):
     """CPU stand-ins for the CUDA graphs: a replay runs the eager forward of the captured shape (padding rows,
-    max_seq_len = max_model_len) into the static logits, so the padded layouts run on the CPU too."""
-    runner = llm.runner
+    max_seq_len = max_model_len) into the static logits, so the padded layouts run on the CPU too. Returns the
+    replays counted by rows' length."""
+    runner, replays = llm.runner, Counter()
 
     class Replay:
         def __init__(self, size, query_len):
@@ -3033,12 +3034,14 @@ def _fake_graphs(llm, sizes=(1, 2, 4, 8, 16)):
             self.logits = torch.empty(size * query_len, runner.model.config.vocab_size)
 
         def replay(self):
+            replays[self.query_len] += 1
             with torch.inference_mode():
                 self.logits.copy_(runner._forward(self.size * self.query_len, self.size, self.query_len,
                                                   llm.config.max_model_len, None))
     for graphs, query_len in ((runner.graphs, 1), (runner.draft_graphs, runner.draft_query_len)):
         for size in sizes:
             graphs[size] = (replay := Replay(size, query_len), replay.logits)
+    return replays
 
 
 def _poison_rejected_drafts(llm):
@@ -3079,7 +3082,7 @@ class TestSpeculative:
                              (dict(_SPEC, method="eagle"), "method must be 'ngram'"),
                              (dict(_SPEC, num_speculative_tokens=0), "num_speculative_tokens must be"),
                              ({"num_speculative_tokens": 2}, "method must be"),
-                             (dict(_SPEC, prompt_lookup_min=5), "prompt_lookup_min=5 must be at most"),
+                             (dict(_SPEC, prompt_lookup_min=5), r"prompt_lookup_min must be an int in \[1, prompt_lookup_max=4\]"),
                              (dict(_SPEC, disable_by_batch_size=True), "disable_by_batch_size must be"),
                              ("ngram", "speculative_config: unknown keys")]:
             with pytest.raises(ValueError, match=message):
@@ -3099,15 +3102,14 @@ class TestSpeculative:
                                          "graphs"])
     def test_greedy_tokens_are_those_without_drafts(self, variant, spec_reference):
         llm = LLM("tiny", dtype=torch.float32, speculative_config=_SPEC, **{**_BASE, **_VARIANTS.get(variant, {})})
-        if variant == "graphs":
-            _fake_graphs(llm)
+        replays = _fake_graphs(llm) if variant == "graphs" else None
         outputs = [o.outputs[0].token_ids for o in llm.generate(*_spec_workload(), use_tqdm=False)]
         expected, plain_steps = spec_reference
         assert outputs == expected
         assert llm.stats.accepted_draft_tokens > 0 and (variant != "async" or llm.stats.steps < plain_steps)
         assert llm.stats.draft_tokens > llm.stats.accepted_draft_tokens  # some were rejected too
-        if variant == "graphs":
-            assert llm.stats.graph_steps > 0
+        if variant == "graphs":  # steps with drafts replayed the draft graphs
+            assert replays[llm.runner.draft_query_len] > 0 and llm.stats.graph_steps == sum(replays.values())
         _assert_pool_free(llm)
 
     def test_logprobs_penalties_n_and_fp8_as_without_drafts(self):
