@@ -6,6 +6,7 @@
     python bench.py --timeline           # steps bucketed by requests per step, against their limits
     python bench.py --kernel [--sweep]   # the paged-attention kernel alone (GPU)
     python bench.py --latency            # batch-1 decode: ms per step at a 1k-token context
+    python bench.py --workload chat --through-server   # the same requests as HTTP streams to server.py
     python bench.py --speculative-ngram 4  # speculative decoding with up to 4 n-gram drafts a step
 
 Decoding is memory-bound: each step must read every weight once plus the K/V of every running
@@ -14,15 +15,20 @@ device-to-device copy bandwidth give the fastest the run could possibly have gon
 """
 import argparse
 import bisect
+import concurrent.futures
 import dataclasses
 import functools
 import gc
+import http.client
 import importlib.util
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
+import socket
+import threading
 import time
 
 import torch
@@ -144,6 +150,78 @@ def serve(llm, prompts, params, arrivals, next_turn=None):
     return token_times, time.perf_counter() - start
 
 
+def serve_through_server(llm, prompts, params, arrivals):
+    """serve()'s requests as a client of server.py sends them: its app on uvicorn on 127.0.0.1 (a free port), in a
+    thread of this process, as `python server.py` runs it (its event loop beside its engine thread); the load
+    generator in a process of its own, so that the client's work never holds the server's interpreter lock. Each
+    request is a streamed POST /v1/completions of token ids whose fields map back to exactly its SamplingParams.
+    Returns the client's clock start (perf_counter), the token times and the wall time, as serve() does."""
+    import uvicorn
+    import server
+    bodies, defaults = [], llm.get_default_sampling_params()
+    for prompt, p in zip(prompts, params):
+        body = dict({name: getattr(p, name) for name in server.PASSED_FIELDS}, prompt=prompt, max_tokens=p.max_tokens,
+                    stop=p.stop, logprobs=p.logprobs, stream=True, stream_options={"include_usage": True})
+        if server.sampling_params(body, defaults, p.max_tokens, p.logprobs, "logprobs") != p:  # a field it drops
+            raise SystemExit(f"--through-server: {p} is not what the server makes of {body}")
+        bodies.append(body)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        uvicorn_server = uvicorn.Server(uvicorn.Config(server.build_app(llm, "bench"), log_level="warning"))
+        thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), daemon=True)
+        thread.start()
+        try:
+            while not uvicorn_server.started:
+                if not thread.is_alive():
+                    raise SystemExit("--through-server: the server did not start")
+                time.sleep(0.01)
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+                start, token_times, usages, seconds = client.submit(
+                    replay_over_http, sock.getsockname()[1], bodies, arrivals).result()
+        finally:  # uvicorn stops, then the app's shutdown stops the engine thread: nothing is left running
+            uvicorn_server.should_exit = True
+            thread.join()
+    for i, usage in enumerate(usages):  # the server's counts: the prompt it got, and a token a chunk
+        if usage is None or (usage["prompt_tokens"], usage["completion_tokens"]) != (len(prompts[i]),
+                                                                                     len(token_times[i])):
+            raise SystemExit(f"--through-server: request {i} of {len(prompts[i])} prompt tokens got "
+                             f"{len(token_times[i])} chunks; the server counted {usage}")
+    return start, token_times, seconds
+
+
+def replay_over_http(port, bodies, arrivals):
+    """The load generator (in its own process): each request POSTed at its arrival time, on a thread of its own,
+    and its stream read as it comes. The server sends a chunk for each step that gave a request a token, so a
+    chunk is a token. Returns the clock's start (perf_counter: the system's monotonic clock, the same in every
+    process), each request's token times and its usage (the server's counts), and the wall time."""
+    start, token_times, usages = time.perf_counter(), [[] for _ in bodies], [None] * len(bodies)
+
+    def request(i):
+        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        try:
+            connection.request("POST", "/v1/completions", json.dumps(bodies[i]), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"request {i}: HTTP {response.status}: {response.read().decode()}")
+            for line in response:  # server-sent events: "data: {chunk}" lines, blank lines, "data: [DONE]"
+                now = time.perf_counter() - start
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"request {i} failed: {chunk['error']['message']}")
+                if chunk["choices"]:
+                    token_times[i].append(now)
+                else:  # the last chunk: the usage alone
+                    usages[i] = chunk["usage"]
+        finally:
+            connection.close()
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        list(pool.map(request, range(len(bodies))))  # (re-raises a request's error)
+    return start, token_times, usages, time.perf_counter() - start
+
+
 def latency_table(token_times, arrivals, classes):
     """Per request class: time to first token and inter-token latency (p50, p90, p99), in ms."""
     def percentiles(values):
@@ -169,10 +247,16 @@ def copy_bandwidth():
     return 2 * source.numel() * source.element_size() / (us * 1e-6)
 
 
-def matmul_rate():
-    """FLOP/s of a large bf16 matrix product (random data): the arithmetic ceiling we compare with."""
+def matmul_rate(fp8=False):
+    """FLOP/s of a large bf16 matrix product (random data), or with fp8: of the e4m3 product with row-wise scales
+    that fp8 weights run (torch._scaled_mm): the arithmetic ceiling we compare with."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=60, return_mode="median")
+    if fp8:
+        a, b, ones = a.to(FP8), b.to(FP8), torch.ones(8192, 1, device="cuda")
+        ms = triton.testing.do_bench(lambda: torch._scaled_mm(a, b.t(), ones, ones.t(), out_dtype=torch.bfloat16),
+                                     warmup=10, rep=60, return_mode="median")
+    else:
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=60, return_mode="median")
     return 2 * 8192 ** 3 / (ms * 1e-3)
 
 
@@ -216,7 +300,7 @@ def record_steps(llm):
     return steps
 
 
-def step_limits(llm, step, bandwidth, flops_rate):
+def step_limits(llm, step, bandwidth, flops_rate, layer_flops_rate=None):
     """One step's byte limit (every weight once plus its K/V context, over the copy bandwidth) and
     roofline limit: the sum over its two phases of the larger of bytes and FLOPs over the measured
     matmul rate. The matmuls stream the weights and compute every new token (lm_head: only the
@@ -229,13 +313,15 @@ def step_limits(llm, step, bandwidth, flops_rate):
     weight_seconds, kv_seconds = _weight_bytes(llm) / bandwidth, context * per_token / bandwidth
     q, kv = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim
     layer_params = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.intermediate_size * c.hidden_size
-    matmul_flops = 2 * c.num_layers * layer_params * new_tokens + 2 * c.vocab_size * c.hidden_size * sampled
-    roofline = (max(weight_seconds, matmul_flops / flops_rate)
+    # the layers' matmuls at layer_flops_rate (fp8 weights: the fp8 rate), lm_head at the bf16 rate
+    matmul_seconds = (2 * c.num_layers * layer_params * new_tokens / (layer_flops_rate or flops_rate)
+                      + 2 * c.vocab_size * c.hidden_size * sampled / flops_rate)
+    roofline = (max(weight_seconds, matmul_seconds)
                 + max(kv_seconds, 4 * c.num_layers * q * pairs / flops_rate))
     return weight_seconds + kv_seconds, roofline
 
 
-def timeline(llm, steps, start, bandwidth, flops_rate):
+def timeline(llm, steps, start, bandwidth, flops_rate, layer_flops_rate=None):
     """Decode-only steps bucketed by how many requests they ran (1-16, 17-32, ..., up to max_num_seqs),
     then one row for the steps that carry prompt tokens (their matmuls, not their bytes, set their
     speed): steps, seconds, byte-limit seconds, roofline-limit seconds, fractions, and each row's share
@@ -248,7 +334,7 @@ def timeline(llm, steps, start, bandwidth, flops_rate):
         row = buckets.setdefault(upper if step[3] == step[1] else math.inf, [0, 0.0, 0.0, 0.0])
         row[0], row[1] = row[0] + 1, row[1] + step[0] - previous
         if bandwidth:
-            byte_seconds, roofline_seconds = step_limits(llm, step, bandwidth, flops_rate)
+            byte_seconds, roofline_seconds = step_limits(llm, step, bandwidth, flops_rate, layer_flops_rate)
             row[2], row[3] = row[2] + byte_seconds, row[3] + roofline_seconds
         previous = step[0]
     lost = sum(seconds - limit for _, seconds, limit, _ in buckets.values()) if bandwidth else 0
@@ -512,6 +598,8 @@ def main():
                         "workloads arrive all at once")
     p.add_argument("--compare", action="store_true", help="rerun with the workload's feature off: prefix caching "
                    "(chat, others), chunked prefill (mixed: a budget as large as the longest prompt)")
+    p.add_argument("--through-server", action="store_true", help="online workloads: the same requests streamed "
+                   "over HTTP to server.py's OpenAI-compatible API (on 127.0.0.1), from another process")
     p.add_argument("--num-seqs", type=positive_int, default=256 if on_gpu else 16)
     p.add_argument("--max-input-len", type=positive_int, default=1024 if on_gpu else 128)
     p.add_argument("--max-output-len", type=positive_int, default=1024 if on_gpu else 128)
@@ -528,6 +616,8 @@ def main():
     p.add_argument("--calculate-kv-scales", action="store_true", help="fp8 scales from the first batch")
     p.add_argument("--budget-counts-attention", action="store_true",
                    help="a token at context L counts 1 + L/P of the budget (P: attention FLOPs = linear FLOPs)")
+    p.add_argument("--quantization", choices=["fp8"], help="fp8: linear weights in e4m3 with a scale per output "
+                   "channel, activations per token (W8A8); an fp8 checkpoint (--model) is detected without it")
     p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
     p.add_argument("--speculative-ngram", type=positive_int, metavar="K", help="speculative decoding: up to K "
                    "n-gram drafts a step (prompt lookup of 4 down to 2 tokens)")
@@ -572,6 +662,12 @@ def check_args(p, args, on_gpu):
                 "and takes no --compare or --plot")
     if args.plot and args.workload not in ONLINE_WORKLOADS and args.request_rate is None:
         p.error("argument --plot: draws inter-token latency: it needs an online workload (chat, mixed, ...)")
+    if args.through_server and (args.latency or args.workload == "chat-multiturn"
+                                or args.workload not in ONLINE_WORKLOADS and args.request_rate is None):
+        p.error("argument --through-server: replays an online workload's requests (chat, mixed, short) over HTTP; "
+                "chat-multiturn's next turns need the answers' token ids, which a completion does not return")
+    if args.through_server and importlib.util.find_spec("uvicorn") is None:
+        p.error("argument --through-server: needs fastapi and uvicorn: pip install -r requirements.txt")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("argument --plot: needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
     if args.speculative_disable_by_batch_size and not args.speculative_ngram:
@@ -620,7 +716,8 @@ def engine_settings(args, compare=False):
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async,
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-                    calculate_kv_scales=args.calculate_kv_scales, budget_counts_attention=args.budget_counts_attention)
+                    calculate_kv_scales=args.calculate_kv_scales, budget_counts_attention=args.budget_counts_attention,
+                    quantization=args.quantization)
     if args.speculative_ngram:
         settings["speculative_config"] = dict(method="ngram", num_speculative_tokens=args.speculative_ngram,
                                               prompt_lookup_max=4, prompt_lookup_min=2)
@@ -650,6 +747,7 @@ def run(args, on_gpu, compare=False):
         params = [dataclasses.replace(p, logprobs=args.logprobs) for p in params]
     bandwidth = copy_bandwidth() if on_gpu else None
     flops_rate = matmul_rate() if on_gpu else None
+    fp8_rate = matmul_rate(fp8=True) if on_gpu and args.quantization == "fp8" else None
     # Warm-up on another draw of the same workload with short outputs: its chunked prefills have the
     # shapes of the timed run's, so the Triton kernels they need are compiled (and cached on disk)
     # before the clock starts; it shares no prefix with the timed prompts.
@@ -668,7 +766,10 @@ def run(args, on_gpu, compare=False):
     start = time.perf_counter()
     if online:
         arrivals = arrival_times(len(prompts), args.request_rate)
-        token_times, seconds = serve(llm, prompts, params, arrivals, follow_ups(args.workload, len(prompts)))
+        if args.through_server:
+            start, token_times, seconds = serve_through_server(llm, prompts, params, arrivals)
+        else:
+            token_times, seconds = serve(llm, prompts, params, arrivals, follow_ups(args.workload, len(prompts)))
         output_tokens = sum(map(len, token_times))
     else:
         outputs = llm.generate(prompts, params)
@@ -681,10 +782,12 @@ def run(args, on_gpu, compare=False):
     prompt_tokens = sum(len(prompt) for prompt in prompts)
     queries = kv.num_query_tokens - queries_before
     result = dict(
-        arch=args.model or args.arch, workload=args.workload, logprobs=args.logprobs, num_seqs=args.num_seqs,
+        arch=args.model or args.arch, workload=args.workload, through_server=args.through_server,
+        logprobs=args.logprobs, num_seqs=args.num_seqs,
         device=str(llm.runner.device), gpu=torch.cuda.get_device_name() if on_gpu else None,
         async_scheduling=settings["async_scheduling"], cuda_graphs=bool(llm.runner.graphs),
         prefix_caching=settings["enable_prefix_caching"], kv_cache_dtype=settings["kv_cache_dtype"],
+        quantization=settings["quantization"],
         max_num_batched_tokens=settings["max_num_batched_tokens"], budget_counts_attention=args.budget_counts_attention,
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, seconds=round(seconds, 3),
         output_tokens_per_s=round(output_tokens / seconds, 1),
@@ -705,7 +808,7 @@ def run(args, on_gpu, compare=False):
         if args.plot:  # (popped before printing) each short request's inter-token gaps, at the time of the later token
             result["itl_points"] = [(b, 1e3 * (b - a)) for i, c in enumerate(classes) if c != "document"
                                     for a, b in zip(token_times[i], token_times[i][1:])]
-    result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate)
+    result["timeline"] = timeline(llm, steps_seen, start, bandwidth, flops_rate, fp8_rate)
     if on_gpu:
         torch.cuda.synchronize()
         busy_ms = sum(begin.elapsed_time(end) for begin, end in gpu_spans)
@@ -714,6 +817,7 @@ def run(args, on_gpu, compare=False):
         roofline_seconds = sum(row["roofline_seconds"] for row in result["timeline"])  # already per step
         result.update(peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), matmul_tflop_s=round(flops_rate / 1e12, 1),
+                      fp8_matmul_tflop_s=fp8_rate and round(fp8_rate / 1e12, 1),
                       bytes_needed_gb=round(needed / 1e9, 1),
                       limit_output_tokens_per_s=round(output_tokens / limit_seconds, 1),
                       fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4),
@@ -751,7 +855,8 @@ def decode_latency(args, on_gpu):
     decode = [(b[0] - a[0], b[2]) for a, b in zip(steps, steps[1:]) if b[3] == 1]  # (seconds, context)
     seconds = sorted(t for t, _ in decode)[len(decode) // 2]
     result = dict(arch=args.model or args.arch, gpu=torch.cuda.get_device_name() if on_gpu else None,
-                  async_scheduling=settings["async_scheduling"], context=f"{decode[0][1]}-{decode[-1][1]}",
+                  async_scheduling=settings["async_scheduling"], quantization=settings["quantization"],
+                  kv_cache_dtype=settings["kv_cache_dtype"], context=f"{decode[0][1]}-{decode[-1][1]}",
                   steps=len(decode), ms_per_step=round(seconds * 1e3, 3))
     if on_gpu:  # the byte limit of the middle step (one new token; no matmul rate: its roofline is not reported)
         bandwidth, context = copy_bandwidth(), decode[len(decode) // 2][1]

@@ -27,8 +27,8 @@ import torch
 
 from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
-from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, random_model,
-                   resolve_device_and_dtype)
+from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, quantize_fp8,
+                   random_model, resolve_device_and_dtype)
 from sampler import SamplingTensors, accept_drafts, logits_adjustment, logprobs_of, sample, seed_for, to_device
 from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
                        SchedulerOutput, find_stop_string)
@@ -115,6 +115,8 @@ class LLM:
     def __init__(self, model: str, **engine_args):
         config = EngineConfig(**engine_args)
         network, self.tokenizer = _load(model, config)
+        if config.quantization == "fp8":  # online: after loading, as in vLLM (an fp8 checkpoint's weights already are)
+            quantize_fp8(network)
         limit = network.config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len}: must be at most {limit} "

@@ -13,8 +13,8 @@ attention.py's fused RoPE + KV write a layer runs 9 kernels instead of 21 (Qwen3
 The tokenizer (its own section) turns an HF byte-level BPE tokenizer.json into a tiktoken.Encoding
 and renders chat templates.
 
-Owns: ModelConfig (from HF config.json), the forward, loading *.safetensors, random init, the
-tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
+Owns: ModelConfig (from HF config.json), the forward, fp8 weights (Fp8Linear: online or an fp8 checkpoint's),
+loading *.safetensors, random init, the tokenizer. Never touches: scheduling, which blocks a request owns, sampling.
 """
 import codecs
 import functools
@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import attention
-from attention import FP8_MAX, AttentionMetadata
+from attention import FP8, FP8_MAX, AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -77,6 +77,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32  # the dtype the model runs in; load_model/random_model set it
     sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, as SamplingParams fields
+    quantization: str | None = None  # "fp8": the checkpoint's linear weights are e4m3 (its quantization_config)
+    static_input_scales: bool = False  # with "fp8": the checkpoint's activation scales (input_scale), else per token
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -155,7 +157,7 @@ CONFIG_RULES = {
     **dict.fromkeys(["num_key_value_heads", "head_dim", "sliding_window"], _rule((int,), "an int >= 1", above=0)),
     "rms_norm_eps": _POSITIVE, "rope_theta": _POSITIVE, "rope_scaling": _OBJECT, "rope_parameters": _OBJECT,
     **dict.fromkeys(["tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"], _FLAG),
-    "layer_types": _LIST, **ID_RULES}
+    "layer_types": _LIST, "quantization_config": _OBJECT, **ID_RULES}
 
 
 def _as_id_list(value) -> list[int]:
@@ -218,7 +220,33 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
-        sampling_defaults=_sampling_defaults(generation))
+        sampling_defaults=_sampling_defaults(generation), **_read_quantization(raw.get("quantization_config")))
+
+
+def _read_quantization(spec: dict | None) -> dict:
+    """quantization_config -> ModelConfig's quantization and static_input_scales for the fp8 schemes we run ({} without
+    one). Any other is refused by name (layers left in bf16 beyond lm_head too): that would be another model."""
+    if spec is None:
+        return {}
+    method, groups, ignored = spec.get("quant_method"), spec.get("config_groups"), spec.get("ignore") or []
+    schemes = {_fp8_scheme(group) for group in (groups.values() if isinstance(groups, dict) else [])}
+    if method == "fp8" and not spec.get("weight_block_size"):
+        return dict(quantization="fp8", static_input_scales=spec.get("activation_scheme") == "static")
+    if method == "compressed-tensors" and len(schemes) == 1 and None not in schemes and set(ignored) <= {"lm_head"}:
+        return dict(quantization="fp8", static_input_scales=schemes.pop() == "static")
+    details = json.dumps({key: spec[key] for key in ("config_groups", "weight_block_size", "ignore") if spec.get(key)})
+    raise ValueError(f"config.json: quantization_config quant_method {method!r} {details[:300]} is not supported; "
+                     "supported: fp8 weights per tensor or channel with fp8 activations (llm-compressor's FP8 schemes)")
+
+
+def _fp8_scheme(group) -> str | None:
+    """A compressed-tensors config group we run: "dynamic" (per token or tensor: we take per token) or "static"."""
+    group = group if isinstance(group, dict) else {}
+    weights, inputs = group.get("weights") or {}, group.get("input_activations") or {}
+    if not (all(spec.get("type") == "float" and spec.get("num_bits") == 8 for spec in (weights, inputs))
+            and weights.get("strategy") in ("tensor", "channel")):
+        return None
+    return "dynamic" if inputs.get("dynamic") is True else "static" if inputs.get("strategy") == "tensor" else None
 
 
 def _sampling_defaults(generation: dict) -> dict:
@@ -351,6 +379,77 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---- fp8 weights (W8A8): e4m3 weights, a scale (amax / FP8_MAX) per output channel; activations e4m3 per token.
+
+class Fp8Linear(nn.Module):
+    """A linear weight [out, in] as e4m3 `weight` and fp32 `scale` [out, 1] (weight ~= weight * scale), quantized here
+    from a float one; input_scale: a checkpoint's static activation scale [1], or None (each token's own)."""
+
+    def __init__(self, weight: torch.Tensor, static_input_scale: bool = False):
+        super().__init__()
+        self.weight, self.scale = (nn.Parameter(t, requires_grad=False) for t in quantize_rows_reference(weight))
+        self.input_scale = nn.Parameter(torch.zeros(1, device=weight.device), False) if static_input_scale else None
+
+
+def quantize_rows_reference(x: torch.Tensor, input_scale: torch.Tensor | None = None):
+    """x -> (e4m3, fp32 scales [rows, 1]), x ~= e4m3 * scale: each row's amax / FP8_MAX, or a static input_scale [1]."""
+    x = x.float()
+    scale = input_scale.expand(len(x), 1) if input_scale is not None else (x.abs().amax(1, True) / FP8_MAX).clamp(1e-12)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, input_scale_ptr, width, stride_x, BLOCK: tl.constexpr,
+                          STATIC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + col, mask=col < width, other=0.0).to(tl.float32)
+    scale = tl.load(input_scale_ptr) if STATIC else tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)  # FP8_MAX
+    tl.store(out_ptr + row * width + col, tl.clamp(x / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty), col < width)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None):
+    """Triton version of quantize_rows_reference (same arguments and result), one program per row: GPUs only."""
+    out, scale = torch.empty(x.shape, dtype=FP8, device=x.device), x.new_empty(len(x), 1, dtype=torch.float32)
+    if len(x) > 0:
+        block = triton.next_power_of_2(x.shape[1])
+        _quantize_rows_kernel[(len(x),)](x, out, scale, scale if input_scale is None else input_scale, x.shape[1],
+                                         x.stride(0), BLOCK=block, STATIC=input_scale is not None,
+                                         num_warps=max(1, min(16, block // 512)))
+    return out, scale
+
+
+def linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) in x's dtype. An Fp8Linear: x rounded to e4m3 per token, the e4m3 products summed in
+    fp32 and scaled by both scales, as fp8 tensor cores do (exact products, fp32 sums)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    quantized, scale = quantize_rows_reference(x, weight.input_scale)
+    out = (quantized.float() @ weight.weight.float().t()) * scale * weight.scale.t()
+    return (out if bias is None else out + bias).to(x.dtype)
+
+
+_has_fp8_tensor_cores = functools.cache(lambda device: torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_reference; on CUDA an Fp8Linear in bf16 runs torch._scaled_mm (fp8 tensor cores, row-wise scales)."""
+    if isinstance(weight, torch.Tensor) or x.dtype != torch.bfloat16 or not _has_fp8_tensor_cores(x.device):
+        return linear_reference(x, weight, bias)
+    quantized, scale = quantize_rows(x, weight.input_scale)
+    return torch._scaled_mm(quantized, weight.weight.t(), scale, weight.scale.t(), bias=bias, out_dtype=x.dtype)
+
+
+def quantize_fp8(model: "Transformer", static_input_scales: bool = False) -> None:
+    """Online fp8 (vLLM's quantization="fp8"): each layer's four linear weights yet in float become Fp8Linears."""
+    for layer in model.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            if isinstance(weight := getattr(layer, name), torch.Tensor):
+                delattr(layer, name)  # nn.Module lets a parameter's name hold only a parameter
+                setattr(layer, name, Fp8Linear(weight, static_input_scales))
+
+
 @dataclass(frozen=True)
 class LayerKernels:
     """A layer's fused Triton kernels, or (the default) their plain-torch references: same signatures."""
@@ -358,9 +457,11 @@ class LayerKernels:
     rope_and_write_kv: Callable = attention.rope_and_write_kv_reference
     paged_attention: Callable = attention.paged_attention_reference
     silu_and_mul: Callable = silu_and_mul_reference
+    linear: Callable = linear_reference
 
 
-TRITON_KERNELS = LayerKernels(add_rms_norm, attention.rope_and_write_kv, attention.paged_attention, silu_and_mul)
+TRITON_KERNELS = LayerKernels(add_rms_norm, attention.rope_and_write_kv, attention.paged_attention, silu_and_mul,
+                              linear)
 
 
 def _empty(*shape, config: ModelConfig) -> nn.Parameter:
@@ -390,7 +491,7 @@ class DecoderLayer(nn.Module):
 
     def attention(self, x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         c = self.config
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        qkv = kernels.linear(x, self.qkv_proj, self.qkv_bias)
         if self.calibrate_kv_scale:  # calculate_kv_scales: amax / FP8_MAX of this first batch's K and V, then frozen
             _, k, v = attention.rotated_qkv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                             c.rms_norm_eps, c.num_kv_heads, c.head_dim)
@@ -401,7 +502,7 @@ class DecoderLayer(nn.Module):
         q = kernels.rope_and_write_kv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                       c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping, self.kv_scale)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5, self.kv_scale)
-        return F.linear(out.reshape(x.shape[0], -1), self.o_proj)
+        return kernels.linear(out.reshape(x.shape[0], -1), self.o_proj)
 
     def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         """hidden: the previous layer's output, not yet added to the residual stream: the add is
@@ -411,7 +512,7 @@ class DecoderLayer(nn.Module):
         x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps)
         x = self.attention(x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels)
         x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps)
-        return F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return kernels.linear(kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class Transformer(nn.Module):
@@ -464,16 +565,15 @@ def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
     if not model.config.tie_word_embeddings:
         targets["lm_head.weight"] = model.lm_head
     for i, layer in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        q, k, v = layer.qkv_proj.split(layer.qkv_sizes)
-        gate, up = layer.gate_up_proj.chunk(2)
+        prefix, c = f"model.layers.{i}.", model.config
+        for names, weight, sizes in [("self_attn.q_proj self_attn.k_proj self_attn.v_proj", layer.qkv_proj,
+                                      layer.qkv_sizes), ("self_attn.o_proj", layer.o_proj, c.hidden_size),
+                                     ("mlp.gate_proj mlp.up_proj", layer.gate_up_proj, c.intermediate_size),
+                                     ("mlp.down_proj", layer.down_proj, c.hidden_size)]:
+            targets.update(_linear_targets([prefix + name for name in names.split()], weight, sizes))
         targets.update({
             prefix + "input_layernorm.weight": layer.input_layernorm,
-            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": layer.o_proj,
             prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm,
-            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": layer.down_proj,
             # optional: the fp8 KV scales of llm-compressor checkpoints
             prefix + "self_attn.k_scale": layer.kv_scale[:1], prefix + "self_attn.v_scale": layer.kv_scale[1:]})
         if layer.qkv_bias is not None:
@@ -483,6 +583,18 @@ def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
         if layer.q_norm is not None:
             targets.update({prefix + "self_attn.q_norm.weight": layer.q_norm,
                             prefix + "self_attn.k_norm.weight": layer.k_norm})
+    return targets
+
+
+def _linear_targets(names: list[str], weight, sizes: list[int] | int) -> dict:
+    """HF names of a (fused) linear weight's parts -> their rows; an Fp8Linear's also -> their scales' rows."""
+    if isinstance(weight, torch.Tensor):
+        return {name + ".weight": part for name, part in zip(names, weight.split(sizes))}
+    targets = {}
+    for name, rows, scale in zip(names, weight.weight.split(sizes), weight.scale.split(sizes)):
+        targets.update({name + ".weight": rows, name + ".weight_scale": scale})
+        if weight.input_scale is not None:
+            targets[name + ".input_scale"] = weight.input_scale
     return targets
 
 
@@ -518,13 +630,19 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target = targets[name]
+        if tensor.dtype.itemsize == 1 and (tensor.dtype, target.dtype) != (FP8, FP8):
+            raise ValueError(f"tensor {name!r} in {source}: {tensor.dtype} fits only fp8 checkpoints' linear weights")
         if name.endswith("_scale") and not (torch.isfinite(tensor).all() and (tensor > 0).all()):
-            raise ValueError(f"tensor {name!r} in {source}: a KV cache scale must be finite and > 0, got {tensor}")
-        if tensor.shape != target.shape and not tensor.numel() == target.numel() == 1:  # a scale: [] or [1]
+            raise ValueError(f"tensor {name!r} in {source}: a scale must be finite and > 0, got {tensor}")
+        if tensor.shape != target.shape and not (name.endswith("_scale") and tensor.numel() in (1, target.numel())):
             raise ValueError(f"tensor {name!r} in {source}: shape {tuple(tensor.shape)}, "
                              f"expected {tuple(target.shape)} from config.json")
         with torch.no_grad():
-            target.copy_(tensor.reshape(target.shape))
+            if target.dtype == FP8 and tensor.dtype != FP8:  # quantized per row: slice by slice is exact
+                tensor, targets[name + "_scale"][:] = quantize_rows_reference(tensor.to(target.device))
+            if name.endswith("input_scale"):  # q/k/v (gate/up) read one input: the largest of their scales, as vLLM
+                tensor = torch.maximum(target, tensor.reshape(1).to(target.device))
+            target.copy_(tensor.reshape(-1, 1) if name.endswith("weight_scale") else tensor.reshape(target.shape))
         loaded.add(name)
     return loaded
 
@@ -543,7 +661,7 @@ def load_weights(model: Transformer, path: str):
     """Every weight of a checkpoint directory into the model; a missing one is an error."""
     files = _safetensors_files(path)
     loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
-    if missing := sorted(name for name in _checkpoint_targets(model).keys() - loaded if not name.endswith("_scale")):
+    if missing := sorted(n for n in {*_checkpoint_targets(model)} - loaded if not n.endswith(("k_scale", "v_scale"))):
         raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                          f"in {', '.join(files)}")
 
@@ -552,6 +670,8 @@ def load_model(path: str, dtype=None, device=None) -> Transformer:
     """An HF checkpoint directory -> Transformer on `device` in `dtype` (see resolve_device_and_dtype)."""
     device, dtype = resolve_device_and_dtype(device, dtype)
     model = Transformer(replace(read_config(path), dtype=dtype), device)
+    if model.config.quantization == "fp8":  # the checkpoint's e4m3 weights and scales load into Fp8Linears
+        quantize_fp8(model, model.config.static_input_scales)
     load_weights(model, path)
     return model
 

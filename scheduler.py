@@ -132,6 +132,7 @@ class EngineConfig:
     # a step's FLOPs, hence its time, stay bounded however long the contexts of its prefill chunks (the server's)
     budget_counts_attention: bool = False
     speculative_config: SpeculativeConfig | dict | None = None  # a dict of vLLM's keys; None: no drafts
+    quantization: str | None = None  # "fp8": linear weights in e4m3 (an fp8 checkpoint's are, with or without it)
 
     def __post_init__(self):
         if self.speculative_config is not None:
@@ -147,7 +148,8 @@ class EngineConfig:
             "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
             "budget_counts_attention": flag,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
-            "max_logprobs": (int_at_least(0), "an int >= 0")})
+            "max_logprobs": (int_at_least(0), "an int >= 0"),
+            "quantization": (lambda v: v in (None, "fp8"), "one of None, 'fp8'")})
 
 
 

@@ -3008,8 +3008,7 @@ class TestEngine:
             trial(k)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want_generate
 
-# ==== speculative decoding (n-gram drafts) ========================================================================
-
+# ==== speculative decoding (n-gram drafts) =================================================================
 _SPEC = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_max=4, prompt_lookup_min=2)
 
 
@@ -3276,6 +3275,167 @@ class TestSpeculative:
         assert llm.stats.accepted_draft_tokens > 0
 
 
+# ==== fp8 weights (model.py: Fp8Linear, linear, quantize_fp8, fp8 checkpoints) ====================
+
+_FP8_CORES = _CUDA and torch.cuda.get_device_capability() >= (8, 9)
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _fake_quantize(x, scale=None):
+    """x rounded to e4m3 and back, in float64: per row (amax / 448) or by a static scale; the tests' own rounding."""
+    x = x.double()
+    scale = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12) if scale is None else scale
+    return (x / scale).clamp(-448, 448).to(FP8).double() * scale
+
+
+def _fp8_checkpoint(path, method="compressed-tensors", strategy="channel", static=False):
+    """A tiny Llama in llm-compressor's FP8 format (or vLLM's quant_method "fp8"), written here: each linear weight
+    e4m3 with weight_scale per channel [out, 1] or per tensor [1] (so fused q/k/v parts differ), input_scale per
+    tensor if static (differing within q/k/v too). Returns the HF model in float64 with the dequantized weights and
+    a hook on each linear rounding its input as our engine must: the reference."""
+    hf = _hf_checkpoint(path, "LlamaForCausalLM").double()
+    tensors, modules = load_file(os.path.join(path, "model.safetensors")), dict(hf.named_modules())
+    for n, name in enumerate(sorted(k for k in tensors if k.endswith("proj.weight"))):
+        weight, prefix = tensors[name].double(), name[: -len(".weight")]
+        scale = (weight.abs().amax(1, keepdim=True) if strategy == "channel" else weight.abs().amax().reshape(1)) / 448
+        tensors[name], tensors[prefix + ".weight_scale"] = (weight / scale).to(FP8), scale.float()
+        modules[prefix].weight.data = tensors[name].double() * scale.float().double()
+        if static:
+            tensors[prefix + ".input_scale"] = torch.tensor([0.006 + 0.001 * (n % 3)])
+    for name, module in modules.items():
+        if name.endswith(_LINEAR_NAMES):
+            # q/k/v and gate/up share their input, and so the largest of their static scales
+            siblings = [name.rsplit(".", 1)[0] + "." + s for s in (
+                ("q_proj", "k_proj", "v_proj") if "self_attn" in name and "o_proj" not in name
+                else ("gate_proj", "up_proj") if "gate" in name or "up_proj" in name else (name.rsplit(".", 1)[1],))]
+            scale = max(tensors[s + ".input_scale"].item() for s in siblings) if static else None
+            module.register_forward_pre_hook(lambda _, args, scale=scale: (_fake_quantize(args[0], scale),))
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    fp8 = dict(type="float", num_bits=8)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = dict(quant_method="fp8", activation_scheme="static" if static else "dynamic") \
+        if method == "fp8" else dict(quant_method="compressed-tensors", format="float-quantized", ignore=["lm_head"],
+                                     config_groups={"group_0": dict(targets=["Linear"], weights=dict(
+                                         fp8, strategy=strategy, dynamic=False, symmetric=True), input_activations=dict(
+                                         fp8, strategy="tensor" if static else "token", dynamic=not static))})
+    (path / "config.json").write_text(json.dumps(config))
+    return hf
+
+
+class TestFp8:
+    """fp8 weights (quantization="fp8", fp8 checkpoints): the quantized linear against a float64 rounding of its own,
+    checkpoints against HF with the same rounding hooked in, greedy invariance, bad input; on a GPU with fp8 tensor
+    cores also the fast path (Triton quantization, torch._scaled_mm) against the reference."""
+
+    @pytest.mark.parametrize("static", [False, True])
+    def test_linear_equals_float64_rounding_of_weights_and_activations(self, static):
+        weight, x = _randn(48, 64, dtype=torch.float32, seed=0), _randn(5, 64, dtype=torch.float32, seed=1) * 3
+        weight[3] = 0.0  # a zero row: scale clamped, no NaN
+        fp8 = model.Fp8Linear(weight.cpu(), static_input_scale=static)
+        if static:
+            fp8.input_scale.fill_(0.01)  # saturates the largest activations: clamped, not NaN
+        scale = (weight.cpu().float().abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
+        assert torch.equal(fp8.scale, scale) and torch.equal(fp8.weight.float(), (weight.cpu() / scale).to(FP8).float())
+        for dtype in (torch.float32, torch.bfloat16):
+            out = model.linear_reference(x.cpu().to(dtype), fp8)
+            inputs = _fake_quantize(x.cpu().to(dtype), 0.01 if static else None)
+            expected = inputs @ (fp8.weight.double() * fp8.scale.double()).t()
+            assert out.dtype == dtype and not out.isnan().any()
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+        assert _relative_error(out, x.cpu().to(dtype) @ weight.cpu().to(dtype).t()) > 1e-3  # it did round
+
+    @pytest.mark.skipif(not _FP8_CORES, reason="needs a GPU with fp8 tensor cores (capability >= 8.9)")
+    @pytest.mark.parametrize("rows", [1, 7, 300])
+    def test_fast_path_equals_reference_in_bf16(self, rows):
+        weight = _randn(256, 512, dtype=torch.bfloat16, seed=2)
+        for static in (False, True):
+            fp8 = model.Fp8Linear(weight, static_input_scale=static)
+            fp8.input_scale is None or fp8.input_scale.fill_(0.02)
+            x = _randn(rows, 512, dtype=torch.bfloat16, seed=3) * 2
+            quantized, scale = model.quantize_rows(x, fp8.input_scale)
+            expected_q, expected_scale = model.quantize_rows_reference(x, fp8.input_scale)
+            torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+            assert (quantized.float() != expected_q.float()).float().mean() < 1e-3  # fp32 division: rare ties differ
+            bias = _randn(256, dtype=torch.bfloat16, seed=4)  # Qwen2's q/k/v bias: in _scaled_mm's epilogue
+            for b in (None, bias):
+                _assert_close(model.linear(x, fp8, b), model.linear_reference(x, fp8, b))
+
+    @pytest.mark.skipif(not _FP8_CORES, reason="needs a GPU with fp8 tensor cores (capability >= 8.9)")
+    def test_model_with_fast_kernels_equals_reference_kernels_in_bf16(self):
+        net = random_model("tiny", torch.bfloat16, "cuda")
+        model.quantize_fp8(net)
+        positions, meta = _paged_batch([9, 1, 30], [0, 0, 0], [[0, 1], [2], [3, 4, 5, 6]], 8, "cuda")
+        input_ids = torch.randint(0, net.config.vocab_size, (40,), device="cuda")
+        kv_cache = _kv_cache(net.config, 7, 8).cuda()
+        with torch.no_grad():
+            fast = net(input_ids, positions, kv_cache, meta)
+            net.use_triton = False  # the plain-torch LayerKernels, linear_reference among them
+            reference = net(input_ids, positions, kv_cache, meta)
+        _assert_close(fast, reference)
+
+    @pytest.mark.parametrize("method,strategy,static", [("compressed-tensors", "tensor", True),
+                                                        ("compressed-tensors", "channel", False), ("fp8", "tensor", False)])
+    def test_fp8_checkpoint_gives_hf_logits_with_the_same_rounding(self, tmp_path, method, strategy, static):
+        hf = _fp8_checkpoint(tmp_path, method, strategy, static)
+        net = _load(str(tmp_path))
+        assert net.config.quantization == "fp8" and isinstance(net.layers[0].qkv_proj, model.Fp8Linear)
+        assert (net.layers[0].input_layernorm.dtype, net.layers[1].down_proj.weight.dtype) == (torch.float32, FP8)
+        sequences = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (11, 3, 17)]
+        positions, meta = _paged_batch([11, 3, 17], [0, 0, 0], [[0, 1], [2], [3, 4, 5]], 8)
+        with torch.no_grad():
+            logits = net(torch.cat(sequences), positions, _kv_cache(net.config, 6, 8), meta)
+            expected = torch.cat([hf(s[None]).logits[0] for s in sequences])
+        assert _relative_error(logits, expected) < 1e-5
+
+    def test_online_greedy_is_invariant_to_engine_settings_and_load_weights_requantizes(self):
+        prompts, params = _invariance_workload()
+        runs, base = {}, None
+        for kv_cache_dtype, variant in [*(("auto", v) for v in ("base", "sync", "no-prefix-cache", "block-4",
+                                                                  "budget-7", "preempt")), ("fp8", "base"), ("fp8", "preempt")]:
+            llm = LLM("tiny", dtype=torch.float32, quantization="fp8", kv_cache_dtype=kv_cache_dtype,
+                      **{**_BASE, **_VARIANTS.get(variant, {})})
+            assert llm.runner.model.layers[1].gate_up_proj.weight.dtype == FP8
+            runs[kv_cache_dtype, variant] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            base = llm if (kv_cache_dtype, variant) == ("auto", "base") else base
+            _assert_pool_free(llm)
+            assert variant != "preempt" or llm.scheduler.num_preemptions > 0
+        assert all(run == runs[kv, "base"] for (kv, _), run in runs.items()), runs
+        # load_weights with float (HF-named) weights quantizes each part into its rows: the same model as quantizing
+        # those weights whole at load
+        other = random_model("tiny", torch.float32, "cpu", seed=5)
+        weights = {n: t.clone() for n, t in model._checkpoint_targets(other).items() if not n.endswith("_scale")}
+        base.load_weights(weights)
+        fresh = LLM("tiny", dtype=torch.float32, quantization="fp8", seed=5, **_BASE)
+        assert [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)] == \
+            [o.outputs[0].token_ids for o in fresh.generate(prompts, params, use_tqdm=False)]
+
+    def test_bad_quantization_and_unsupported_checkpoint_schemes_are_refused(self, tmp_path):
+        with pytest.raises(ValueError, match=r"quantization must be one of None, 'fp8', got 'int4'"):
+            LLM("tiny", quantization="int4")
+        path, config = _checkpoint(tmp_path), json.loads((tmp_path / "config.json").read_text())
+        int4 = dict(quant_method="compressed-tensors", format="pack-quantized", config_groups={"group_0": dict(
+            weights=dict(type="int", num_bits=4, strategy="group", group_size=128))})
+        weight_only_fp8 = {"g": dict(weights=dict(type="float", num_bits=8, strategy="tensor"))}  # W8A16
+        for spec, named in [(dict(quant_method="awq", bits=4), "quant_method 'awq'"),
+                            (int4, '"type": "int", "num_bits": 4, "strategy": "group"'),
+                            (dict(quant_method="fp8", weight_block_size=[128, 128]), '"weight_block_size": [128, 128]'),
+                            ({**int4, "config_groups": weight_only_fp8}, '"num_bits": 8, "strategy": "tensor"}}}'),
+                            ({**int4, "config_groups": {"g": dict(weights=dict(type="float", num_bits=8, strategy=
+                              "channel"), input_activations=dict(type="float", num_bits=8, strategy="token",
+                                                                 dynamic=True))}, "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]},
+                             '"ignore": ["lm_head", "model.layers.0.mlp.down_proj"]')]:
+            (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": spec}))
+            with pytest.raises(ValueError, match=re.escape(named)):
+                _load(path)
+        # fp8 tensors in a checkpoint that declares no quantization: refused, never cast into the float weights
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].to(FP8)
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+        with pytest.raises(ValueError, match="float8_e4m3fn fits only fp8 checkpoints' linear weights"):
+            _load(path)
+
+
 class TestBench:
     """bench.py's command line on the tiny model: the tokens it reports against its workload; bad flags."""
 
@@ -3300,7 +3460,8 @@ class TestBench:
         ("--logprobs", "513", "vocabulary size, 512"), ("--logprobs", "-1", "vocabulary size, 512"),
         ("--json", "{tmp}/missing/out.json", "directory is missing"),
         ("--plot", "{tmp}/missing/itl.png", "directory is missing"), ("--model", "{tmp}", "config.json not found"),
-        ("--compare", "--no-prefix-caching", "prefix caching is off already")])
+        ("--compare", "--no-prefix-caching", "prefix caching is off already"),
+        ("--through-server", "--latency", "replays an online workload's requests")])
     def test_bench_rejects_bad_flag_naming_it_before_any_run(self, tmp_path, monkeypatch, capsys, flag, value, says):
         monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--workload", "short", "--num-seqs", "2",
                                           "--max-output-len", "4", flag, value.format(tmp=tmp_path)])
@@ -3557,6 +3718,13 @@ class TestServer:
         client.close()
         _stop(uvicorn_server, thread)
 
+    def test_the_online_defaults_reach_the_engine_unless_a_flag_overrides_them(self):
+        import server
+        _, args = server.parse_args(["--model", "m"])
+        assert args == server.SERVER_DEFAULTS == {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
+        _, args = server.parse_args(["--model", "m", "--no-budget-counts-attention", "--max-num-batched-tokens", "8"])
+        assert args == {"max_num_batched_tokens": 8, "budget_counts_attention": False}
+
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
     def test_completions_equal_generate(self, served, stream):
         client, _, reference, _ = served
@@ -3626,6 +3794,10 @@ class TestServer:
         assert choice.logprobs.tokens[1:] == [e[t].decoded_token for t, e in pairs]
         for top, entry in zip(choice.logprobs.top_logprobs[1:], entries[1:], strict=True):
             assert top == pytest.approx({e.decoded_token: e.logprob for e in entry.values()}, abs=1e-5)
+        chunks = client.completions.create(model="tiny-chat", prompt="the cat sat", max_tokens=5, temperature=0,
+                                           logprobs=3, stream=True, extra_body=dict(ignore_eos=True))  # no echo
+        assert [p for c in chunks for p in c.choices[0].logprobs.token_logprobs] == pytest.approx(
+            [e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs, strict=True)], abs=1e-5)
         [chat] = reference.chat([{"role": "user", "content": "hello"}],
                                 replace(params, logprobs=2, prompt_logprobs=None), use_tqdm=False)
         _, _, streamed, _ = _streamed(client.chat.completions.create(
@@ -3731,6 +3903,28 @@ class TestServer:
             assert status == 503 and "the device fell over" in answer["error"]["message"]
         _stop(uvicorn_server, thread)
         assert set(threading.enumerate()) == before
+
+    def test_bench_through_the_server_gives_the_in_process_tokens_and_latency_fields(self, tmp_path, monkeypatch):
+        """bench.py --through-server streams the same requests over HTTP from another process: the same output
+        tokens (each request's max_tokens: ignore_eos) and latency rows as the in-process run; nothing left running."""
+        import multiprocessing
+        argv = ["bench.py", "--arch", "tiny", "--workload", "mixed", "--num-seqs", "8", "--max-input-len", "100",
+                "--max-output-len", "6", "--request-rate", "200", "--json", str(tmp_path / "out.json")]
+        _, params = bench.make_workload("mixed", 8, 100, 6, vocab_limit=511)
+        threads, results = set(threading.enumerate()), []
+        for extra in ([], ["--through-server"]):
+            monkeypatch.setattr(sys, "argv", argv + extra)
+            bench.main()
+            results.append(json.loads((tmp_path / "out.json").read_text()))
+        in_process, served = results
+        assert (in_process["through_server"], served["through_server"]) == (False, True)
+        assert served["output_tokens"] == in_process["output_tokens"] == sum(p.max_tokens for p in params)
+        assert set(served["latency"]) == set(in_process["latency"])
+        for name, row in served["latency"].items():
+            assert row["requests"] == in_process["latency"][name]["requests"]
+            assert all(len(row[key]) == 3 and None not in row[key] for key in ("ttft_ms_p50_p90_p99",
+                                                                               "itl_ms_p50_p90_p99"))
+        assert set(threading.enumerate()) == threads and multiprocessing.active_children() == []
 
     def test_command_line_serves_and_stops_on_sigterm(self, chat_checkpoint):
         import signal
