@@ -7,6 +7,7 @@
     python bench.py --kernel [--sweep]   # the paged-attention kernel alone (GPU)
     python bench.py --latency            # batch-1 decode: ms per step at a 1k-token context
     python bench.py --workload chat --through-server   # the same requests as HTTP streams to server.py
+    python bench.py --speculative-ngram 4  # speculative decoding with up to 4 n-gram drafts a step
 
 Decoding is memory-bound: each step must read every weight once plus the K/V of every running
 request's context. The engine counts those contexts, so the run's bytes over the measured
@@ -620,6 +621,10 @@ def main():
     p.add_argument("--quantization", choices=["fp8"], help="fp8: linear weights in e4m3 with a scale per output "
                    "channel, activations per token (W8A8); an fp8 checkpoint (--model) is detected without it")
     p.add_argument("--logprobs", type=int, metavar="K", help="ask every request for its top-K logprobs")
+    p.add_argument("--speculative-ngram", type=positive_int, metavar="K", help="speculative decoding: up to K "
+                   "n-gram drafts a step (prompt lookup of 4 down to 2 tokens)")
+    p.add_argument("--speculative-disable-by-batch-size", type=positive_int, metavar="N",
+                   help="with --speculative-ngram: no drafts while more than N requests run (default: the engine's)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="online workloads: draw inter-token latency over time (with "
                    "--compare, both runs; needs matplotlib)")
@@ -667,6 +672,8 @@ def check_args(p, args, on_gpu):
         p.error("argument --through-server: needs fastapi and uvicorn: pip install -r requirements.txt")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("argument --plot: needs matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
+    if args.speculative_disable_by_batch_size and not args.speculative_ngram:
+        p.error("argument --speculative-disable-by-batch-size: needs --speculative-ngram")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
             p.error(f"argument {flag}: cannot write {path} (its directory is missing or not writable)")
@@ -713,6 +720,11 @@ def engine_settings(args, compare=False):
                     enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
                     calculate_kv_scales=args.calculate_kv_scales, tensor_parallel_size=args.tensor_parallel_size,
                     budget_counts_attention=args.budget_counts_attention, quantization=args.quantization)
+    if args.speculative_ngram:
+        settings["speculative_config"] = dict(method="ngram", num_speculative_tokens=args.speculative_ngram,
+                                              prompt_lookup_max=4, prompt_lookup_min=2)
+        if args.speculative_disable_by_batch_size:
+            settings["speculative_config"]["disable_by_batch_size"] = args.speculative_disable_by_batch_size
     if compare and args.kv_cache_dtype != "auto":
         settings["kv_cache_dtype"] = "auto"
     elif compare and args.workload == "mixed":
@@ -789,6 +801,8 @@ def run(args, on_gpu, compare=False):
         setup_seconds=round(setup_seconds, 1))
     needed, steps = bytes_read(llm, stats_before, llm.stats)
     result.update(steps=steps, graph_steps=llm.stats.graph_steps - stats_before.graph_steps)
+    if args.speculative_ngram:
+        result.update(speculative_metrics(stats_before, llm.stats))
     if online:
         classes = [("document" if len(p) > QUESTION_LEN[1] else "chat") if args.workload == "mixed"
                    else f"turn {i % TURNS + 1}" if args.workload == "chat-multiturn" else args.workload
@@ -812,6 +826,16 @@ def run(args, on_gpu, compare=False):
                       fraction_of_bandwidth_limit=round(limit_seconds / seconds, 4),
                       fraction_of_roofline_limit=round(roofline_seconds / seconds, 4))
     return result
+
+
+def speculative_metrics(before, after) -> dict:
+    """Drafts proposed and accepted between two EngineStats, the acceptance rate, and the mean accepted length:
+    the tokens a request emits in a step with drafts (its accepted drafts and one more)."""
+    proposed, accepted, steps = (getattr(after, name) - getattr(before, name)
+                                 for name in ("draft_tokens", "accepted_draft_tokens", "draft_request_steps"))
+    return dict(drafts_proposed=proposed, drafts_accepted=accepted,
+                draft_acceptance_rate=round(accepted / proposed, 4) if proposed else None,
+                mean_accepted_length=round(1 + accepted / steps, 3) if steps else None)
 
 
 LATENCY_STEPS = 256

@@ -2,7 +2,7 @@
 
 The idea (vLLM V1): each step the scheduler hands a token budget to requests; the runner lays their
 scheduled tokens out as ONE flat batch (prefill chunks and decodes mixed), runs the model once and
-samples a token for each request that reached the end of its known tokens. A request's path:
+samples a token for each request that reached the end of its known tokens (and one per draft). Its path:
 LLM.generate -> add_request -> _run_until_done -> _step: Scheduler.schedule -> ModelRunner.execute
 (prepare_inputs, run_model, sampler.sample) -> _collect: Scheduler.update -> a RequestOutput.
 
@@ -37,7 +37,7 @@ from attention import FP8, AttentionMetadata, token_slots
 from kv_cache import allocate_kv_cache, cdiv, check_kv_capacity, kv_cache_bytes_per_block, num_blocks_from_memory
 from model import (SHAPES, Tokenizer, TokenStream, Transformer, load_model, load_tensors, load_tokenizer, quantize_fp8,
                    random_model, read_config, resolve_device_and_dtype, shard_config)
-from sampler import SamplingTensors, logits_adjustment, logprobs_of, sample, seed_for, to_device
+from sampler import SamplingTensors, accept_drafts, logits_adjustment, logprobs_of, sample, seed_for, to_device
 from scheduler import (EngineConfig, Request, RequestStatus, SamplingParams, ScheduledRequest, Scheduler,
                        SchedulerOutput, find_stop_string)
 
@@ -108,6 +108,9 @@ class EngineStats:  # counters for bench.py: what each step had to read from mem
     graph_steps: int = 0
     output_tokens: int = 0
     context_tokens_read: int = 0  # sum over steps of every scheduled request's context length
+    draft_tokens: int = 0           # speculative decoding: drafts proposed,
+    accepted_draft_tokens: int = 0  # of which accepted,
+    draft_request_steps: int = 0    # in this many (request, step) pairs: each emits 1 + accepted / this tokens
 
 
 # ---- LLM: requests in, outputs out. ---------------------------------------------------------------------------------
@@ -274,10 +277,15 @@ class LLM:
         launches step N+1 *before* waiting for step N's tokens, so the CPU's scheduling and input
         building hide behind the GPU's forward pass. A step that fails or is interrupted is undone."""
         try:
+            moved = []
+            if self.in_flight is not None and self.scheduler.drafting():  # drafts need every token known: no overlap
+                flight, self.in_flight = self.in_flight, None
+                moved = self._collect(flight)
             schedule = self.scheduler.schedule()
             launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
-            collect, self.in_flight = (self.in_flight, launched) if self.config.async_scheduling else (launched, None)
-            moved = self._collect(collect) if collect is not None else []
+            overlap = self.config.async_scheduling and not (launched and launched.plan.drafts)
+            collect, self.in_flight = (self.in_flight, launched) if overlap else (launched, None)
+            moved += self._collect(collect) if collect is not None else []
             if self.in_flight is not None and not self.scheduler.has_unfinished_requests():  # the engine ends idle
                 flight, self.in_flight = self.in_flight, None
                 moved += self._collect(flight)
@@ -294,9 +302,13 @@ class LLM:
         moved = [request for request in tokens if not request.status.is_finished]  # update() appends to these
         self.output_processor.add_logprobs(flight, tokens)
         self.scheduler.update(flight.plan.schedule, tokens)
-        for request, stop in self.output_processor.find_stop_strings(moved):
-            self.scheduler.stop_at_string(request, stop)
-        self.stats.output_tokens += len(moved)
+        for request, stop, num_tokens in self.output_processor.find_stop_strings(moved):
+            self.scheduler.stop_at_string(request, stop, num_tokens)
+        self.stats.output_tokens += sum(len(tokens[request]) for request in moved)
+        for request, drafts in flight.plan.drafts.items():
+            self.stats.draft_tokens += len(drafts)
+            self.stats.accepted_draft_tokens += len(tokens[request]) - 1
+        self.stats.draft_request_steps += len(flight.plan.drafts)
         return moved
 
     def _recover(self) -> None:
@@ -308,8 +320,8 @@ class LLM:
             with contextlib.suppress(RuntimeError):  # a device in an error state: the first error is the one to see
                 torch.cuda.synchronize(self.runner.device)
         self.scheduler.recover()
-        for request, stop in self.output_processor.trim_after_failure():
-            self.scheduler.stop_at_string(request, stop)
+        for request, stop, num_tokens in self.output_processor.trim_after_failure():
+            self.scheduler.stop_at_string(request, stop, num_tokens)
         for group in [group for group in self.output_processor.groups.values() if group.finished]:
             self.output_processor.finish(group, keep=True)
 
@@ -450,18 +462,20 @@ class OutputProcessor:
             ids, values = (t.tolist() for t in flight.sampled_logprobs)
             for request, row in flight.plan.sample_row.items():
                 if request.sampling_params.logprobs is not None and not request.status.is_finished:
-                    self.live[request.request_id].logprobs.append(self._logprob_dict(
-                        tokens[request], ids[row], values[row], request.sampling_params))
+                    self.live[request.request_id].logprobs.extend(self._logprob_dict(
+                        token, ids[row + i], values[row + i], request.sampling_params)  # a row per draft position
+                        for i, token in enumerate(tokens[request]))
         if flight.prompt_logprobs is not None:
             self._add_prompt_logprobs(flight.plan.prompt_positions, *(t.tolist() for t in flight.prompt_logprobs))
 
-    def find_stop_strings(self, moved: list[Request]) -> list[tuple[Request, str]]:
-        """After update(): the moved requests whose text now holds a stop string (cut there), with it."""
-        return [(request, stop) for request in moved if request.sampling_params.stop
-                and request.status is not RequestStatus.FINISHED_STOPPED
-                and (stop := self._find_stop_string(self.live[request.request_id])) is not None]
+    def find_stop_strings(self, moved: list[Request]) -> list[tuple[Request, str, int]]:
+        """After update(): the moved requests whose text now holds a stop string (cut there), with it and
+        the number of output tokens that completes it (accepted drafts may have brought more)."""
+        return [(request, *hit) for request in moved if request.sampling_params.stop
+                and not isinstance(request.stop_reason, str)
+                and (hit := self._find_stop_string(self.live[request.request_id])) is not None]
 
-    def trim_after_failure(self) -> list[tuple[Request, str]]:
+    def trim_after_failure(self) -> list[tuple[Request, str, int]]:
         """After a failed step: each completion's logprobs, text and stop search made whole again;
         the stop strings found in text whose search the failure cut off."""
         stops = []
@@ -472,8 +486,8 @@ class OutputProcessor:
             if completion.stream is not None and not isinstance(request.stop_reason, str):  # decode text anew
                 completion.stream, completion.text, completion.num_decoded = completion.stream.restart(), "", 0
             if request.status is RequestStatus.FINISHED_LENGTH and request.sampling_params.stop:
-                if (stop := self._find_stop_string(completion)) is not None:  # its last step may have died first
-                    stops.append((request, stop))
+                if (hit := self._find_stop_string(completion)) is not None:  # its last step may have died first
+                    stops.append((request, *hit))
         return stops
 
     def groups_of(self, requests: list[Request]) -> list[RequestGroup]:
@@ -528,16 +542,16 @@ class OutputProcessor:
             return self.tokenizer.decode([token]) if self.tokenizer else None
         return None
 
-    def _find_stop_string(self, completion: Completion) -> str | None:
-        """Search the newest text (across tokens) for a stop string, as the scheduler's rule says: cut there."""
+    def _find_stop_string(self, completion: Completion) -> tuple[str, int] | None:
+        """Search the newest text (across tokens) for a stop string, as the scheduler's rule says: cut there. Token
+        by token (accepted drafts bring several in a step): the stop string and the output tokens that complete it."""
         request = completion.request
-        text = self._detokenize(completion)
-        if (hit := find_stop_string(request.sampling_params, len(request.output_token_ids), text,
-                                    completion.num_searched)) is not None:
-            end, stop = hit
-            completion.text = text[:end]
-            return stop
-        completion.num_searched = len(text)
+        for num_tokens in range(completion.num_decoded + 1, len(request.output_token_ids) + 1):
+            text = self._detokenize(completion, num_tokens)
+            if hit := find_stop_string(request.sampling_params, num_tokens, text, completion.num_searched):
+                completion.text = text[:hit[0]]
+                return hit[1], num_tokens
+            completion.num_searched = max(completion.num_searched, len(text))
         return None
 
     def _completion_output(self, completion: Completion) -> CompletionOutput:
@@ -546,25 +560,27 @@ class OutputProcessor:
         if not request.status.is_finished and params.stop and not params.include_stop_str_in_output:
             # hold back what may still become a stop string, which would be cut
             text = text[:len(text) - _stop_string_prefix(text, params.stop)]
-        logprobs = None if completion.logprobs is None else list(completion.logprobs)
+        # (a stop inside accepted drafts leaves logprobs of tokens it dropped)
+        logprobs = None if completion.logprobs is None else completion.logprobs[:len(request.output_token_ids)]
         cumulative = None if logprobs is None else sum(entry[t].logprob for t, entry in zip(request.output_token_ids,
                                                                                              logprobs))
         return CompletionOutput(completion.index, text, list(request.output_token_ids), cumulative, logprobs,
                                 request.finish_reason, request.stop_reason)
 
-    def _detokenize(self, completion: Completion) -> str:
-        """The output's text so far, decoding only the tokens not decoded before (O(1) a token). The
-        token that stopped a request and ids the tokenizer has no bytes for (padded embedding rows,
-        holes in its vocabulary) have no text; a stop string has fixed the text for good."""
+    def _detokenize(self, completion: Completion, num_tokens: int | None = None) -> str:
+        """The output's text so far (its first num_tokens tokens' at most), decoding only the tokens not decoded
+        before (O(1) a token). The token that stopped a request and ids the tokenizer has no bytes for (padded
+        embedding rows, holes in its vocabulary) have no text; a stop string has fixed the text for good."""
         request = completion.request
         if completion.stream is None or isinstance(request.stop_reason, str):
             return completion.text
         tokens = request.output_token_ids
-        end = len(tokens) - (request.status is RequestStatus.FINISHED_STOPPED)
+        last = len(tokens) - (request.status is RequestStatus.FINISHED_STOPPED)
+        end = last if num_tokens is None else min(num_tokens, last)
         for token in tokens[completion.num_decoded:end]:
             completion.text += completion.stream.push(token)
         completion.num_decoded = max(end, completion.num_decoded)
-        if request.status.is_finished:
+        if request.status.is_finished and end == last:
             completion.text += completion.stream.finish()
             completion.stream = None
         return completion.text
@@ -584,10 +600,10 @@ class InputBuffer:
     views are static, so a CUDA graph captured on them replays after each step's copy. The block
     table comes last, so a step copies only the prefix that holds its rows."""
 
-    def __init__(self, max_tokens, max_seqs, max_blocks_per_seq, device, pin_memory):
+    def __init__(self, max_tokens, max_seqs, max_blocks_per_seq, device, pin_memory, max_rows):
         sizes = dict(header=HEADER_SIZE, input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
-                     temperature=max_seqs, top_p=max_seqs, top_k=max_seqs, min_p=max_seqs, seeds=max_seqs,
+                     temperature=max_rows, top_p=max_rows, top_k=max_rows, min_p=max_rows, seeds=max_rows,
                      placeholder_dst=max_seqs, placeholder_src=max_seqs)
         *starts, self.block_table_offset = itertools.accumulate(sizes.values(), initial=0)
         self.offset, self.width = dict(zip(sizes, starts)), max_blocks_per_seq
@@ -645,16 +661,18 @@ class StepPlan:
     schedule: SchedulerOutput
     num_tokens: int
     num_rows: int               # requests in the batch, padded up to a graph size when one is used
-    num_sampling: int
+    num_sampling: int           # rows of sampled tokens: one per sampling request, and one per draft
     max_query_len: int
     max_seq_len: int
-    sample_row: dict[Request, int]  # each sampling request's row of the sampled tokens (and logprobs)
+    sample_row: dict[Request, int]  # each sampling request's (first) row of the sampled tokens (and logprobs)
     sampling: SamplingTensors
     num_logprobs: int | None = None  # top-k logprobs for the sampled tokens (the most any row asks)
     # Prompt logprobs: logits rows after the sampling ones, each (request, prompt position it scores).
     prompt_positions: list[tuple[Request, int]] = field(default_factory=list)
     prompt_targets: torch.Tensor | None = None
     num_prompt_logprobs: int = 0
+    drafts: dict[Request, list[int]] = field(default_factory=dict)  # the requests with drafts: rows after its first
+
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -673,12 +691,13 @@ class InFlight:
     sampled_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # logprobs_of's (ints, floats), on the host
     prompt_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def sampled_token_ids(self) -> dict[Request, int]:
-        """Wait for the step, then each sampling request's token."""
+    def sampled_token_ids(self) -> dict[Request, list[int]]:
+        """Wait for the step, then each sampling request's tokens: one, or its accepted drafts and one more."""
         if self.ready is not None:
             self.ready.synchronize()
-        tokens = self.sampled_host.tolist()
-        return {request: tokens[row] for request, row in self.plan.sample_row.items()}
+        tokens, drafts = self.sampled_host.tolist(), self.plan.drafts
+        return {request: accept_drafts(tokens, row, drafts[request]) if request in drafts else [tokens[row]]
+                for request, row in self.plan.sample_row.items()}
 
 
 def batch_order(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
@@ -696,13 +715,20 @@ class ModelRunner:
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
         self.stats, self._num_steps = EngineStats(), 0  # _num_steps: which host buffers this step fills
-        # A decode batch padded up to its graph size can hold more tokens than the budget.
+        # A decode batch padded up to its graph size can hold more tokens than the budget. Sampling rows: one
+        # per request, plus one per draft (drafts only while at most disable_by_batch_size requests run).
+        spec = config.speculative_config
+        max_rows = config.max_num_seqs + (spec and spec.num_speculative_tokens * spec.disable_by_batch_size or 0)
         self.inputs = InputBuffer(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
-                                  cdiv(config.max_model_len, config.block_size), self.device, self.on_cuda)
-        self.sampled_host = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=self.on_cuda)
-                             for _ in range(2)]
+                                  cdiv(config.max_model_len, config.block_size), self.device, self.on_cuda, max_rows)
+        self.sampled_host = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=self.on_cuda) for _ in range(2)]
         self.graph_sizes = _graph_ladder(config.max_num_seqs) if self.on_cuda and not config.enforce_eager else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Decodes with up to k drafts each: graphs of their own, whose rows have room for 1 + k tokens.
+        self.draft_query_len = 1 + spec.num_speculative_tokens if spec else 0
+        self.draft_graph_sizes = [size for size in self.graph_sizes if spec and size <= spec.disable_by_batch_size
+                                  and size * self.draft_query_len <= config.max_num_batched_tokens]
+        self.draft_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
         c = model.config
         per_block = kv_cache_bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
@@ -769,7 +795,9 @@ class ModelRunner:
             known, blocks = request.num_tokens, request.block_ids
             pending = None  # the newest token, sampled by the step still in flight: read on the device
             input_ids += request.all_token_ids[start:min(end, known)]
-            if end > known:
+            if entry.draft_token_ids:  # drafts follow the known tokens; each position gets logits below
+                input_ids += entry.draft_token_ids
+            elif end > known:
                 assert end == known + 1, "only a request's newest token may be a placeholder"
                 pending = previous_rows[request]
                 placeholder_dst.append(len(input_ids))
@@ -791,19 +819,21 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(blocks[: cdiv(end, block_size)])
             if entry.samples_token:
-                logits_indices.append(len(input_ids) - 1)
+                logits_indices += range(len(input_ids) - 1 - len(entry.draft_token_ids), len(input_ids))
                 samplers.append((entry, pending))
         num_seqs, max_query_len = len(seq_lens), max(b - a for a, b in zip(query_start, query_start[1:]))
         fields = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
                       seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows,
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
-        num_rows = self._pad_for_graph(fields, num_seqs) if max_query_len == 1 and self.graphs else num_seqs
+        num_rows = self._pad_for_graph(fields, num_seqs, *self._graphs_for(max_query_len))
+        first_rows = itertools.accumulate((1 + len(entry.draft_token_ids) for entry, _ in samplers), initial=0)
         plan = StepPlan(
-            schedule, len(fields["input_ids"]), num_rows, len(samplers), max_query_len, max(seq_lens),
-            {entry.request: row for row, (entry, _) in enumerate(samplers)}, sampling, num_logprobs, prompt_positions,
-            to_device(prompt_targets, self.device) if prompt_rows else None,
-            max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0))
+            schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens),
+            {entry.request: row for row, (entry, _) in zip(first_rows, samplers)}, sampling, num_logprobs,
+            prompt_positions, to_device(prompt_targets, self.device) if prompt_rows else None,
+            max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0),
+            {entry.request: entry.draft_token_ids for entry in rows if entry.draft_token_ids})
         self.inputs.write(num_rows, tables, fields | sample_fields | {"header": [STEP, *plan.shape]})
         if placeholder_dst:  # (before a tensor-parallel broadcast: the other ranks get the whole input_ids)
             self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
@@ -813,24 +843,26 @@ class ModelRunner:
     def _sampling_inputs(self, samplers, previous: InFlight | None) -> tuple[dict[str, list], SamplingTensors, int | None]:
         """The sampling rows' fields for the buffer, the SamplingTensors that view them (plus the penalties'
         and bans' tensors when a row has some), and the most top-k logprobs a row asks for."""
-        vocab_size, rows = self.model.config.vocab_size, len(samplers)
-        fields = dict(temperature=[], top_p=[], top_k=[], min_p=[], seeds=[])
+        vocab_size, fields = self.model.config.vocab_size, dict(temperature=[], top_p=[], top_k=[], min_p=[], seeds=[])
         num_logprobs, adjusted = None, []
-        for row, (entry, pending) in enumerate(samplers):
-            request, params = entry.request, entry.request.sampling_params
-            # The noise of the k-th token a request draws depends on (its seed, k) alone.
-            fields["seeds"].append(seed_for(params.seed, len(request.output_token_ids) + request.num_output_placeholders))
-            fields["temperature"].append(0.0 if params.is_greedy else params.temperature)
-            fields["top_p"].append(params.top_p)
-            fields["top_k"].append(params.top_k if 0 < params.top_k < vocab_size else 0)
-            fields["min_p"].append(params.min_p)
+        for entry, pending in samplers:
+            request, params, drafts = entry.request, entry.request.sampling_params, entry.draft_token_ids
             if params.logprobs is not None:
                 num_logprobs = max(num_logprobs or 0, params.logprobs)
-            if params.has_penalties or entry.banned_token_ids:
-                penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty)
-                adjusted.append((row, request.output_token_ids, request.prompt_token_ids,
-                                 penalties if params.has_penalties else None, pending, entry.banned_token_ids or ()))
-        top_p, top_k, min_p = fields["top_p"], fields["top_k"], fields["min_p"]
+            for i in range(1 + len(drafts)):  # a row per position that samples: each draft's, then one more
+                # The noise of the k-th token a request draws depends on (its seed, k) alone.
+                index = len(request.output_token_ids) + request.num_output_placeholders + i
+                fields["seeds"].append(seed_for(params.seed, index))
+                fields["temperature"].append(0.0 if params.is_greedy else params.temperature)
+                fields["top_p"].append(params.top_p)
+                fields["top_k"].append(params.top_k if 0 < params.top_k < vocab_size else 0)
+                fields["min_p"].append(params.min_p)
+                if params.has_penalties or entry.banned_token_ids:  # penalties count the drafts before the row
+                    penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty)
+                    adjusted.append((len(fields["seeds"]) - 1, request.output_token_ids + drafts[:i],
+                                     request.prompt_token_ids, penalties if params.has_penalties else None, pending,
+                                     entry.banned_token_ids or ()))
+        rows, top_p, top_k, min_p = len(fields["seeds"]), fields["top_p"], fields["top_k"], fields["min_p"]
         sampling = SamplingTensors(
             *(self.inputs.view(name, rows) for name in ("temperature", "top_p", "top_k", "seeds")),
             all_greedy=not any(fields["temperature"]), needs_top_k_top_p=any(top_k) or any(p < 1 for p in top_p)
@@ -839,12 +871,26 @@ class ModelRunner:
             if adjusted else None)
         return fields, sampling, num_logprobs
 
-    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int) -> int:
-        """A decode batch runs the graph of the next size up: padding rows write no token and read no key."""
-        rows = next((size for size in self.graphs if size >= num_seqs), num_seqs)
-        for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0)):
-            fields[name] += [fill] * (rows - num_seqs)
-        fields["query_start_loc"] += range(num_seqs + 1, rows + 1)
+    def _graphs_for(self, max_query_len: int) -> tuple[dict, int]:
+        """The graphs that run a batch whose rows have at most max_query_len tokens, and their rows' length:
+        decodes (1), and decodes with drafts (1 + k; also short chunks)."""
+        if max_query_len == 1:
+            return self.graphs, 1
+        return (self.draft_graphs, self.draft_query_len) if max_query_len <= self.draft_query_len else ({}, 0)
+
+    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int, graphs: dict, query_len: int) -> int:
+        """A batch runs the graph of the next size up, whose rows have room for query_len tokens each: padding
+        rows (up to query_len tokens each, seq_len 0) read no key, padding tokens write none, and the tokens
+        left after the last padding row belong to no row (attention leaves them alone)."""
+        num_tokens = len(fields["input_ids"])
+        rows = next((size for size in graphs if size >= num_seqs and size * query_len >= num_tokens), None)
+        if rows is None:
+            return num_seqs
+        for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+            fields[name] += [fill] * (rows * query_len - num_tokens)
+        fields["seq_lens"] += [0] * (rows - num_seqs)
+        ends = (num_tokens + i * query_len for i in range(1, rows - num_seqs + 1))
+        fields["query_start_loc"] += [min(end, rows * query_len) for end in ends]
         return rows
 
     def _to_host(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -855,11 +901,12 @@ class ModelRunner:
         """Logits of the sampling rows, then of the prompt-logprobs rows (StepPlan.shape says how many):
         a graph replay for decode-only batches, else eager."""
         calibrating = any(layer.calibrate_kv_scale for layer in self.model.layers)  # graphs do not: run eager
-        if num_rows in self.graphs and max_query_len == 1 and not calibrating:
-            graph, logits = self.graphs[num_rows]
+        graphs, query_len = self._graphs_for(max_query_len)
+        if num_rows in graphs and num_tokens == num_rows * query_len and not calibrating:
+            graph, logits = graphs[num_rows]
             graph.replay()
             self.stats.graph_steps += 1
-            if num_logits == num_sampling == num_rows:
+            if num_logits == num_sampling == num_tokens:
                 return logits[:num_logits]
             return logits.index_select(0, self.inputs.view("logits_indices", num_logits).long())
         with torch.inference_mode():
@@ -906,30 +953,35 @@ class ModelRunner:
     def graph_logits_bytes(self) -> int:
         """What the decode graphs keep alive after capture (which comes after profiling): each its
         logits, [size, vocab] in the model's dtype."""
-        return sum(self.graph_sizes) * self.model.config.vocab_size * self.model.config.dtype.itemsize
+        rows = sum(self.graph_sizes) + sum(self.draft_graph_sizes) * self.draft_query_len
+        return rows * self.model.config.vocab_size * self.model.config.dtype.itemsize
 
     def _capture_graphs(self):
-        """One CUDA graph per decode batch size of a ladder; a batch is padded up to the next size.
+        """One CUDA graph per decode batch size of a ladder (and per size of decodes with k drafts each, up to
+        disable_by_batch_size); a batch is padded up to the next size.
 
         Without graphs a small model's decode step costs more in kernel launches than in work."""
-        sizes = self.graph_sizes
         gc.collect()  # an earlier engine's graphs freed by the collector mid-capture would invalidate the capture
-        self.inputs.view("slot_mapping", sizes[-1]).fill_(-1)      # capture writes no KV
-        self.inputs.view("query_start_loc", sizes[-1] + 1).copy_(torch.arange(sizes[-1] + 1))
-        self.inputs.view("seq_lens", sizes[-1]).fill_(1)
+        shapes = [(self.graphs, size, 1) for size in self.graph_sizes]
+        shapes += [(self.draft_graphs, size, self.draft_query_len) for size in self.draft_graph_sizes]
         pool = None
         with torch.inference_mode():
-            for size in reversed(sizes):  # largest first: smaller graphs reuse its scratch memory
+            # Largest first: smaller graphs reuse its scratch memory.
+            for graphs, size, query_len in sorted(shapes, key=lambda shape: -shape[1] * shape[2]):
+                self.inputs.view("slot_mapping", size * query_len).fill_(-1)  # capture writes no KV
+                self.inputs.view("query_start_loc", size + 1).copy_(torch.arange(size + 1) * query_len)
+                self.inputs.view("seq_lens", size).fill_(query_len)
+
                 # The inputs are built inside the capture too: their int32 -> int64 casts must replay.
                 def forward():
-                    return self._forward(size, size, 1, self.config.max_model_len, None)
+                    return self._forward(size * query_len, size, query_len, self.config.max_model_len, None)
                 forward()  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = forward()
-                pool, self.graphs[size] = graph.pool(), (graph, logits)
-        self.graphs = dict(sorted(self.graphs.items()))
+                pool, graphs[size] = graph.pool(), (graph, logits)
+        self.graphs, self.draft_graphs = dict(sorted(self.graphs.items())), dict(sorted(self.draft_graphs.items()))
         torch.cuda.synchronize()
 
 

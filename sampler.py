@@ -6,6 +6,8 @@ the Gumbel-max trick in one Triton kernel, beside its plain-torch reference; eac
 from (its request's seed, the token's index), so a seeded request draws the same tokens in any batch.
 Logprobs are vLLM's raw ones: log_softmax of the model's logits, before any adjustment.
 
+Speculative decoding: a row per draft position; accept_drafts keeps the drafts their rows' draws agree with.
+
 Owns: the sampling tensors of a step and every operation on logits. Never touches: requests, the
 scheduler (the runner hands it plain lists of rows and token ids).
 """
@@ -123,6 +125,18 @@ def logprobs_of(logits, token_ids, k: int):
     top_values, top_ids = logprobs.topk(k, dim=-1)
     ranks = (logprobs > chosen).sum(-1, keepdim=True) + 1
     return torch.cat([ranks, top_ids], 1), torch.cat([chosen, top_values], 1)
+
+
+def accept_drafts(tokens: list[int], row: int, drafts: list[int]) -> list[int]:
+    """The rejection sampler for drafts of probability 1 (n-gram): tokens[row + i] is the draw at draft i's
+    position; keep the drafts equal to their draws, then one draw more. Greedy: accept while the draft is the
+    argmax. Sampled, the standard rule: the Gumbel draw is draft d with probability p(d) (accept), and a draw
+    that is not d follows p with d removed, renormalised (the residual). Each row has the noise of its output
+    index, so a seeded request gets the same tokens with speculation on or off."""
+    accepted = 0
+    while accepted < len(drafts) and tokens[row + accepted] == drafts[accepted]:
+        accepted += 1
+    return tokens[row:row + accepted + 1]
 
 
 def seed_for(seed: int, index: int) -> int:

@@ -18,13 +18,19 @@ A step that fails or is interrupted is undone by recover(): every unfinished req
 Owns: the engine's configuration and SamplingParams (what a user passes, validated where passed),
 requests and their states, the plan of a step, preemption, and every stop rule: stop tokens, EOS,
 min_tokens (the bans the sampler applies come from here), max_tokens, and where a stop string
-ends the text. Never touches: tensors, the GPU, text (it hands the engine positions and block
-tables; the engine asks it about text it has decoded).
+ends the text.
+
+Speculative decoding: a decoding request gets 1 + k tokens of the budget (its newest and k n-gram drafts);
+update() moves num_computed_tokens back over the rejected ones. Drafts never enter all_token_ids, so a
+block enters the prefix cache only once all its tokens are verified. Never touches: tensors, the GPU, text
+(it hands the engine positions and block tables; the engine asks it about text it has decoded).
 """
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 import enum
 import math
+
+import numpy as np
 
 from kv_cache import BlockTable, KVCacheManager, cdiv
 
@@ -53,6 +59,56 @@ def check_fields(prefix: str, values: dict, rules: dict) -> None:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's speculative_config for n-gram drafts (propose_ngram_drafts); none while more than
+    disable_by_batch_size requests run: a big batch is bound by its matmuls, and extra tokens cost more than
+    the steps they save."""
+    method: str | None = None
+    num_speculative_tokens: int | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    disable_by_batch_size: int = 32
+
+    def __post_init__(self):
+        check_fields("speculative_config.", vars(self), {
+            "method": (lambda v: v == "ngram", "'ngram' (the one method here)"),
+            **{name: (int_at_least(1), "an int >= 1") for name in (
+                "num_speculative_tokens", "prompt_lookup_max", "disable_by_batch_size")},
+            "prompt_lookup_min": (lambda v: int_at_least(1)(v) and v <= self.prompt_lookup_max,
+                                  f"an int in [1, prompt_lookup_max={self.prompt_lookup_max}]")})
+
+
+def speculative_config(spec: dict | SpeculativeConfig) -> SpeculativeConfig:
+    """A dict of vLLM's keys as a SpeculativeConfig, with vLLM's defaults: a missing lookup bound equals the
+    other, both 5 if both are missing."""
+    if isinstance(spec, SpeculativeConfig):
+        return spec
+    known = [f.name for f in fields(SpeculativeConfig)]
+    if unknown := sorted(set(spec if isinstance(spec, dict) else [repr(spec)]) - set(known)):
+        raise ValueError(f"speculative_config: unknown keys {unknown}; known: {known}")
+    lookup_max = spec.get("prompt_lookup_max", spec.get("prompt_lookup_min", 5))
+    return SpeculativeConfig(**{"prompt_lookup_max": lookup_max, "prompt_lookup_min": lookup_max, **spec})
+
+
+def propose_ngram_drafts(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
+    (max_n down to min_n tokens). A few numpy passes over the tokens (~15 us at 2k tokens)."""
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where the last token occurred before
+    length = 1
+    for back in range(1, min(max_n, len(tokens) - 1)):  # keep the ends whose match reaches one token further back
+        longer = ends[ends >= back]
+        longer = longer[tokens[longer - back] == tokens[-1 - back]]
+        if not len(longer):
+            break
+        ends, length = longer, back + 1
+    if length < min_n or not len(ends):
+        return []
+    # k tokens after the match; past the context's end the copy reads itself (LZ77-style): a pattern repeats.
+    period = len(tokens) - 1 - ends[-1]
+    return tokens[ends[-1] + 1 + np.arange(k) % period].tolist()
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The engine's limits, with vLLM's names and defaults, checked once where the user passes them
     (LLM(...)) and handed to the scheduler and the runner. max_model_len None: the model's limit."""
@@ -76,9 +132,12 @@ class EngineConfig:
     # A token at context L counts 1 + L / P of max_num_batched_tokens (P: the model's attention_parity_context), so
     # a step's FLOPs, hence its time, stay bounded however long the contexts of its prefill chunks (the server's)
     budget_counts_attention: bool = False
+    speculative_config: SpeculativeConfig | dict | None = None  # a dict of vLLM's keys; None: no drafts
     quantization: str | None = None  # "fp8": linear weights in e4m3 (an fp8 checkpoint's are, with or without it)
 
     def __post_init__(self):
+        if self.speculative_config is not None:
+            object.__setattr__(self, "speculative_config", speculative_config(self.speculative_config))
         flag = (lambda v: isinstance(v, bool), "a bool")
         check_fields("", vars(self), {
             "block_size": (lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
@@ -183,6 +242,9 @@ class Request:
     error: str | None = field(default=None, init=False)
     stop_reason: int | str | None = field(default=None, init=False)  # the stop token id or string, not EOS
     block_table: BlockTable = field(default_factory=BlockTable, init=False, repr=False)
+    # all_token_ids[:num_arrayed] in a numpy array for the draft proposer, grown in place (copies only new tokens)
+    token_array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), init=False, repr=False)
+    num_arrayed: int = field(default=0, init=False)
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids)
@@ -212,6 +274,7 @@ class ScheduledRequest:
     num_new_tokens: int
     samples_token: bool  # the step reaches its last token (placeholders included): sample one
     banned_token_ids: list[int] | None = None  # tokens it may not sample yet (min_tokens: the stop tokens)
+    draft_token_ids: list[int] = field(default_factory=list)  # the last num_new_tokens are guesses to verify
 
 
 @dataclass
@@ -252,6 +315,8 @@ class Scheduler:
         self.num_finished_steps = 0  # update() has run for every step up to this one
         self.prompt_logprob_rows_left = config.max_num_seqs  # per step: see _cap
         self.parity_context = parity_context if config.budget_counts_attention else None
+        self.speculative_config = config.speculative_config
+        self.draft_pause = 0  # steps left without drafting (see schedule)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -286,14 +351,19 @@ class Scheduler:
         self.num_scheduled_steps += 1
         self.prompt_logprob_rows_left = self.max_num_seqs
         self.kv_cache_manager.step = self.num_scheduled_steps  # blocks cached now are computed by this step
-        num_preemptions_before, index = self.num_preemptions, 0
+        num_preemptions_before, index, drafting = self.num_preemptions, 0, self.drafting()
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new_tokens = self._num_new_tokens(request, budget)
-            if num_new_tokens and self._allocate_or_preempt(request, num_new_tokens, finished):
-                scheduled.append(self._advance(request, num_new_tokens))
+            drafts = self._propose_drafts(request, num_new_tokens, budget) if drafting else []
+            if num_new_tokens and self._allocate_or_preempt(request, num_new_tokens + len(drafts), finished):
+                scheduled.append(self._advance(request, num_new_tokens, drafts))
                 budget -= self._cost(scheduled[-1])
             index += 1
+        # Drafting runs steps synchronously (drafts need the newest token); a step that found none overlaps the
+        # next few, so a batch without drafts keeps nearly all of async overlap's speed.
+        self.draft_pause = (4 if drafting and not any(s.draft_token_ids for s in scheduled)
+                            else max(0, self.draft_pause - 1))
         # A request preempted this step would come straight back in and push someone else out:
         # admit nobody until the next step.
         if self.num_preemptions == num_preemptions_before:
@@ -314,22 +384,28 @@ class Scheduler:
                 budget -= self._cost(scheduled[-1])
         return SchedulerOutput(scheduled, finished, self.num_scheduled_steps)
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: dict[Request, int]) -> list[Request]:
-        """Take a step's sampled tokens (one per scheduled request with samples_token, keyed by the
-        request), apply stop conditions, free finished requests. Returns the requests that finished."""
-        samplers = [s.request for s in output.scheduled if s.samples_token]
-        if len(samplers) != len(sampled_token_ids) or not all(r in sampled_token_ids for r in samplers):
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[Request, list[int]]) -> list[Request]:
+        """Take a step's sampled tokens (per scheduled request with samples_token, keyed by the request:
+        one token, or with drafts the accepted ones and one more), apply stop conditions (a stop inside
+        accepted drafts drops the tokens after it), free finished requests. Returns the requests that finished."""
+        samplers = [s for s in output.scheduled if s.samples_token]
+        if len(samplers) != len(sampled_token_ids) or not all(s.request in sampled_token_ids for s in samplers):
             raise ValueError(f"sampled_token_ids has {len(sampled_token_ids)} tokens, but the step "
                              f"has {len(samplers)} requests that sample, and each needs its own")
         finished, running_finished = [], False
-        for request in samplers:
-            token = sampled_token_ids[request]
+        for entry in samplers:
+            request, tokens = entry.request, sampled_token_ids[entry.request]
             if request.status.is_finished:  # stopped one step earlier, or aborted: an extra token
                 continue
             request.num_output_placeholders -= 1
-            request.output_token_ids.append(token)
-            request.all_token_ids.append(token)
-            if (status := self._stop_status(request, token)) is not None:
+            # Rejected drafts: their KV slots are not valid and are computed again from the real tokens.
+            request.num_computed_tokens -= len(entry.draft_token_ids) + 1 - len(tokens)
+            for token in tokens:
+                request.output_token_ids.append(token)
+                request.all_token_ids.append(token)
+                if (status := self._stop_status(request, token)) is not None:
+                    break
+            if status is not None:
                 if request.status is RequestStatus.RUNNING:
                     running_finished = True
                 else:  # preempted while its token was in flight
@@ -353,7 +429,7 @@ class Scheduler:
             if self.requests.get(request.request_id) is not request:  # finished meanwhile
                 continue
             self.kv_cache_manager.free(request.block_table)
-            request.num_computed_tokens = request.num_output_placeholders = 0
+            request.num_computed_tokens = request.num_output_placeholders = request.num_arrayed = 0
             # An update() cut off may have appended a token to one list only, or not applied its stop.
             request.all_token_ids = request.prompt_token_ids + request.output_token_ids
             if request.output_token_ids and (status := self._stop_status(request, request.output_token_ids[-1])):
@@ -375,9 +451,12 @@ class Scheduler:
         self._finish(request, status)
         return request
 
-    def stop_at_string(self, request: Request, stop: str) -> None:
-        """The engine found stop string `stop` in the request's text (find_stop_string): it ends
-        there, also if it had just finished by length (the string still cuts its text)."""
+    def stop_at_string(self, request: Request, stop: str, num_output_tokens: int) -> None:
+        """The engine found stop string `stop` in the request's text (find_stop_string), complete at its
+        output token num_output_tokens: it ends there (tokens after it, from accepted drafts, are dropped),
+        also if it had just finished otherwise (the string still cuts its text)."""
+        del request.output_token_ids[num_output_tokens:]
+        del request.all_token_ids[len(request.prompt_token_ids) + num_output_tokens:]
         request.stop_reason = stop
         if request.status.is_finished:
             request.status = RequestStatus.FINISHED_STOPPED
@@ -399,6 +478,28 @@ class Scheduler:
         if self.parity_context is None:
             return s.num_new_tokens
         return s.num_new_tokens * (1 + (s.start + s.num_new_tokens / 2) / self.parity_context)
+
+    def drafting(self) -> bool:
+        """Whether the next schedule() proposes drafts: speculation is on and the batch is small enough."""
+        spec = self.speculative_config
+        return spec is not None and len(self.running) <= spec.disable_by_batch_size and not self.draft_pause
+
+    def _propose_drafts(self, request: Request, num_new_tokens: int, budget: float) -> list[int]:
+        """Drafts for a decoding request whose tokens are all known, past min_tokens (its bans would differ per
+        draft row); as many as the budget leaves, never past max_tokens or max_model_len."""
+        spec, tokens = self.speculative_config, request.all_token_ids
+        k = min(self._cap(request, 1 + spec.num_speculative_tokens, budget, len(tokens) - 1) - 1,
+                self.max_model_len - len(tokens) - 1,
+                _max_tokens(request.sampling_params) - len(request.output_token_ids) - 1)
+        if (num_new_tokens != 1 or request.num_computed_tokens != len(tokens) - 1 or request.num_output_placeholders
+                or len(request.output_token_ids) < request.sampling_params.min_tokens or k <= 0):
+            return []
+        if len(request.token_array) < len(tokens):
+            request.token_array = np.resize(request.token_array, 2 * len(tokens))
+        request.token_array[request.num_arrayed:len(tokens)] = tokens[request.num_arrayed:]
+        request.num_arrayed = len(tokens)
+        return propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min,
+                                    spec.prompt_lookup_max)
 
     def _cap(self, request: Request, num_tokens: int, budget: float, start: int) -> int:
         cap = min(num_tokens, self.long_prefill_token_threshold or num_tokens)
@@ -444,19 +545,19 @@ class Scheduler:
         request.status, request.num_computed_tokens = RequestStatus.RUNNING, num_hit_tokens
         return num_new_tokens
 
-    def _advance(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+    def _advance(self, request: Request, num_new_tokens: int, drafts: list[int] = ()) -> ScheduledRequest:
         # Advanced now, not in update(): the next schedule() may come before this step's tokens.
         start = request.num_computed_tokens
-        request.num_computed_tokens = start + num_new_tokens
+        request.num_computed_tokens = start + num_new_tokens + len(drafts)
         if request.sampling_params.prompt_logprobs is not None:
             self.prompt_logprob_rows_left -= max(0, min(request.num_computed_tokens, len(request.prompt_token_ids))
                                                  - start)
         banned = None
-        if samples_token := (request.num_computed_tokens == request.num_tokens_with_placeholders):
+        if samples_token := (start + num_new_tokens == request.num_tokens_with_placeholders):
             request.num_output_placeholders += 1
             if len(request.output_token_ids) + request.num_output_placeholders <= request.sampling_params.min_tokens:
                 banned = self._stop_token_ids(request.sampling_params)  # _stop_status would not stop it yet
-        return ScheduledRequest(request, start, num_new_tokens, samples_token, banned)
+        return ScheduledRequest(request, start, num_new_tokens + len(drafts), samples_token, banned, list(drafts))
 
     def _preempt(self, request: Request) -> None:
         """Preemption by recompute: drop its KV; it keeps its tokens and is prefilled again later

@@ -46,6 +46,8 @@ from model import (SHAPES, Llama3RopeScaling, Tokenizer, Transformer, add_rms_no
                    silu_and_mul, silu_and_mul_reference)
 from scheduler import EngineConfig, Request, RequestStatus, SamplingParams, Scheduler  # noqa: E402
 import sampler  # noqa: E402
+import scheduler as scheduler_module  # noqa: E402
+import numpy as np  # noqa: E402
 
 _CUDA = torch.cuda.is_available()
 _DEVICE = "cuda" if _CUDA else "cpu"
@@ -964,7 +966,7 @@ class _FakeEngine:
                 self.written.append(p)
             if entry.samples_token:
                 token = _next_token(digest)
-                sampled[request] = tokens[request] = token
+                sampled[request], tokens[request] = token, [token]
                 self.num_sampled[request.request_id] = self.num_sampled.get(request.request_id, 0) + 1
         self.last_sampled = sampled
         return tokens
@@ -1076,7 +1078,7 @@ class TestScheduler:
         while scheduler.has_unfinished_requests():
             output = scheduler.schedule()
             chunks.append(output.scheduled[0].num_new_tokens)
-            scheduler.update(output, {s.request: 1 for s in output.scheduled if s.samples_token})
+            scheduler.update(output, {s.request: [1] for s in output.scheduled if s.samples_token})
         assert sum(chunks) == 60 and chunks == sorted(chunks, reverse=True) and chunks[0] > 2 * chunks[-1], chunks
 
     def test_outputs_survive_forced_hash_collisions(self, monkeypatch):
@@ -1324,7 +1326,7 @@ class TestScheduler:
             engine.step()
         output, tokens = scheduler.schedule(), None  # a third step, whose update is cut off after one append
         tokens = engine._run_model(output)
-        request.output_token_ids.append(tokens[request])
+        request.output_token_ids += tokens[request]
         scheduler.recover()
         assert request.all_token_ids == request.prompt_token_ids + request.output_token_ids
         assert request.status is (RequestStatus.FINISHED_LENGTH if max_tokens == 3 else RequestStatus.PREEMPTED)
@@ -1338,9 +1340,9 @@ class TestScheduler:
         output = scheduler.schedule()
         [entry] = output.scheduled
         with pytest.raises(ValueError, match="sampled_token_ids has 2 tokens.*1 request"):
-            scheduler.update(output, {entry.request: 5, Request("b", [1]): 6})
+            scheduler.update(output, {entry.request: [5], Request("b", [1]): [6]})
         with pytest.raises(ValueError, match="sampled_token_ids has 1 tokens.*each needs its own"):
-            scheduler.update(output, {Request("a", [1, 2, 3]): 5})  # the same id, another request
+            scheduler.update(output, {Request("a", [1, 2, 3]): [5]})  # the same id, another request
 
     @pytest.mark.parametrize("field,value", [
         ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
@@ -3007,6 +3009,273 @@ class TestEngine:
         for k in range(1, total + 1, stride):
             trial(k)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want_generate
+
+# ==== speculative decoding (n-gram drafts) =================================================================
+_SPEC = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_max=4, prompt_lookup_min=2)
+
+
+def _spec_workload():
+    """The invariance workload plus prompts whose greedy continuations repeat (the tiny model's outputs cycle), so
+    drafts are accepted and rejected, with max_tokens ending inside runs of accepted drafts."""
+    prompts, params = _invariance_workload()
+    repetitive = [[5, 6, 7, 8] * 6, [3, 1, 4, 1, 5, 9, 2, 6] * 3, [11, 12] * 10]
+    return prompts + repetitive, params + [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                                           for n in (29, 17, 23)]
+
+
+def _fake_graphs(llm, sizes=(1, 2, 4, 8, 16)):
+    """CPU stand-ins for the CUDA graphs: a replay runs the eager forward of the captured shape (padding rows,
+    max_seq_len = max_model_len) into the static logits, so the padded layouts run on the CPU too. Returns the
+    replays counted by rows' length."""
+    runner, replays = llm.runner, Counter()
+
+    class Replay:
+        def __init__(self, size, query_len):
+            self.size, self.query_len = size, query_len
+            self.logits = torch.empty(size * query_len, runner.model.config.vocab_size)
+
+        def replay(self):
+            replays[self.query_len] += 1
+            with torch.inference_mode():
+                self.logits.copy_(runner._forward(self.size * self.query_len, self.size, self.query_len,
+                                                  llm.config.max_model_len, None))
+    for graphs, query_len in ((runner.graphs, 1), (runner.draft_graphs, runner.draft_query_len)):
+        for size in sizes:
+            graphs[size] = (replay := Replay(size, query_len), replay.logits)
+    return replays
+
+
+def _poison_rejected_drafts(llm):
+    """After each step, NaN into the K/V slots of its rejected drafts: any later read of one (by the request
+    itself before it rewrites the slot, or by another request through the prefix cache) poisons its logits."""
+    update, kv_caches, block_size = llm.scheduler.update, llm.runner.kv_caches, llm.config.block_size
+
+    def poisoning_update(output, sampled_token_ids):
+        drafted = [(e, list(e.request.block_ids)) for e in output.scheduled if e.draft_token_ids]
+        finished = update(output, sampled_token_ids)
+        for entry, blocks in drafted:
+            for position in range(entry.start + len(sampled_token_ids[entry.request]),
+                                  entry.start + entry.num_new_tokens):
+                kv_caches[:, :, blocks[position // block_size], position % block_size] = float("nan")
+        return finished
+    llm.scheduler.update = poisoning_update
+
+
+@pytest.fixture(scope="module")
+def spec_reference(reference_outputs):
+    """The speculation workload's greedy tokens without drafts, and the steps they took."""
+    llm = LLM("tiny", dtype=torch.float32, **_BASE)
+    outputs = [o.outputs[0].token_ids for o in llm.generate(*_spec_workload(), use_tqdm=False)]
+    assert outputs[:len(reference_outputs)] == reference_outputs
+    return outputs, llm.stats.steps
+
+
+class TestSpeculative:
+    """Speculative decoding with n-gram drafts: the same tokens, logprobs and sampled distribution as without,
+    in fewer steps."""
+
+    def test_config_is_checked_and_takes_vllm_defaults(self):
+        config = EngineConfig(speculative_config=dict(method="ngram", num_speculative_tokens=3))
+        assert (config.speculative_config.prompt_lookup_max, config.speculative_config.prompt_lookup_min) == (5, 5)
+        config = EngineConfig(speculative_config=dict(method="ngram", num_speculative_tokens=3, prompt_lookup_max=4))
+        assert config.speculative_config.prompt_lookup_min == 4
+        for bad, message in [(dict(_SPEC, lookahead=2), r"unknown keys \['lookahead'\]"),
+                             (dict(_SPEC, method="eagle"), "method must be 'ngram'"),
+                             (dict(_SPEC, num_speculative_tokens=0), "num_speculative_tokens must be"),
+                             ({"num_speculative_tokens": 2}, "method must be"),
+                             (dict(_SPEC, prompt_lookup_min=5), r"prompt_lookup_min must be an int in \[1, prompt_lookup_max=4\]"),
+                             (dict(_SPEC, disable_by_batch_size=True), "disable_by_batch_size must be"),
+                             ("ngram", "speculative_config: unknown keys")]:
+            with pytest.raises(ValueError, match=message):
+                LLM("tiny", dtype=torch.float32, speculative_config=bad)
+
+    def test_proposer_copies_what_followed_the_longest_latest_match(self):
+        propose = lambda tokens, k=3, lo=2, hi=4: scheduler_module.propose_ngram_drafts(  # noqa: E731
+            np.array(tokens), k, lo, hi)
+        assert propose([1, 2, 3, 9, 9, 2, 3, 8, 7, 1, 2, 3]) == [9, 9, 2]  # "1 2 3" (3 tokens) beats "2 3" later
+        assert propose([2, 3, 5, 2, 3, 6, 2, 3]) == [6, 2, 3]  # two equal matches: the latest
+        assert propose([4, 4, 1, 2, 3, 4]) == []               # only "4": shorter than prompt_lookup_min
+        assert propose([4, 4, 1, 2, 3, 4], lo=1) == [1, 2, 3]  # the latest "4"
+        assert propose([7, 1, 2, 1, 2], k=5) == [1, 2, 1, 2, 1]  # past the end: the pattern goes on
+        assert propose([5]) == [] and propose([5, 6]) == []
+
+    @pytest.mark.parametrize("variant", ["async", "sync", "no-prefix-cache", "block-4", "budget-7", "preempt",
+                                         "graphs"])
+    def test_greedy_tokens_are_those_without_drafts(self, variant, spec_reference):
+        llm = LLM("tiny", dtype=torch.float32, speculative_config=_SPEC, **{**_BASE, **_VARIANTS.get(variant, {})})
+        replays = _fake_graphs(llm) if variant == "graphs" else None
+        outputs = [o.outputs[0].token_ids for o in llm.generate(*_spec_workload(), use_tqdm=False)]
+        expected, plain_steps = spec_reference
+        assert outputs == expected
+        assert llm.stats.accepted_draft_tokens > 0 and (variant != "async" or llm.stats.steps < plain_steps)
+        assert llm.stats.draft_tokens > llm.stats.accepted_draft_tokens  # some were rejected too
+        if variant == "graphs":  # steps with drafts replayed the draft graphs
+            assert replays[llm.runner.draft_query_len] > 0 and llm.stats.graph_steps == sum(replays.values())
+        _assert_pool_free(llm)
+
+    def test_logprobs_penalties_n_and_fp8_as_without_drafts(self):
+        """Logprobs (one per token, within 1e-5), prompt logprobs, penalties counting the drafts before each
+        row, min_tokens, n > 1 seeded samples and an fp8 KV cache: the same as without speculation."""
+        prompts = [[5, 6, 7, 8] * 5, [3, 1, 4, 1, 5, 9, 2, 6] * 2, [9, 9, 9]]
+        params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, prompt_logprobs=1),
+                  SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, frequency_penalty=0.3,
+                                 repetition_penalty=1.1, min_tokens=3, stop_token_ids=[5]),
+                  SamplingParams(n=3, temperature=0.3, seed=7, max_tokens=20, ignore_eos=True, logprobs=0)]
+        for settings in (dict(), dict(kv_cache_dtype="fp8", block_size=4)):
+            runs = [LLM("tiny", dtype=torch.float32, max_num_seqs=8, **settings, **spec)
+                    for spec in ({}, dict(speculative_config=_SPEC))]
+            plain, drafted = (llm.generate(prompts, params, use_tqdm=False) for llm in runs)
+            assert runs[1].stats.accepted_draft_tokens > 0
+            for a, b in zip(plain, drafted):
+                for x, y in zip(a.outputs, b.outputs):
+                    assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+                    if x.logprobs is not None:
+                        assert len(y.logprobs) == len(y.token_ids)
+                        for d, e in zip(x.logprobs, y.logprobs):
+                            assert d.keys() == e.keys()
+                            assert all(abs(d[t].logprob - e[t].logprob) < 1e-5 and d[t].rank == e[t].rank for t in d)
+                if a.prompt_logprobs is not None:
+                    assert [p and {t: round(v.logprob, 4) for t, v in p.items()} for p in a.prompt_logprobs] == \
+                        [p and {t: round(v.logprob, 4) for t, v in p.items()} for p in b.prompt_logprobs]
+            for llm in runs:
+                _assert_pool_free(llm)
+
+    def test_stops_inside_accepted_drafts_cut_there(self, tmp_path):
+        """Stop strings, stop tokens and max_tokens that fall inside a run of accepted drafts: the output ends
+        exactly where it ends without drafts (its text, tokens, logprobs, reasons). Weights made so greedy text
+        cycles through "abcdefg!" (no attention or MLP output; lm_head maps each letter's embedding to the next
+        letter), so drafts from the prompt are accepted."""
+        hf = _byte_tokenizer_checkpoint(tmp_path)
+        plain, drafted = (LLM(str(tmp_path), dtype=torch.float32, block_size=4, max_num_seqs=32, **spec)
+                          for spec in ({}, dict(speculative_config=_SPEC)))
+        letters = [plain.get_tokenizer().encoding.encode_single_token(bytes([b])) for b in b"abcdefg!"]
+        weights = {name: t.detach().clone() for name, t in hf.state_dict().items()}
+        for name in weights:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weights[name].zero_()
+        weights["model.norm.weight"].fill_(1.0)
+        follows = list(range(len(weights["lm_head.weight"])))  # lm_head row j: the embedding of the token before j
+        for before, after in zip(letters, letters[1:] + letters[:1]):
+            follows[after] = before
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"][follows]
+        for llm in (plain, drafted):
+            llm.load_weights(weights)
+        prompts = ["abcdefg!abcdefg!ab", "cdefg!abcdefg!abcdef", "xyz g!abc"]
+        greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        cases = [(prompt, replace(greedy, max_tokens=n)) for prompt in prompts for n in (2, 13)]
+        cases += [(prompt, replace(greedy, stop=[stop], include_stop_str_in_output=include, logprobs=1))
+                  for prompt in prompts for stop, include in (("g!a", False), ("bcd", True), ("!abcdefg!a", False))]
+        cases += [(prompt, replace(greedy, stop_token_ids=[letters[i]], logprobs=0)) for prompt in prompts for i in (2, 7)]
+        expected, got = (llm.generate([p for p, _ in cases], [s for _, s in cases], use_tqdm=False)
+                         for llm in (plain, drafted))
+        assert expected[1].outputs[0].text == "cdefg!abcdefg"  # the weights cycle as meant
+        for x, y in zip(expected, got):
+            x, y = x.outputs[0], y.outputs[0]
+            assert (y.text, y.token_ids, y.finish_reason, y.stop_reason) == \
+                (x.text, x.token_ids, x.finish_reason, x.stop_reason)
+            assert y.logprobs is None or [list(d)[0] for d in y.logprobs] == y.token_ids
+        # Accepted drafts ran past the stops: tokens were sampled that the outputs do not keep.
+        assert drafted.stats.output_tokens > sum(len(o.outputs[0].token_ids) for o in got)
+        assert drafted.stats.accepted_draft_tokens > 0 and drafted.stats.steps < plain.stats.steps
+        _assert_pool_free(drafted)
+
+    @pytest.mark.parametrize("rule", ["standard", "always accept", "resample from p"])
+    def test_rejection_sampler_keeps_the_distribution(self, rule, monkeypatch):
+        """Two draft positions over a 4-token vocabulary, 20,000 seeds: the first emitted token follows p0, and
+        after an accepted first draft the second follows p1 (total variation < 0.02). Wrong rules must fail."""
+        p0, p1 = torch.tensor([0.1, 0.3, 0.4, 0.2]), torch.tensor([0.5, 0.1, 0.1, 0.3])
+        drafts, rows = [1, 3], 20000
+        logits = torch.stack([p0, p1, p1]).log().repeat(rows, 1)
+        params = _sampling_tensors(3 * rows)
+        tokens = sampler.sample(logits, params).tolist()
+        if rule == "always accept":
+            monkeypatch.setattr(sampler, "accept_drafts", lambda tokens, row, drafts: drafts + tokens[row + 2:row + 3])
+        if rule == "resample from p":  # accept with p(d), else a fresh draw from p itself: too much mass on d
+            other = sampler.sample(logits, replace(params, seeds=params.seeds + 1)).tolist()
+            monkeypatch.setattr(sampler, "accept_drafts", lambda tokens, row, drafts: (
+                [drafts[0], *tokens[row + 1:row + 2]] if tokens[row] == drafts[0] else other[row:row + 1]))
+        emitted = [sampler.accept_drafts(tokens, 3 * r, drafts) for r in range(rows)]
+        first = torch.bincount(torch.tensor([e[0] for e in emitted]), minlength=4).float() / rows
+        seconds = torch.tensor([e[1] for e in emitted if e[0] == drafts[0] and len(e) > 1])
+        second = torch.bincount(seconds, minlength=4).float() / len(seconds)
+        ok = (first - p0).abs().sum() / 2 < 0.02 and (second - p1).abs().sum() / 2 < 0.03
+        assert ok == (rule == "standard")
+
+    def test_seeded_samples_are_those_without_drafts(self, monkeypatch):
+        """Each row draws with the noise of its output index, so a seeded request gets the very tokens it gets
+        without drafts; a wrong rejection rule (always accept) shows up as different tokens."""
+        prompts = [[5, 6, 7, 8] * 5, [11, 12] * 8]  # (a negative frequency penalty makes the first repeat itself)
+        params = [SamplingParams(temperature=0.4, seed=11, max_tokens=24, ignore_eos=True, frequency_penalty=-0.5),
+                  SamplingParams(n=2, temperature=0.4, seed=3, max_tokens=24, ignore_eos=True, presence_penalty=0.2)]
+        plain = LLM("tiny", dtype=torch.float32, max_num_seqs=4)
+        drafted = LLM("tiny", dtype=torch.float32, max_num_seqs=4, speculative_config=_SPEC)
+        tokens = lambda llm: [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]  # noqa: E731
+        expected = tokens(plain)
+        assert tokens(drafted) == expected and tokens(drafted) == expected  # reproducible
+        assert drafted.stats.accepted_draft_tokens > 0
+        monkeypatch.setattr(engine, "accept_drafts", lambda tokens, row, drafts: tokens[row:row + 1 + len(drafts)])
+        assert tokens(drafted) != expected
+
+    def test_rejected_drafts_kv_is_never_read(self):
+        """NaN in the slots of every rejected draft after its step: the outputs stay those without drafts
+        (greedy), also for later requests that hit the cached prefix of an earlier one, and no cached block
+        holds a NaN."""
+        prompts, params = _spec_workload()
+        plain = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8)
+        expected = plain.generate(prompts, params, use_tqdm=False)
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, max_num_seqs=8, speculative_config=_SPEC)
+        _poison_taken_blocks(llm)
+        _poison_rejected_drafts(llm)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+        # Later requests continue the earlier ones: their prompts hit the blocks that held drafts.
+        followers = [o.prompt_token_ids + o.outputs[0].token_ids for o in expected]
+        again = llm.generate(followers, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == [
+            o.outputs[0].token_ids for o in plain.generate(followers, params, use_tqdm=False)]
+        assert llm.scheduler.kv_cache_manager.num_hit_tokens > 0 and llm.stats.accepted_draft_tokens > 0
+        assert llm.stats.draft_tokens > llm.stats.accepted_draft_tokens
+        _assert_cached_blocks_were_written(llm)
+        _assert_pool_free(llm)
+
+    @pytest.mark.parametrize("place", ["forward", "update"])
+    def test_a_failed_step_with_drafts_is_undone(self, monkeypatch, place):
+        prompts, params = _spec_workload()
+        expected = [o.outputs[0].token_ids for o in LLM("tiny", dtype=torch.float32, block_size=4).generate(
+            prompts[-3:], params[-3:], use_tqdm=False)]
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, speculative_config=_SPEC)
+        _poison_taken_blocks(llm)
+        with monkeypatch.context() as patch:
+            llm.generate(prompts[-3:], params[-3:], use_tqdm=False)  # the first steps: drafts in flight later
+            _fail_on_second_call(patch, *_FAULT_PLACES[place], RuntimeError("injected"))
+            with pytest.raises(RuntimeError):
+                llm.generate(prompts[-3:], params[-3:], use_tqdm=False)
+        _assert_cached_blocks_were_written(llm)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts[-3:], params[-3:], use_tqdm=False)] == expected
+        _assert_pool_free(llm)
+
+    def test_bench_reports_the_drafts(self, tmp_path, monkeypatch, capsys):
+        out = tmp_path / "bench.json"
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--num-seqs", "3", "--max-input-len", "40",
+                                          "--max-output-len", "24", "--speculative-ngram", "3", "--json", str(out)])
+        bench.main()
+        result = json.loads(out.read_text())
+        _, params = bench.make_workload("default", 3, 40, 24, vocab_limit=511)
+        assert result["output_tokens"] == sum(p.max_tokens for p in params)
+        assert 0 <= result["drafts_accepted"] <= result["drafts_proposed"] and "mean_accepted_length" in result
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "tiny", "--speculative-disable-by-batch-size", "4"])
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert "argument --speculative-disable-by-batch-size: needs --speculative-ngram" in capsys.readouterr().err
+
+    def test_no_drafts_above_disable_by_batch_size(self):
+        llm = LLM("tiny", dtype=torch.float32, speculative_config=dict(_SPEC, disable_by_batch_size=2))
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        llm.generate([[5, 6, 7, 8] * 5] * 3, params, use_tqdm=False)  # three run together to the end
+        assert llm.stats.draft_tokens == 0
+        llm.generate([[5, 6, 7, 8] * 5] * 2, params, use_tqdm=False)
+        assert llm.stats.accepted_draft_tokens > 0
+
 
 # ==== fp8 weights (model.py: Fp8Linear, linear, quantize_fp8, fp8 checkpoints) ====================
 
