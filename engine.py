@@ -357,14 +357,9 @@ class LLM:
     def _add_prompts(self, prompts, sampling_params, owner: int, order: list[str]) -> dict[str, RequestOutput]:
         """Queue each prompt under a new id for loop `owner`, appending the ids to `order` as it goes;
         the error outputs of those that failed."""
-        prompts = _as_prompt_list(prompts)
-        is_list = isinstance(sampling_params, (list, tuple))
-        params_list = list(sampling_params) if is_list else [sampling_params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
         failed = {}
         with self.lock:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params in _prompts_with_params(prompts, sampling_params):
                 order.append(request_id := self.output_processor.new_request_id())
                 try:
                     self._add_request(request_id, prompt, params, owner)
@@ -374,10 +369,7 @@ class LLM:
 
     def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
-        if not isinstance(request_id, str):  # the engine's own ids are tuples: a user's can never equal one
-            raise ValueError(f"request_id: expected a str, got {type(request_id).__name__}")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        _check_argument_types(request_id, params)
         with self.lock:
             if request_id in self.output_processor.groups:
                 raise ValueError(f"request_id {request_id!r} is already used by an unfinished request")
@@ -767,10 +759,10 @@ class ModelRunner:
         host = self.sampled_host[self._num_steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
         flight = InFlight(plan, sampled, host, None)
         if plan.num_logprobs is not None:  # only steps that ask for them pay for log_softmax and the copies
-            flight.sampled_logprobs = self._to_host(logprobs_of(sampling_logits, sampled, plan.num_logprobs))
+            flight.sampled_logprobs = _to_host(logprobs_of(sampling_logits, sampled, plan.num_logprobs), self.on_cuda)
         if plan.prompt_positions:
-            flight.prompt_logprobs = self._to_host(
-                logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs))
+            flight.prompt_logprobs = _to_host(
+                logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs), self.on_cuda)
         if self.on_cuda:
             flight.ready = torch.cuda.Event()
             flight.ready.record()
@@ -826,7 +818,7 @@ class ModelRunner:
                       seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows,
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
-        num_rows = self._pad_for_graph(fields, num_seqs, *self._graphs_for(max_query_len))
+        num_rows = pad_for_graph(fields, num_seqs, *self._graphs_for(max_query_len))
         first_rows = itertools.accumulate((1 + len(entry.draft_token_ids) for entry, _ in samplers), initial=0)
         plan = StepPlan(
             schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens),
@@ -877,25 +869,6 @@ class ModelRunner:
         if max_query_len == 1:
             return self.graphs, 1
         return (self.draft_graphs, self.draft_query_len) if max_query_len <= self.draft_query_len else ({}, 0)
-
-    def _pad_for_graph(self, fields: dict[str, list], num_seqs: int, graphs: dict, query_len: int) -> int:
-        """A batch runs the graph of the next size up, whose rows have room for query_len tokens each: padding
-        rows (up to query_len tokens each, seq_len 0) read no key, padding tokens write none, and the tokens
-        left after the last padding row belong to no row (attention leaves them alone)."""
-        num_tokens = len(fields["input_ids"])
-        rows = next((size for size in graphs if size >= num_seqs and size * query_len >= num_tokens), None)
-        if rows is None:
-            return num_seqs
-        for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
-            fields[name] += [fill] * (rows * query_len - num_tokens)
-        fields["seq_lens"] += [0] * (rows - num_seqs)
-        ends = (num_tokens + i * query_len for i in range(1, rows - num_seqs + 1))
-        fields["query_start_loc"] += [min(end, rows * query_len) for end in ends]
-        return rows
-
-    def _to_host(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.on_cuda).copy_(t, non_blocking=True)
-                     for t in pair)
 
     def run_model(self, num_tokens, num_rows, max_query_len, max_seq_len, num_sampling, num_logits) -> torch.Tensor:
         """Logits of the sampling rows, then of the prompt-logprobs rows (StepPlan.shape says how many):
@@ -1163,6 +1136,26 @@ def _as_conversations(messages) -> list:
     return [messages] if isinstance(messages[0], dict) else messages
 
 
+def pad_for_graph(fields: dict[str, list], num_seqs: int, graphs: dict, query_len: int) -> int:
+    """A batch runs the graph of the next size up, whose rows have room for query_len tokens each: padding
+    rows (up to query_len tokens each, seq_len 0) read no key, padding tokens write none, and the tokens
+    left after the last padding row belong to no row (attention leaves them alone)."""
+    num_tokens = len(fields["input_ids"])
+    rows = next((size for size in graphs if size >= num_seqs and size * query_len >= num_tokens), None)
+    if rows is None:
+        return num_seqs
+    for name, fill in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+        fields[name] += [fill] * (rows * query_len - num_tokens)
+    fields["seq_lens"] += [0] * (rows - num_seqs)
+    ends = (num_tokens + i * query_len for i in range(1, rows - num_seqs + 1))
+    fields["query_start_loc"] += [min(end, rows * query_len) for end in ends]
+    return rows
+
+
+def _to_host(pair: tuple[torch.Tensor, torch.Tensor], pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True) for t in pair)
+
+
 def _graph_ladder(max_num_seqs):
     """Decode batch sizes with a CUDA graph: 1, 2, 4, then every multiple of 8 (padding wastes < 8 rows)."""
     return sorted({size for size in (1, 2, 4, *range(8, max_num_seqs + 1, 8), max_num_seqs) if size <= max_num_seqs})
@@ -1173,6 +1166,23 @@ def _as_token_ids(ids) -> list[int]:
         raise ValueError(f"prompt: expected a string, a list of token ids or a dict, got {type(ids).__name__} "
                          f"{str(ids)[:40]}")
     return list(ids)
+
+
+def _check_argument_types(request_id, params) -> None:
+    if not isinstance(request_id, str):  # the engine's own ids are tuples: a user's can never equal one
+        raise ValueError(f"request_id: expected a str, got {type(request_id).__name__}")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+
+
+def _prompts_with_params(prompts, sampling_params) -> list[tuple]:
+    """(prompt, its SamplingParams or None) pairs: one sampling_params for all prompts, or one each."""
+    prompts = _as_prompt_list(prompts)
+    one_each = isinstance(sampling_params, (list, tuple))
+    params_list = list(sampling_params) if one_each else [sampling_params] * len(prompts)
+    if len(params_list) != len(prompts):
+        raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
+    return list(zip(prompts, params_list))
 
 
 def _as_prompt_list(prompts) -> list:

@@ -296,6 +296,49 @@ def find_stop_string(params: SamplingParams, num_output_tokens: int, text: str, 
     return at + len(stop) if params.include_stop_str_in_output else at, stop
 
 
+def check_new_request(request: Request, max_model_len: int, vocab_size: int, max_logprobs: int,
+                      kv: KVCacheManager) -> None:
+    """ValueError for what is wrong with a request from the start: nothing it carries may fail a step later."""
+    rid, prompt = request.request_id, request.prompt_token_ids
+    if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+        raise ValueError(f"request {rid!r} was already added once; make a new Request")
+    if not prompt:
+        raise ValueError(f"request {rid!r}: prompt_token_ids is empty; it needs at least 1 token")
+    if len(prompt) >= max_model_len:
+        raise ValueError(f"request {rid!r}: the prompt has {len(prompt)} tokens, but max_model_len="
+                         f"{max_model_len} allows at most {max_model_len - 1} (room for 1 output token)")
+    for name in ("logprobs", "prompt_logprobs"):  # what logprobs_of's topk could not do in a step
+        if (k := getattr(request.sampling_params, name)) is not None and k > min(max_logprobs, vocab_size):
+            raise ValueError(f"request {rid!r}: SamplingParams.{name}={k}, but at most max_logprobs="
+                             f"{max_logprobs} and the vocabulary's {vocab_size} are allowed")
+    if bad := [t for t in prompt if not (is_int(t) and 0 <= t < vocab_size)]:
+        raise ValueError(f"request {rid!r}: prompt_token_ids holds {bad[0]!r}; token ids must be "
+                         f"ints in [0, vocab_size={vocab_size})")
+    if cdiv(len(prompt), kv.block_size) > kv.num_blocks:
+        raise ValueError(f"request {rid!r}: {too_big(len(prompt), kv)}")
+
+
+def too_big(num_tokens: int, kv: KVCacheManager) -> str:
+    return (f"{num_tokens} tokens need {cdiv(num_tokens, kv.block_size)} KV blocks of {kv.block_size}, "
+            f"but the whole pool has {kv.num_blocks}: raise gpu_memory_utilization (or num_blocks), "
+            f"or lower max_model_len / max_tokens")
+
+
+def _stop_token_ids(params: SamplingParams, eos_token_ids: list[int], vocab_size: int) -> list[int]:
+    ids = [*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids)]
+    return [token for token in ids if 0 <= token < vocab_size]
+
+
+def _token_array(request: Request) -> np.ndarray:
+    """The request's tokens as a numpy array for the proposer, grown in place: a step copies only its new tokens."""
+    tokens = request.all_token_ids
+    if len(request.token_array) < len(tokens):
+        request.token_array = np.resize(request.token_array, 2 * len(tokens))
+    request.token_array[request.num_arrayed:len(tokens)] = tokens[request.num_arrayed:]
+    request.num_arrayed = len(tokens)
+    return request.token_array[:len(tokens)]
+
+
 class Scheduler:
     """Runs requests under a token budget; see the module docstring. Only running requests hold
     blocks; the waiting queue is FCFS, with preempted requests put back at its front."""
@@ -323,26 +366,10 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         """Queue a request. ValueError for what is wrong with it from the start."""
-        rid, prompt = request.request_id, request.prompt_token_ids
-        if rid in self.requests:
-            raise ValueError(f"request_id {rid!r} is already used by an unfinished request")
-        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
-            raise ValueError(f"request {rid!r} was already added once; make a new Request")
-        if not prompt:
-            raise ValueError(f"request {rid!r}: prompt_token_ids is empty; it needs at least 1 token")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"request {rid!r}: the prompt has {len(prompt)} tokens, but max_model_len="
-                             f"{self.max_model_len} allows at most {self.max_model_len - 1} (room for 1 output token)")
-        for name in ("logprobs", "prompt_logprobs"):  # what logprobs_of's topk could not do in a step
-            if (k := getattr(request.sampling_params, name)) is not None and k > min(self.max_logprobs, self.vocab_size):
-                raise ValueError(f"request {rid!r}: SamplingParams.{name}={k}, but at most max_logprobs="
-                                 f"{self.max_logprobs} and the vocabulary's {self.vocab_size} are allowed")
-        if bad := [t for t in prompt if not (is_int(t) and 0 <= t < self.vocab_size)]:
-            raise ValueError(f"request {rid!r}: prompt_token_ids holds {bad[0]!r}; token ids must be "
-                             f"ints in [0, vocab_size={self.vocab_size})")
-        if cdiv(len(prompt), self.kv_cache_manager.block_size) > self.kv_cache_manager.num_blocks:
-            raise ValueError(f"request {rid!r}: {self._too_big(len(prompt))}")
-        self.requests[rid] = request
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already used by an unfinished request")
+        check_new_request(request, self.max_model_len, self.vocab_size, self.max_logprobs, self.kv_cache_manager)
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
@@ -376,7 +403,8 @@ class Scheduler:
                     break  # FCFS: the head waits until blocks are freed
                 self.waiting.popleft()
                 if num_new_tokens == 0:  # nothing else holds blocks: it will never fit
-                    self._finish(request, RequestStatus.FINISHED_ERROR, self._too_big(request.num_tokens))
+                    error = too_big(request.num_tokens, self.kv_cache_manager)
+                    self._finish(request, RequestStatus.FINISHED_ERROR, error)
                     finished.append(request)
                     continue
                 self.running.append(request)
@@ -494,12 +522,7 @@ class Scheduler:
         if (num_new_tokens != 1 or request.num_computed_tokens != len(tokens) - 1 or request.num_output_placeholders
                 or len(request.output_token_ids) < request.sampling_params.min_tokens or k <= 0):
             return []
-        if len(request.token_array) < len(tokens):
-            request.token_array = np.resize(request.token_array, 2 * len(tokens))
-        request.token_array[request.num_arrayed:len(tokens)] = tokens[request.num_arrayed:]
-        request.num_arrayed = len(tokens)
-        return propose_ngram_drafts(request.token_array[:len(tokens)], k, spec.prompt_lookup_min,
-                                    spec.prompt_lookup_max)
+        return propose_ngram_drafts(_token_array(request), k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _cap(self, request: Request, num_tokens: int, budget: float, start: int) -> int:
         cap = min(num_tokens, self.long_prefill_token_threshold or num_tokens)
@@ -521,7 +544,7 @@ class Scheduler:
         while not self.kv_cache_manager.allocate(table, request.all_token_ids, total):
             victim = self.running.pop()
             if victim is request and not self.running:  # alone and it still does not fit: never will
-                self._finish(request, RequestStatus.FINISHED_ERROR, self._too_big(total))
+                self._finish(request, RequestStatus.FINISHED_ERROR, too_big(total, self.kv_cache_manager))
                 finished.append(request)
                 return False
             self._preempt(victim)
@@ -556,7 +579,8 @@ class Scheduler:
         if samples_token := (start + num_new_tokens == request.num_tokens_with_placeholders):
             request.num_output_placeholders += 1
             if len(request.output_token_ids) + request.num_output_placeholders <= request.sampling_params.min_tokens:
-                banned = self._stop_token_ids(request.sampling_params)  # _stop_status would not stop it yet
+                # _stop_status would not stop it yet: the sampler bans its stop tokens
+                banned = _stop_token_ids(request.sampling_params, self.eos_token_ids, self.vocab_size)
         return ScheduledRequest(request, start, num_new_tokens + len(drafts), samples_token, banned, list(drafts))
 
     def _preempt(self, request: Request) -> None:
@@ -566,10 +590,6 @@ class Scheduler:
         request.num_computed_tokens, request.status = 0, RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
-
-    def _stop_token_ids(self, params: SamplingParams) -> list[int]:
-        ids = [*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)]
-        return [token for token in ids if 0 <= token < self.vocab_size]
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
@@ -589,8 +609,3 @@ class Scheduler:
         self.kv_cache_manager.free(request.block_table)
         del self.requests[request.request_id]
 
-    def _too_big(self, num_tokens: int) -> str:
-        kv = self.kv_cache_manager
-        return (f"{num_tokens} tokens need {cdiv(num_tokens, kv.block_size)} KV blocks of {kv.block_size}, "
-                f"but the whole pool has {kv.num_blocks}: raise gpu_memory_utilization (or num_blocks), "
-                f"or lower max_model_len / max_tokens")
