@@ -661,10 +661,11 @@ def _safetensors_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _shard_of(name: str, c: ModelConfig) -> tuple[int, int, int, int] | None:
+def _shard_of(name: str, c: ModelConfig, shape: tuple) -> tuple[int, int, int, int] | None:
     """Under tensor parallelism, which part of an HF tensor this rank holds: (dim, start, length, the full length),
     Megatron's split: QKV and gate/up by output rows, o_proj and down_proj by input columns, the vocabulary by
-    rows. None: every rank holds it whole (norms, scales), as without tensor parallelism."""
+    rows; a column-parallel layer's per-channel weight_scale like its rows. None: every rank holds it whole (norms,
+    per-tensor scales, a row-parallel layer's per-channel scale: its output rows are whole), as without it."""
     if c.tp_size == 1:
         return None
     q, kv, inter, vocab = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, c.vocab_rows
@@ -674,7 +675,9 @@ def _shard_of(name: str, c: ModelConfig) -> tuple[int, int, int, int] | None:
     dim, part = {"q_proj": (0, heads), "k_proj": (0, kv_heads), "v_proj": (0, kv_heads), "o_proj": (1, heads),
                  "gate_proj": (0, mlp), "up_proj": (0, mlp), "down_proj": (1, mlp), "embed_tokens": (0, rows),
                  "lm_head": (0, rows)}.get(name.split(".")[-2], (None, None))
-    return None if dim is None else (dim, *part)
+    if dim is None or name.endswith("_scale") and (dim == 1 or math.prod(shape) == 1):
+        return None
+    return dim, *part
 
 
 def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
@@ -696,10 +699,7 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target, index = targets[name], ...
         expected, shape = tuple(target.shape), tuple(tensor.get_shape() if lazy else tensor.shape)
-        shard = _shard_of(name, model.config)
-        if shard and name.endswith("_scale") and (shard[0] == 1 or math.prod(shape) == 1):
-            shard = None  # a per-tensor scale, or a row-parallel layer's per-channel one (its output rows are whole)
-        if shard:  # this rank's rows (or columns) of the HF tensor
+        if shard := _shard_of(name, model.config, shape):  # this rank's rows (or columns) of the HF tensor
             dim, start, length, full = shard
             target, index = target.narrow(dim, 0, length), (slice(None),) * dim + (slice(start, start + length),)
             expected = expected[:dim] + (full,) + expected[dim + 1:]
