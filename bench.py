@@ -311,10 +311,9 @@ def step_limits(llm, step, bandwidth, flops_rate, layer_flops_rate=None):
     per_token = kv_cache.kv_cache_bytes_per_block(c.num_layers, 1, c.num_kv_heads, c.head_dim,
                                                   llm.runner.kv_cache_dtype)
     weight_seconds, kv_seconds = _weight_bytes(llm) / bandwidth, context * per_token / bandwidth
-    q, kv = c.num_q_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    layer_params = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.intermediate_size * c.hidden_size
+    q = c.num_q_heads * c.head_dim
     # the layers' matmuls at layer_flops_rate (fp8 weights: the fp8 rate), lm_head at the bf16 rate
-    matmul_seconds = (2 * c.num_layers * layer_params * new_tokens / (layer_flops_rate or flops_rate)
+    matmul_seconds = (2 * c.num_layers * c.layer_weights * new_tokens / (layer_flops_rate or flops_rate)
                       + 2 * c.vocab_size * c.hidden_size * sampled / flops_rate)
     roofline = (max(weight_seconds, matmul_seconds)
                 + max(kv_seconds, 4 * c.num_layers * q * pairs / flops_rate))

@@ -100,12 +100,16 @@ class ModelConfig:
         return -(-self.vocab_size // self.tp_size)
 
     @property
+    def layer_weights(self) -> int:
+        """A layer's linear weights (q/k/v, o, gate/up, down): each costs 2 FLOPs a token."""
+        q, kv = self.num_q_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.hidden_size * (2 * q + 2 * kv + 3 * self.intermediate_size)
+
+    @property
     def attention_parity_context(self) -> int:
         """The context at which a token's attention FLOPs (4 x q heads x head_dim a context token and layer) equal
         its linear layers' (2 a weight): the unit of EngineConfig.budget_counts_attention."""
-        q, kv = self.num_q_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        weights = self.hidden_size * (2 * q + 2 * kv + 3 * self.intermediate_size)
-        return max(1, weights // (2 * q))
+        return max(1, self.layer_weights // (2 * self.num_q_heads * self.head_dim))
 
 
 SHAPES = {
