@@ -665,7 +665,6 @@ class StepPlan:
     num_prompt_logprobs: int = 0
     drafts: dict[Request, list[int]] = field(default_factory=dict)  # the requests with drafts: rows after its first
 
-
     @property
     def shape(self) -> tuple[int, ...]:
         """run_model's arguments: all that every rank's forward needs to know of the step."""
@@ -751,7 +750,7 @@ class ModelRunner:
         this step's placeholders read on the device."""
         plan = self.prepare_inputs(schedule, batch_order(schedule.scheduled), previous)
         with self.tp.collectives() if self.tp else contextlib.nullcontext():
-            if self.model.config.tp_size > 1:  # the other ranks run this step on their shards (serve_steps)
+            if self.model.config.tp_size > 1:  # the other ranks run this step on their shards (serve)
                 dist.broadcast(self.inputs.device, src=0)
             logits = self.run_model(*plan.shape)
         sampling_logits = logits[: plan.num_sampling]

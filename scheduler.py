@@ -18,12 +18,12 @@ A step that fails or is interrupted is undone by recover(): every unfinished req
 Owns: the engine's configuration and SamplingParams (what a user passes, validated where passed),
 requests and their states, the plan of a step, preemption, and every stop rule: stop tokens, EOS,
 min_tokens (the bans the sampler applies come from here), max_tokens, and where a stop string
-ends the text.
+ends the text. Never touches: tensors, the GPU, text (it hands the engine positions and block
+tables; the engine asks it about text it has decoded).
 
 Speculative decoding: a decoding request gets 1 + k tokens of the budget (its newest and k n-gram drafts);
 update() moves num_computed_tokens back over the rejected ones. Drafts never enter all_token_ids, so a
-block enters the prefix cache only once all its tokens are verified. Never touches: tensors, the GPU, text
-(it hands the engine positions and block tables; the engine asks it about text it has decoded).
+block enters the prefix cache only once all its tokens are verified.
 """
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -516,11 +516,13 @@ class Scheduler:
         """Drafts for a decoding request whose tokens are all known, past min_tokens (its bans would differ per
         draft row); as many as the budget leaves, never past max_tokens or max_model_len."""
         spec, tokens = self.speculative_config, request.all_token_ids
+        if (num_new_tokens != 1 or request.num_computed_tokens != len(tokens) - 1 or request.num_output_placeholders
+                or len(request.output_token_ids) < request.sampling_params.min_tokens):
+            return []
         k = min(self._cap(request, 1 + spec.num_speculative_tokens, budget, len(tokens) - 1) - 1,
                 self.max_model_len - len(tokens) - 1,
                 _max_tokens(request.sampling_params) - len(request.output_token_ids) - 1)
-        if (num_new_tokens != 1 or request.num_computed_tokens != len(tokens) - 1 or request.num_output_placeholders
-                or len(request.output_token_ids) < request.sampling_params.min_tokens or k <= 0):
+        if k <= 0:
             return []
         return propose_ngram_drafts(_token_array(request), k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
