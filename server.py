@@ -33,12 +33,20 @@ MAX_LOGPROBS = 20  # vLLM's max_logprobs: logprobs / top_logprobs above it are r
 PASSED_FIELDS = ("n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
                  "skip_special_tokens")
+
+
+def json_argument(text: str):
+    """--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}': vLLM's spelling, a JSON object."""
+    return json.loads(text)
+
+
 # The LLM arguments the command line takes, under vLLM's flag names.
 ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num_seqs": int, "max_model_len": int,
                 "max_num_batched_tokens": int, "block_size": int, "gpu_memory_utilization": float, "seed": int,
                 "kv_cache_dtype": str, "long_prefill_token_threshold": int, "enable_prefix_caching": bool,
                 "async_scheduling": bool, "enforce_eager": bool, "calculate_kv_scales": bool,
-                "budget_counts_attention": bool, "quantization": str}
+                "budget_counts_attention": bool, "quantization": str, "tensor_parallel_size": int,
+                "speculative_config": json_argument}
 # Online defaults: a budget that counts attention keeps each step's time, hence the inter-token latency, near
 # steady while long documents are prefilled (BENCHMARKS.md, mixed workload: p99 / p50 1.71x, against 3.69x at 8,192)
 SERVER_DEFAULTS = {"max_num_batched_tokens": 4096, "budget_counts_attention": True}

@@ -3950,6 +3950,10 @@ class TestServer:
         assert args == server.SERVER_DEFAULTS == {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
         _, args = server.parse_args(["--model", "m", "--no-budget-counts-attention", "--max-num-batched-tokens", "8"])
         assert args == {"max_num_batched_tokens": 8, "budget_counts_attention": False}
+        _, args = server.parse_args(["--model", "m", "--tensor-parallel-size", "2", "--speculative-config",
+                                     '{"method": "ngram", "num_speculative_tokens": 3}'])
+        assert args == dict(server.SERVER_DEFAULTS, tensor_parallel_size=2,
+                            speculative_config={"method": "ngram", "num_speculative_tokens": 3})
 
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
     def test_completions_equal_generate(self, served, stream):
