@@ -151,15 +151,10 @@ class LLM:
         """Run prompts to completion (default sampling_params: the checkpoint's), outputs in input order; a bad
         prompt fails alone (finish_reason "error"). add_request()'s requests share the batches; step() returns
         what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
-        owner, order = next(self.loop_ids), []
-        try:  # from the first prompt queued: whatever happens, none of them outlives the call
-            results = self._add_prompts(prompts, sampling_params, owner, order)
-            progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
-            for output in self._run_until_done(owner, [r for r in order if r not in results], stream=False):
+        order, results = [], {}
+        with contextlib.closing(self._run(prompts, sampling_params, order, stream=False)) as outputs:
+            for output in _progress(outputs, order, self.stats, enabled=use_tqdm and sys.stderr.isatty()):
                 results[output.request_id] = output
-                progress.update(len(results))
-        finally:
-            self._abandon(owner, order)
         return [results[request_id] for request_id in order]
 
     def stream(self, prompts, sampling_params=None):
@@ -167,15 +162,11 @@ class LLM:
         last one (token ids, text, logprobs, prompt logprobs), requests interleaved in the order their tokens
         come; each request's last one has finished=True. Text comes in whole characters, held back while it
         may still become a stop string. Closing it early (close(), break) aborts the requests still running."""
-        owner, order, sent = next(self.loop_ids), [], {}  # sent: request id -> its last output (cumulative)
-        try:
-            bad = self._add_prompts(prompts, sampling_params, owner, order)
-            for output in itertools.chain(bad.values(), self._run_until_done(
-                    owner, [r for r in order if r not in bad], stream=True)):
+        sent = {}  # request id -> its last output (cumulative)
+        with contextlib.closing(self._run(prompts, sampling_params, [], stream=True)) as outputs:
+            for output in outputs:
                 yield _delta(output, sent.get(output.request_id))
                 sent[output.request_id] = output
-        finally:  # also when the reader stops reading: its requests end now, not when this is collected
-            self._abandon(owner, order)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None, *, continue_final_message: bool = False, tools: list[dict] | None = None,
@@ -330,42 +321,39 @@ class LLM:
         if self.in_flight is not None and not self.scheduler.has_unfinished_requests():
             self._step()
 
-    def _run_until_done(self, owner: int, request_ids: list[str], stream: bool):
-        """Step until these requests (of loop `owner`) end, yielding their final outputs, and with
-        `stream` their outputs as they move. Other loops' requests move too; their outputs wait for them."""
-        waiting = set(request_ids)
-        while waiting:
+    def _run(self, prompts, sampling_params, order: list[str], stream: bool):
+        """A generate() or stream() loop: queue each prompt under a new id (appended to `order` as it goes), yield
+        the error outputs of those refused, then step until the others end, yielding their final outputs and with
+        `stream` their outputs as they move. Other loops' requests move too; their outputs wait for them. However
+        the loop ends (done, raised, or its reader stopped), its requests still running are aborted and its outputs
+        nobody will read dropped, so no block is held for a reader that is gone."""
+        owner, failed, waiting = next(self.loop_ids), [], set()
+        try:  # from the first prompt queued: whatever happens, none of them outlives the loop
             with self.lock:
-                moved = self._step()
-                outputs = [self.output_processor.output_of(g) for g in moved if g.owner == owner and not g.finished
-                           ] if stream else []
-                outputs += self.output_processor.finals.pop(owner, {}).values()
-            for output in outputs:
-                waiting.discard(output.request_id) if output.finished else None
-                yield output
-
-    def _abandon(self, owner: int, request_ids: list[str]) -> None:
-        """A loop ends (done, raised, or its reader stopped): abort its requests still running and drop
-        its outputs nobody will read, so no block is held for a reader that is gone."""
-        with self.lock:
-            for request_id in request_ids:
-                group = self.output_processor.groups.get(request_id)
-                if group is not None and group.owner == owner:
-                    self.abort(request_id)
-            self.output_processor.finals.pop(owner, None)
-
-    def _add_prompts(self, prompts, sampling_params, owner: int, order: list[str]) -> dict[str, RequestOutput]:
-        """Queue each prompt under a new id for loop `owner`, appending the ids to `order` as it goes;
-        the error outputs of those that failed."""
-        failed = {}
-        with self.lock:
-            for prompt, params in _prompts_with_params(prompts, sampling_params):
-                order.append(request_id := self.output_processor.new_request_id())
-                try:
-                    self._add_request(request_id, prompt, params, owner)
-                except ValueError as error:
-                    failed[request_id] = _error_output(request_id, prompt, str(error))
-        return failed
+                for prompt, params in _prompts_with_params(prompts, sampling_params):
+                    order.append(request_id := self.output_processor.new_request_id())
+                    try:
+                        self._add_request(request_id, prompt, params, owner)
+                        waiting.add(request_id)
+                    except ValueError as error:
+                        failed.append(_error_output(request_id, prompt, str(error)))
+            yield from failed
+            while waiting:
+                with self.lock:
+                    moved = self._step()
+                    outputs = [self.output_processor.output_of(g) for g in moved if g.owner == owner and not g.finished
+                               ] if stream else []
+                    outputs += self.output_processor.finals.pop(owner, {}).values()
+                for output in outputs:
+                    waiting.discard(output.request_id) if output.finished else None
+                    yield output
+        finally:
+            with self.lock:
+                for request_id in order:
+                    group = self.output_processor.groups.get(request_id)
+                    if group is not None and group.owner == owner:
+                        self.abort(request_id)
+                self.output_processor.finals.pop(owner, None)
 
     def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
@@ -1221,16 +1209,14 @@ def _stop_string_prefix(text: str, stops: list[str]) -> int:
                default=0)
 
 
-class _Progress:
-    """A one-line progress report on a terminal: requests done, output tokens/s."""
-
-    def __init__(self, total, stats, enabled):
-        self.total, self.stats, self.enabled = total, stats, enabled
-        self.first_tokens, self.start, self.last = stats.output_tokens, time.perf_counter(), 0.0
-
-    def update(self, done):
+def _progress(outputs, order: list[str], stats: EngineStats, enabled: bool):
+    """`outputs`, final ones of the requests in `order`, passed on with a one-line progress report on a terminal:
+    requests done, output tokens/s."""
+    first_tokens, start, last = stats.output_tokens, time.perf_counter(), 0.0
+    for done, output in enumerate(outputs, 1):
         now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.1 or done == self.total):
-            self.last, rate = now, (self.stats.output_tokens - self.first_tokens) / max(now - self.start, 1e-9)
-            sys.stderr.write(f"\rProcessed {done}/{self.total} requests | {rate:,.0f} output tok/s"
-                             + "\n" * (done == self.total))
+        if enabled and (now - last > 0.1 or done == len(order)):
+            last, rate = now, (stats.output_tokens - first_tokens) / max(now - start, 1e-9)
+            sys.stderr.write(f"\rProcessed {done}/{len(order)} requests | {rate:,.0f} output tok/s"
+                             + "\n" * (done == len(order)))
+        yield output
