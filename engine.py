@@ -353,7 +353,10 @@ class LLM:
 
     def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
-        _check_argument_types(request_id, params)
+        if not isinstance(request_id, str):  # the engine's own ids are tuples: a user's can never equal one
+            raise ValueError(f"request_id: expected a str, got {type(request_id).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         with self.lock:
             if request_id in self.output_processor.groups:
                 raise ValueError(f"request_id {request_id!r} is already used by an unfinished request")
@@ -534,8 +537,9 @@ class OutputProcessor:
         request, params = completion.request, completion.request.sampling_params
         text = self._detokenize(completion)
         if not request.status.is_finished and params.stop and not params.include_stop_str_in_output:
-            # hold back what may still become a stop string, which would be cut
-            text = text[:len(text) - _stop_string_prefix(text, params.stop)]
+            # hold back the longest end of the text that may still become a stop string, which would be cut
+            held = max((k for stop in params.stop for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+            text = text[:len(text) - held]
         # (a stop inside accepted drafts leaves logprobs of tokens it dropped)
         logprobs = None if completion.logprobs is None else completion.logprobs[:len(request.output_token_ids)]
         cumulative = None if logprobs is None else sum(entry[t].logprob for t, entry in zip(request.output_token_ids,
@@ -1151,32 +1155,20 @@ def _as_token_ids(ids) -> list[int]:
     return list(ids)
 
 
-def _check_argument_types(request_id, params) -> None:
-    if not isinstance(request_id, str):  # the engine's own ids are tuples: a user's can never equal one
-        raise ValueError(f"request_id: expected a str, got {type(request_id).__name__}")
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
-
-
 def _prompts_with_params(prompts, sampling_params) -> list[tuple]:
-    """(prompt, its SamplingParams or None) pairs: one sampling_params for all prompts, or one each."""
-    prompts = _as_prompt_list(prompts)
+    """(prompt, its SamplingParams or None) pairs, from one prompt (a string, a list of ids, a dict) or a list of
+    them, and one sampling_params for all prompts or one each."""
+    many = isinstance(prompts, (list, tuple))
+    if not many and not isinstance(prompts, (str, dict)):
+        raise ValueError(f"prompts: expected a prompt (a string, a list of token ids or a dict) or a list of "
+                         f"prompts, got {type(prompts).__name__}")
+    if not many or prompts and all(isinstance(p, int) for p in prompts):  # one prompt
+        prompts = [prompts]
     one_each = isinstance(sampling_params, (list, tuple))
     params_list = list(sampling_params) if one_each else [sampling_params] * len(prompts)
     if len(params_list) != len(prompts):
         raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
     return list(zip(prompts, params_list))
-
-
-def _as_prompt_list(prompts) -> list:
-    """One prompt (a string, a list of ids, a dict) or a list of them."""
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts: expected a prompt (a string, a list of token ids or a dict) or a list of "
-                         f"prompts, got {type(prompts).__name__}")
-    prompts = list(prompts)
-    return [prompts] if prompts and all(isinstance(p, int) for p in prompts) else prompts
 
 
 def _error_output(request_id, prompt, message) -> RequestOutput:
@@ -1197,12 +1189,6 @@ def _delta(output: RequestOutput, previous: RequestOutput | None) -> RequestOutp
         replace(now, text=now.text[len(then.text):], token_ids=now.token_ids[len(then.token_ids):],
                 logprobs=None if now.logprobs is None else now.logprobs[len(then.logprobs):])
         for now, then in zip(output.outputs, previous.outputs)])
-
-
-def _stop_string_prefix(text: str, stops: list[str]) -> int:
-    """The length of the longest end of `text` that is the start of a stop string."""
-    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])),
-               default=0)
 
 
 def _progress(outputs, order: list[str], stats: EngineStats, enabled: bool):
