@@ -1054,8 +1054,13 @@ def serve(model: str, config: EngineConfig, rank: int, backend: str, address: st
         dist.init_process_group(backend, init_method=address, rank=rank, world_size=config.tensor_parallel_size,
                                 timeout=WORKER_TIMEOUT)
         runner = ModelRunner(_load(model, config, rank)[0], config)
-        while (command := _receive_step(runner)) != STOP:
-            if command == LOAD:
+        command = None
+        while command != STOP:
+            dist.broadcast(runner.inputs.device, src=0)  # rank 0's next message
+            command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
+            if command == STEP:  # its logits are rank 0's to sample
+                runner.run_model(*shape)
+            elif command == LOAD:
                 with contextlib.suppress(ValueError):  # bad tensors: rank 0 raises the same error to the caller
                     load_tensors(runner.model, share_weights(None, runner), "load_weights")
         dist.destroy_process_group()
@@ -1064,15 +1069,6 @@ def serve(model: str, config: EngineConfig, rank: int, backend: str, address: st
             raise
         errors.put((rank, f"{type(error).__name__}: {error}"))
         os._exit(1)
-
-
-def _receive_step(runner: ModelRunner) -> int:
-    """Rank 0's next message; a step is run at once (its logits are rank 0's to sample)."""
-    dist.broadcast(runner.inputs.device, src=0)
-    command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
-    if command == STEP:
-        runner.run_model(*shape)
-    return command
 
 
 def share_weights(weights, runner: ModelRunner):
