@@ -693,7 +693,7 @@ class ModelRunner:
         self.kv_cache_dtype = model.config.dtype if config.kv_cache_dtype == "auto" else FP8
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
-        self.stats, self._num_steps = EngineStats(), 0  # _num_steps: which host buffers this step fills
+        self.stats = EngineStats()
         # A decode batch padded up to its graph size can hold more tokens than the budget. Sampling rows: one
         # per request, plus one per draft (drafts only while at most disable_by_batch_size requests run).
         spec = config.speculative_config
@@ -743,7 +743,8 @@ class ModelRunner:
             logits = self.run_model(*plan.shape)
         sampling_logits = logits[: plan.num_sampling]
         sampled = sample(sampling_logits, plan.sampling)
-        host = self.sampled_host[self._num_steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
+        # The same pair of host buffers as its inputs': step N's copy may still be pending while N+1 launches.
+        host = self.sampled_host[self.inputs.num_writes % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
         flight = InFlight(plan, sampled, host, None)
         if plan.num_logprobs is not None:  # only steps that ask for them pay for log_softmax and the copies
             flight.sampled_logprobs = _to_host(logprobs_of(sampling_logits, sampled, plan.num_logprobs), self.on_cuda)
@@ -753,7 +754,6 @@ class ModelRunner:
         if self.on_cuda:
             flight.ready = torch.cuda.Event()
             flight.ready.record()
-        self._num_steps += 1
         self.stats.steps += 1
         return flight
 
@@ -906,7 +906,7 @@ class ModelRunner:
         # A step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
         peak += self.graph_logits_bytes() + 4 * len(lengths) * self.model.config.vocab_size * 4
         del self.kv_caches
-        self.stats, self._num_steps = EngineStats(), 0
+        self.stats = EngineStats()
         torch.cuda.empty_cache()
         return num_blocks_from_memory(bytes_per_block, config.gpu_memory_utilization, peak, self.device)
 
