@@ -398,7 +398,8 @@ class OutputProcessor:
     def new_group(self, request_id: str, prompt, params: SamplingParams, owner: int | None) -> RequestGroup:
         """A request's prompt as ids, and its n completions as scheduler requests named (request_id, i)
         when n > 1: a name no user's id can take. The first one scores the prompt; each has its own seed."""
-        if params.stop and (self.tokenizer is None or not params.detokenize):
+        wants_text = self.tokenizer is not None and params.detokenize
+        if params.stop and not wants_text:
             raise ValueError("SamplingParams.stop: stop strings are found in the text; this needs a tokenizer "
                              "and detokenize=True (stop_token_ids work on ids)")
         prompt, token_ids = self._tokenize(prompt)
@@ -407,7 +408,6 @@ class OutputProcessor:
             Request((request_id, i), token_ids, replace(params, n=1, seed=seed_for(params.seed, i),
                                                         prompt_logprobs=None if i else params.prompt_logprobs))
             for i in range(params.n)]
-        wants_text = self.tokenizer is not None and params.detokenize
         for index, request in enumerate(requests):
             stream = self.tokenizer.stream(params.skip_special_tokens) if wants_text else None
             logprobs = None if params.logprobs is None else []
@@ -444,8 +444,15 @@ class OutputProcessor:
                     self.live[request.request_id].logprobs.extend(self._logprob_dict(
                         token, ids[row + i], values[row + i], request.sampling_params)  # a row per draft position
                         for i, token in enumerate(tokens[request]))
-        if flight.prompt_logprobs is not None:
-            self._add_prompt_logprobs(flight.plan.prompt_positions, *(t.tolist() for t in flight.prompt_logprobs))
+        if flight.prompt_logprobs is not None:  # each prompt position's once, by the group's first completion
+            ids, values = (t.tolist() for t in flight.prompt_logprobs)
+            for row, (request, position) in enumerate(flight.plan.prompt_positions):
+                completion = self.live.get(request.request_id)  # (a request aborted meanwhile may have a successor)
+                # (a preempted request scores its prompt again: a position recorded already is skipped)
+                if completion and completion.request is request and position == len(completion.group.prompt_logprobs):
+                    token = request.prompt_token_ids[position]
+                    completion.group.prompt_logprobs.append(
+                        self._logprob_dict(token, ids[row], values[row], request.sampling_params, prompt=True))
 
     def find_stop_strings(self, moved: list[Request]) -> list[tuple[Request, str, int]]:
         """After update(): the moved requests whose text now holds a stop string (cut there), with it and
@@ -505,15 +512,6 @@ class OutputProcessor:
         for rank, (top_id, value) in enumerate(zip(ids[1:k + 1], values[1:k + 1]), 1):
             entries.setdefault(top_id, Logprob(value, rank, self._decode_one(top_id) if decode else None))
         return entries
-
-    def _add_prompt_logprobs(self, positions, ids, values) -> None:
-        """Each prompt position's logprobs once, recorded by the group's first completion (a
-        preempted request computes its prompt again: what is recorded already is skipped)."""
-        for row, (request, position) in enumerate(positions):
-            completion = self.live.get(request.request_id)  # (a request aborted meanwhile may have a successor)
-            if completion and completion.request is request and position == len(completion.group.prompt_logprobs):
-                completion.group.prompt_logprobs.append(self._logprob_dict(
-                    request.prompt_token_ids[position], ids[row], values[row], request.sampling_params, prompt=True))
 
     def _decode_one(self, token: int) -> str | None:
         """A logprob's text: None without a tokenizer, or for an id the tokenizer has no bytes for."""
