@@ -336,9 +336,8 @@ class LLM:
             yield from failed
             while waiting:
                 with self.lock:
-                    moved = self._step()
-                    outputs = [self.output_processor.output_of(g) for g in moved if g.owner == owner and not g.finished
-                               ] if stream else []
+                    outputs = [self.output_processor.output_of(g) for g in self._step()
+                               if stream and g.owner == owner and not g.finished]
                     outputs += self.output_processor.finals.pop(owner, {}).values()
                 for output in outputs:
                     waiting.discard(output.request_id) if output.finished else None
@@ -429,7 +428,7 @@ class OutputProcessor:
         return None, _as_token_ids(prompt)
 
     def register(self, group: RequestGroup) -> None:
-        """Once the scheduler has all of the group's requests."""
+        """Before the scheduler has any of the group's requests: each one it has always has its completion."""
         for completion in group.completions:
             self.live[completion.request.request_id] = completion
         self.groups[group.request_id] = group
