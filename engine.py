@@ -151,15 +151,10 @@ class LLM:
         """Run prompts to completion (default sampling_params: the checkpoint's), outputs in input order; a bad
         prompt fails alone (finish_reason "error"). add_request()'s requests share the batches; step() returns
         what they produced. If it raises (Ctrl-C too), its own requests are aborted."""
-        owner, order = next(self.loop_ids), []
-        try:  # from the first prompt queued: whatever happens, none of them outlives the call
-            results = self._add_prompts(prompts, sampling_params, owner, order)
-            progress = _Progress(len(order), self.stats, enabled=use_tqdm and sys.stderr.isatty())
-            for output in self._run_until_done(owner, [r for r in order if r not in results], stream=False):
+        order, results = [], {}
+        with contextlib.closing(self._run(prompts, sampling_params, order, stream=False)) as outputs:
+            for output in _progress(outputs, order, self.stats, enabled=use_tqdm and sys.stderr.isatty()):
                 results[output.request_id] = output
-                progress.update(len(results))
-        finally:
-            self._abandon(owner, order)
         return [results[request_id] for request_id in order]
 
     def stream(self, prompts, sampling_params=None):
@@ -167,25 +162,17 @@ class LLM:
         last one (token ids, text, logprobs, prompt logprobs), requests interleaved in the order their tokens
         come; each request's last one has finished=True. Text comes in whole characters, held back while it
         may still become a stop string. Closing it early (close(), break) aborts the requests still running."""
-        owner, order, sent = next(self.loop_ids), [], {}  # sent: request id -> its last output (cumulative)
-        try:
-            bad = self._add_prompts(prompts, sampling_params, owner, order)
-            for output in itertools.chain(bad.values(), self._run_until_done(
-                    owner, [r for r in order if r not in bad], stream=True)):
+        sent = {}  # request id -> its last output (cumulative)
+        with contextlib.closing(self._run(prompts, sampling_params, [], stream=True)) as outputs:
+            for output in outputs:
                 yield _delta(output, sent.get(output.request_id))
                 sent[output.request_id] = output
-        finally:  # also when the reader stops reading: its requests end now, not when this is collected
-            self._abandon(owner, order)
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template: str | None = None, *, continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """generate() on one conversation (a list of {"role", "content"} dicts) or a list of them, rendered
-        by chat_prompt()."""
-        options = dict(add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools,
-                       continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
-        return self.generate([self.chat_prompt(c, **options) for c in _as_conversations(messages)], sampling_params,
-                             use_tqdm)
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, *args, **kwargs) -> list[RequestOutput]:
+        """generate() on one conversation (a list of {"role", "content"} dicts) or a list of them, each rendered by
+        chat_prompt() with the arguments after use_tqdm (add_generation_prompt, chat_template, tools, ...)."""
+        prompts = [self.chat_prompt(conversation, *args, **kwargs) for conversation in _as_conversations(messages)]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True, chat_template=None, *,
                     continue_final_message: bool = False, tools: list[dict] | None = None,
@@ -330,46 +317,45 @@ class LLM:
         if self.in_flight is not None and not self.scheduler.has_unfinished_requests():
             self._step()
 
-    def _run_until_done(self, owner: int, request_ids: list[str], stream: bool):
-        """Step until these requests (of loop `owner`) end, yielding their final outputs, and with
-        `stream` their outputs as they move. Other loops' requests move too; their outputs wait for them."""
-        waiting = set(request_ids)
-        while waiting:
+    def _run(self, prompts, sampling_params, order: list[str], stream: bool):
+        """A generate() or stream() loop: queue each prompt under a new id (appended to `order` as it goes), yield
+        the error outputs of those refused, then step until the others end, yielding their final outputs and with
+        `stream` their outputs as they move. Other loops' requests move too; their outputs wait for them. However
+        the loop ends (done, raised, or its reader stopped), its requests still running are aborted and its outputs
+        nobody will read dropped, so no block is held for a reader that is gone."""
+        owner, failed, waiting = next(self.loop_ids), [], set()
+        try:  # from the first prompt queued: whatever happens, none of them outlives the loop
             with self.lock:
-                moved = self._step()
-                outputs = [self.output_processor.output_of(g) for g in moved if g.owner == owner and not g.finished
-                           ] if stream else []
-                outputs += self.output_processor.finals.pop(owner, {}).values()
-            for output in outputs:
-                waiting.discard(output.request_id) if output.finished else None
-                yield output
-
-    def _abandon(self, owner: int, request_ids: list[str]) -> None:
-        """A loop ends (done, raised, or its reader stopped): abort its requests still running and drop
-        its outputs nobody will read, so no block is held for a reader that is gone."""
-        with self.lock:
-            for request_id in request_ids:
-                group = self.output_processor.groups.get(request_id)
-                if group is not None and group.owner == owner:
-                    self.abort(request_id)
-            self.output_processor.finals.pop(owner, None)
-
-    def _add_prompts(self, prompts, sampling_params, owner: int, order: list[str]) -> dict[str, RequestOutput]:
-        """Queue each prompt under a new id for loop `owner`, appending the ids to `order` as it goes;
-        the error outputs of those that failed."""
-        failed = {}
-        with self.lock:
-            for prompt, params in _prompts_with_params(prompts, sampling_params):
-                order.append(request_id := self.output_processor.new_request_id())
-                try:
-                    self._add_request(request_id, prompt, params, owner)
-                except ValueError as error:
-                    failed[request_id] = _error_output(request_id, prompt, str(error))
-        return failed
+                for prompt, params in _prompts_with_params(prompts, sampling_params):
+                    order.append(request_id := self.output_processor.new_request_id())
+                    try:
+                        self._add_request(request_id, prompt, params, owner)
+                        waiting.add(request_id)
+                    except ValueError as error:
+                        failed.append(_error_output(request_id, prompt, str(error)))
+            yield from failed
+            while waiting:
+                with self.lock:
+                    outputs = [self.output_processor.output_of(g) for g in self._step()
+                               if stream and g.owner == owner and not g.finished]
+                    outputs += self.output_processor.finals.pop(owner, {}).values()
+                for output in outputs:
+                    waiting.discard(output.request_id) if output.finished else None
+                    yield output
+        finally:
+            with self.lock:
+                for request_id in order:
+                    group = self.output_processor.groups.get(request_id)
+                    if group is not None and group.owner == owner:
+                        self.abort(request_id)
+                self.output_processor.finals.pop(owner, None)
 
     def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
-        _check_argument_types(request_id, params)
+        if not isinstance(request_id, str):  # the engine's own ids are tuples: a user's can never equal one
+            raise ValueError(f"request_id: expected a str, got {type(request_id).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         with self.lock:
             if request_id in self.output_processor.groups:
                 raise ValueError(f"request_id {request_id!r} is already used by an unfinished request")
@@ -411,7 +397,8 @@ class OutputProcessor:
     def new_group(self, request_id: str, prompt, params: SamplingParams, owner: int | None) -> RequestGroup:
         """A request's prompt as ids, and its n completions as scheduler requests named (request_id, i)
         when n > 1: a name no user's id can take. The first one scores the prompt; each has its own seed."""
-        if params.stop and (self.tokenizer is None or not params.detokenize):
+        wants_text = self.tokenizer is not None and params.detokenize
+        if params.stop and not wants_text:
             raise ValueError("SamplingParams.stop: stop strings are found in the text; this needs a tokenizer "
                              "and detokenize=True (stop_token_ids work on ids)")
         prompt, token_ids = self._tokenize(prompt)
@@ -420,7 +407,6 @@ class OutputProcessor:
             Request((request_id, i), token_ids, replace(params, n=1, seed=seed_for(params.seed, i),
                                                         prompt_logprobs=None if i else params.prompt_logprobs))
             for i in range(params.n)]
-        wants_text = self.tokenizer is not None and params.detokenize
         for index, request in enumerate(requests):
             stream = self.tokenizer.stream(params.skip_special_tokens) if wants_text else None
             logprobs = None if params.logprobs is None else []
@@ -442,7 +428,7 @@ class OutputProcessor:
         return None, _as_token_ids(prompt)
 
     def register(self, group: RequestGroup) -> None:
-        """Once the scheduler has all of the group's requests."""
+        """Before the scheduler has any of the group's requests: each one it has always has its completion."""
         for completion in group.completions:
             self.live[completion.request.request_id] = completion
         self.groups[group.request_id] = group
@@ -457,8 +443,15 @@ class OutputProcessor:
                     self.live[request.request_id].logprobs.extend(self._logprob_dict(
                         token, ids[row + i], values[row + i], request.sampling_params)  # a row per draft position
                         for i, token in enumerate(tokens[request]))
-        if flight.prompt_logprobs is not None:
-            self._add_prompt_logprobs(flight.plan.prompt_positions, *(t.tolist() for t in flight.prompt_logprobs))
+        if flight.prompt_logprobs is not None:  # each prompt position's once, by the group's first completion
+            ids, values = (t.tolist() for t in flight.prompt_logprobs)
+            for row, (request, position) in enumerate(flight.plan.prompt_positions):
+                completion = self.live.get(request.request_id)  # (a request aborted meanwhile may have a successor)
+                # (a preempted request scores its prompt again: a position recorded already is skipped)
+                if completion and completion.request is request and position == len(completion.group.prompt_logprobs):
+                    token = request.prompt_token_ids[position]
+                    completion.group.prompt_logprobs.append(
+                        self._logprob_dict(token, ids[row], values[row], request.sampling_params, prompt=True))
 
     def find_stop_strings(self, moved: list[Request]) -> list[tuple[Request, str, int]]:
         """After update(): the moved requests whose text now holds a stop string (cut there), with it and
@@ -519,15 +512,6 @@ class OutputProcessor:
             entries.setdefault(top_id, Logprob(value, rank, self._decode_one(top_id) if decode else None))
         return entries
 
-    def _add_prompt_logprobs(self, positions, ids, values) -> None:
-        """Each prompt position's logprobs once, recorded by the group's first completion (a
-        preempted request computes its prompt again: what is recorded already is skipped)."""
-        for row, (request, position) in enumerate(positions):
-            completion = self.live.get(request.request_id)  # (a request aborted meanwhile may have a successor)
-            if completion and completion.request is request and position == len(completion.group.prompt_logprobs):
-                completion.group.prompt_logprobs.append(self._logprob_dict(
-                    request.prompt_token_ids[position], ids[row], values[row], request.sampling_params, prompt=True))
-
     def _decode_one(self, token: int) -> str | None:
         """A logprob's text: None without a tokenizer, or for an id the tokenizer has no bytes for."""
         with contextlib.suppress(ValueError):
@@ -550,8 +534,9 @@ class OutputProcessor:
         request, params = completion.request, completion.request.sampling_params
         text = self._detokenize(completion)
         if not request.status.is_finished and params.stop and not params.include_stop_str_in_output:
-            # hold back what may still become a stop string, which would be cut
-            text = text[:len(text) - _stop_string_prefix(text, params.stop)]
+            # hold back the longest end of the text that may still become a stop string, which would be cut
+            held = max((k for stop in params.stop for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+            text = text[:len(text) - held]
         # (a stop inside accepted drafts leaves logprobs of tokens it dropped)
         logprobs = None if completion.logprobs is None else completion.logprobs[:len(request.output_token_ids)]
         cumulative = None if logprobs is None else sum(entry[t].logprob for t, entry in zip(request.output_token_ids,
@@ -705,7 +690,7 @@ class ModelRunner:
         self.kv_cache_dtype = model.config.dtype if config.kv_cache_dtype == "auto" else FP8
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
-        self.stats, self._num_steps = EngineStats(), 0  # _num_steps: which host buffers this step fills
+        self.stats = EngineStats()
         # A decode batch padded up to its graph size can hold more tokens than the budget. Sampling rows: one
         # per request, plus one per draft (drafts only while at most disable_by_batch_size requests run).
         spec = config.speculative_config
@@ -755,7 +740,8 @@ class ModelRunner:
             logits = self.run_model(*plan.shape)
         sampling_logits = logits[: plan.num_sampling]
         sampled = sample(sampling_logits, plan.sampling)
-        host = self.sampled_host[self._num_steps % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
+        # The same pair of host buffers as its inputs': step N's copy may still be pending while N+1 launches.
+        host = self.sampled_host[self.inputs.num_writes % 2][: plan.num_sampling].copy_(sampled, non_blocking=True)
         flight = InFlight(plan, sampled, host, None)
         if plan.num_logprobs is not None:  # only steps that ask for them pay for log_softmax and the copies
             flight.sampled_logprobs = _to_host(logprobs_of(sampling_logits, sampled, plan.num_logprobs), self.on_cuda)
@@ -765,7 +751,6 @@ class ModelRunner:
         if self.on_cuda:
             flight.ready = torch.cuda.Event()
             flight.ready.record()
-        self._num_steps += 1
         self.stats.steps += 1
         return flight
 
@@ -918,7 +903,7 @@ class ModelRunner:
         # A step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
         peak += self.graph_logits_bytes() + 4 * len(lengths) * self.model.config.vocab_size * 4
         del self.kv_caches
-        self.stats, self._num_steps = EngineStats(), 0
+        self.stats = EngineStats()
         torch.cuda.empty_cache()
         return num_blocks_from_memory(bytes_per_block, config.gpu_memory_utilization, peak, self.device)
 
@@ -1066,8 +1051,13 @@ def serve(model: str, config: EngineConfig, rank: int, backend: str, address: st
         dist.init_process_group(backend, init_method=address, rank=rank, world_size=config.tensor_parallel_size,
                                 timeout=WORKER_TIMEOUT)
         runner = ModelRunner(_load(model, config, rank)[0], config)
-        while (command := _receive_step(runner)) != STOP:
-            if command == LOAD:
+        command = None
+        while command != STOP:
+            dist.broadcast(runner.inputs.device, src=0)  # rank 0's next message
+            command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
+            if command == STEP:  # its logits are rank 0's to sample
+                runner.run_model(*shape)
+            elif command == LOAD:
                 with contextlib.suppress(ValueError):  # bad tensors: rank 0 raises the same error to the caller
                     load_tensors(runner.model, share_weights(None, runner), "load_weights")
         dist.destroy_process_group()
@@ -1076,15 +1066,6 @@ def serve(model: str, config: EngineConfig, rank: int, backend: str, address: st
             raise
         errors.put((rank, f"{type(error).__name__}: {error}"))
         os._exit(1)
-
-
-def _receive_step(runner: ModelRunner) -> int:
-    """Rank 0's next message; a step is run at once (its logits are rank 0's to sample)."""
-    dist.broadcast(runner.inputs.device, src=0)
-    command, *shape = runner.inputs.view("header", HEADER_SIZE).tolist()
-    if command == STEP:
-        runner.run_model(*shape)
-    return command
 
 
 def share_weights(weights, runner: ModelRunner):
@@ -1167,32 +1148,20 @@ def _as_token_ids(ids) -> list[int]:
     return list(ids)
 
 
-def _check_argument_types(request_id, params) -> None:
-    if not isinstance(request_id, str):  # the engine's own ids are tuples: a user's can never equal one
-        raise ValueError(f"request_id: expected a str, got {type(request_id).__name__}")
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
-
-
 def _prompts_with_params(prompts, sampling_params) -> list[tuple]:
-    """(prompt, its SamplingParams or None) pairs: one sampling_params for all prompts, or one each."""
-    prompts = _as_prompt_list(prompts)
+    """(prompt, its SamplingParams or None) pairs, from one prompt (a string, a list of ids, a dict) or a list of
+    them, and one sampling_params for all prompts or one each."""
+    many = isinstance(prompts, (list, tuple))
+    if not many and not isinstance(prompts, (str, dict)):
+        raise ValueError(f"prompts: expected a prompt (a string, a list of token ids or a dict) or a list of "
+                         f"prompts, got {type(prompts).__name__}")
+    if not many or prompts and all(isinstance(p, int) for p in prompts):  # one prompt
+        prompts = [prompts]
     one_each = isinstance(sampling_params, (list, tuple))
     params_list = list(sampling_params) if one_each else [sampling_params] * len(prompts)
     if len(params_list) != len(prompts):
         raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
     return list(zip(prompts, params_list))
-
-
-def _as_prompt_list(prompts) -> list:
-    """One prompt (a string, a list of ids, a dict) or a list of them."""
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts: expected a prompt (a string, a list of token ids or a dict) or a list of "
-                         f"prompts, got {type(prompts).__name__}")
-    prompts = list(prompts)
-    return [prompts] if prompts and all(isinstance(p, int) for p in prompts) else prompts
 
 
 def _error_output(request_id, prompt, message) -> RequestOutput:
@@ -1215,22 +1184,14 @@ def _delta(output: RequestOutput, previous: RequestOutput | None) -> RequestOutp
         for now, then in zip(output.outputs, previous.outputs)])
 
 
-def _stop_string_prefix(text: str, stops: list[str]) -> int:
-    """The length of the longest end of `text` that is the start of a stop string."""
-    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])),
-               default=0)
-
-
-class _Progress:
-    """A one-line progress report on a terminal: requests done, output tokens/s."""
-
-    def __init__(self, total, stats, enabled):
-        self.total, self.stats, self.enabled = total, stats, enabled
-        self.first_tokens, self.start, self.last = stats.output_tokens, time.perf_counter(), 0.0
-
-    def update(self, done):
+def _progress(outputs, order: list[str], stats: EngineStats, enabled: bool):
+    """`outputs`, final ones of the requests in `order`, passed on with a one-line progress report on a terminal:
+    requests done, output tokens/s."""
+    first_tokens, start, last = stats.output_tokens, time.perf_counter(), 0.0
+    for done, output in enumerate(outputs, 1):
         now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.1 or done == self.total):
-            self.last, rate = now, (self.stats.output_tokens - self.first_tokens) / max(now - self.start, 1e-9)
-            sys.stderr.write(f"\rProcessed {done}/{self.total} requests | {rate:,.0f} output tok/s"
-                             + "\n" * (done == self.total))
+        if enabled and (now - last > 0.1 or done == len(order)):
+            last, rate = now, (stats.output_tokens - first_tokens) / max(now - start, 1e-9)
+            sys.stderr.write(f"\rProcessed {done}/{len(order)} requests | {rate:,.0f} output tok/s"
+                             + "\n" * (done == len(order)))
+        yield output
