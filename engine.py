@@ -168,11 +168,15 @@ class LLM:
                 yield _delta(output, sent.get(output.request_id))
                 sent[output.request_id] = output
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, *args, **kwargs) -> list[RequestOutput]:
-        """generate() on one conversation (a list of {"role", "content"} dicts) or a list of them, each rendered by
-        chat_prompt() with the arguments after use_tqdm (add_generation_prompt, chat_template, tools, ...)."""
-        prompts = [self.chat_prompt(conversation, *args, **kwargs) for conversation in _as_conversations(messages)]
-        return self.generate(prompts, sampling_params, use_tqdm)
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None, *, continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """generate() on one conversation (a list of {"role", "content"} dicts) or a list of them, rendered
+        by chat_prompt()."""
+        options = dict(add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools,
+                       continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
+        return self.generate([self.chat_prompt(c, **options) for c in _as_conversations(messages)], sampling_params,
+                             use_tqdm)
 
     def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True, chat_template=None, *,
                     continue_final_message: bool = False, tools: list[dict] | None = None,
