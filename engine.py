@@ -694,6 +694,7 @@ class ModelRunner:
         self.kv_cache_dtype = model.config.dtype if config.kv_cache_dtype == "auto" else FP8
         self.device = model.rope_cos.device
         self.on_cuda = self.device.type == "cuda"
+        self.capture_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.stats = EngineStats()
         # A decode batch padded up to its graph size can hold more tokens than the budget. Sampling rows: one
         # per request, plus one per draft (drafts only while at most disable_by_batch_size requests run).
@@ -899,10 +900,15 @@ class ModelRunner:
             request.block_table.block_ids = list(range(num_scratch_blocks, num_scratch_blocks + num_blocks))
             num_scratch_blocks += num_blocks
             entries.append(ScheduledRequest(request, 0, length, samples_token=True))
-        self.kv_caches = self._allocate_kv_caches(num_scratch_blocks)
+        self.kv_caches, step = self._allocate_kv_caches(num_scratch_blocks), SchedulerOutput(entries, [], step=0)
+        # cuBLAS keeps a workspace per stream (32 MiB on Hopper): one run on the stream the graphs are captured on
+        # allocates the one they keep, so the peak below counts it, as it counts the default stream's.
+        with torch.cuda.stream(self.capture_stream):
+            self.execute(step, None).sampled_token_ids()
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # (what that stream cached, the default stream could not reuse)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute(SchedulerOutput(entries, [], step=0), None).sampled_token_ids()
+        self.execute(step, None).sampled_token_ids()
         peak = torch.cuda.max_memory_allocated(self.device) - self.kv_caches.numel() * self.kv_caches.element_size()
         # A step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
         peak += self.graph_logits_bytes() + 4 * len(lengths) * self.model.config.vocab_size * 4
@@ -939,7 +945,7 @@ class ModelRunner:
                 forward()  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
                     logits = forward()
                 pool, graphs[size] = graph.pool(), (graph, logits)
         self.graphs, self.draft_graphs = dict(sorted(self.graphs.items())), dict(sorted(self.draft_graphs.items()))
