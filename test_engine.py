@@ -3032,7 +3032,7 @@ def _fake_graphs(llm, sizes=(1, 2, 4, 8, 16)):
     class Replay:
         def __init__(self, size, query_len):
             self.size, self.query_len = size, query_len
-            self.logits = torch.empty(size * query_len, runner.model.config.vocab_size)
+            self.logits = torch.empty(size * query_len, runner.model.config.vocab_size, device=runner.device)
 
         def replay(self):
             replays[self.query_len] += 1
@@ -3374,7 +3374,10 @@ class TestFp8:
             fast = net(input_ids, positions, kv_cache, meta)
             net.use_triton = False  # the plain-torch LayerKernels, linear_reference among them
             reference = net(input_ids, positions, kv_cache, meta)
-        _assert_close(fast, reference)
+        # Not bf16's 1e-2: a bf16 difference before a quantization can flip an e4m3 rounding (6-12% of that element),
+        # and the flips compound through the layers (H100: 6.7e-2). A scale dropped or transposed is of order 1;
+        # the linear alone is held to bf16's tolerance above.
+        assert not fast.isnan().any() and _relative_error(fast, reference) < 0.15
 
     @pytest.mark.parametrize("method,strategy,static", [("compressed-tensors", "tensor", True),
                                                         ("compressed-tensors", "channel", False), ("fp8", "tensor", False)])
@@ -3405,7 +3408,7 @@ class TestFp8:
         assert all(run == runs[kv, "base"] for (kv, _), run in runs.items()), runs
         # load_weights with float (HF-named) weights quantizes each part into its rows: the same model as quantizing
         # those weights whole at load
-        other = random_model("tiny", torch.float32, "cpu", seed=5)
+        other = random_model("tiny", torch.float32, _DEVICE, seed=5)  # (drawn on the engine's device, as LLM's are)
         weights = {n: t.clone() for n, t in model._checkpoint_targets(other).items() if not n.endswith("_scale")}
         base.load_weights(weights)
         fresh = LLM("tiny", dtype=torch.float32, quantization="fp8", seed=5, **_BASE)
