@@ -58,6 +58,12 @@ def check_fields(prefix: str, values: dict, rules: dict) -> None:
             raise ValueError(f"{prefix}{name} must be {allowed}, got {values[name]!r}")
 
 
+# Rules that several fields share.
+FLAG = (lambda v: isinstance(v, bool), "a bool")
+POSITIVE_INT = (int_at_least(1), "an int >= 1")
+FRACTION = (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]")
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's speculative_config for n-gram drafts (propose_ngram_drafts); none while more than
@@ -72,16 +78,15 @@ class SpeculativeConfig:
     def __post_init__(self):
         check_fields("speculative_config.", vars(self), {
             "method": (lambda v: v == "ngram", "'ngram' (the one method here)"),
-            **{name: (int_at_least(1), "an int >= 1") for name in (
-                "num_speculative_tokens", "prompt_lookup_max", "disable_by_batch_size")},
+            **dict.fromkeys(("num_speculative_tokens", "prompt_lookup_max", "disable_by_batch_size"), POSITIVE_INT),
             "prompt_lookup_min": (lambda v: int_at_least(1)(v) and v <= self.prompt_lookup_max,
                                   f"an int in [1, prompt_lookup_max={self.prompt_lookup_max}]")})
 
 
-def speculative_config(spec: dict | SpeculativeConfig) -> SpeculativeConfig:
+def speculative_config(spec: dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
     """A dict of vLLM's keys as a SpeculativeConfig, with vLLM's defaults: a missing lookup bound equals the
     other, both 5 if both are missing."""
-    if isinstance(spec, SpeculativeConfig):
+    if spec is None or isinstance(spec, SpeculativeConfig):
         return spec
     known = [f.name for f in fields(SpeculativeConfig)]
     if unknown := sorted(set(spec if isinstance(spec, dict) else [repr(spec)]) - set(known)):
@@ -136,22 +141,18 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": linear weights in e4m3 (an fp8 checkpoint's are, with or without it)
 
     def __post_init__(self):
-        if self.speculative_config is not None:
-            object.__setattr__(self, "speculative_config", speculative_config(self.speculative_config))
-        flag = (lambda v: isinstance(v, bool), "a bool")
+        object.__setattr__(self, "speculative_config", speculative_config(self.speculative_config))
         check_fields("", vars(self), {
             "block_size": (lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
-            "max_num_batched_tokens": (int_at_least(1), "an int >= 1"), "max_num_seqs": (int_at_least(1), "an int >= 1"),
+            **dict.fromkeys(("max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"), POSITIVE_INT),
             "max_model_len": (int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
             "num_blocks": (int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
             "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"), "seed": (is_int, "an int"),
-            "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
-            "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
-            "budget_counts_attention": flag,
+            "gpu_memory_utilization": FRACTION, "max_logprobs": (int_at_least(0), "an int >= 0"),
+            **dict.fromkeys(("enable_prefix_caching", "async_scheduling", "enforce_eager"), FLAG),
+            "calculate_kv_scales": FLAG, "budget_counts_attention": FLAG,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
-            "max_logprobs": (int_at_least(0), "an int >= 0"), "tensor_parallel_size": (int_at_least(1), "an int >= 1"),
             "quantization": (lambda v: v in (None, "fp8"), "one of None, 'fp8'")})
-
 
 
 @dataclass
@@ -188,30 +189,23 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def __post_init__(self):
+        """ValueError naming the first bad field (the engine checks its own copy again: the fields are mutable)."""
         self.stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
         self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
-        self.validate()
-        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)  # our own copies
-
-    def validate(self) -> None:
-        """ValueError naming the first bad field (the engine checks again: the fields are mutable)."""
-        flag = (lambda v: isinstance(v, bool), "a bool")
         check_fields("SamplingParams.", vars(self), {
-            "n": (int_at_least(1), "an int >= 1"), "top_k": (int_at_least(-1), "an int >= -1 (0 or -1 disables it)"),
-            "temperature": (number_in(0), "a finite number >= 0 (0 = greedy)"),
-            "top_p": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
+            "n": POSITIVE_INT, "top_k": (int_at_least(-1), "an int >= -1 (0 or -1 disables it)"),
+            "temperature": (number_in(0), "a finite number >= 0 (0 = greedy)"), "top_p": FRACTION,
             "min_p": (number_in(0, 1), "a number in [0, 1]"), "seed": (lambda v: v is None or is_int(v), "an int/None"),
-            "presence_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
-            "frequency_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
+            **dict.fromkeys(("presence_penalty", "frequency_penalty"), (number_in(-2, 2), "a number in [-2, 2]")),
             "repetition_penalty": (lambda v: number_in(0)(v) and v > 0, "a finite number > 0"),
             "max_tokens": (int_at_least(1, or_none=True), "an int >= 1 or None"),
             "min_tokens": (lambda v: is_int(v) and 0 <= v <= _max_tokens(self), "an int in [0, max_tokens]"),
             "stop": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v),
                      "a non-empty string or a list of them"),
             "stop_token_ids": (lambda v: isinstance(v, (list, tuple)) and all(is_int(i) for i in v), "a list of ints"),
-            "logprobs": (int_at_least(0, or_none=True), "an int >= 0 or None"),
-            "prompt_logprobs": (int_at_least(0, or_none=True), "an int >= 0 or None"),
-            "include_stop_str_in_output": flag, "ignore_eos": flag, "skip_special_tokens": flag, "detokenize": flag})
+            **dict.fromkeys(("logprobs", "prompt_logprobs"), (int_at_least(0, or_none=True), "an int >= 0 or None")),
+            **dict.fromkeys(("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"), FLAG)})
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)  # our own copies
 
 
 class RequestStatus(enum.Enum):
