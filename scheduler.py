@@ -236,9 +236,8 @@ class Request:
     error: str | None = field(default=None, init=False)
     stop_reason: int | str | None = field(default=None, init=False)  # the stop token id or string, not EOS
     block_table: BlockTable = field(default_factory=BlockTable, init=False, repr=False)
-    # all_token_ids[:num_arrayed] in a numpy array for the draft proposer, grown in place (copies only new tokens)
     token_array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), init=False, repr=False)
-    num_arrayed: int = field(default=0, init=False)
+    num_arrayed: int = field(default=0, init=False)  # all_token_ids[:num_arrayed] are in token_array
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids)
@@ -281,9 +280,8 @@ class SchedulerOutput:
 def find_stop_string(params: SamplingParams, num_output_tokens: int, text: str, start: int) -> tuple[int, str] | None:
     """(where the text ends, the stop string) for the first stop string ending at or after text[start]
     (the text not searched yet); none before the output has more than min_tokens tokens (vLLM's rule)."""
-    if num_output_tokens <= params.min_tokens:
-        return None
-    hits = [(at, stop) for stop in params.stop if (at := text.find(stop, max(0, start - len(stop) + 1))) >= 0]
+    searched = params.stop if num_output_tokens > params.min_tokens else ()
+    hits = [(at, stop) for stop in searched if (at := text.find(stop, max(0, start - len(stop) + 1))) >= 0]
     if not hits:
         return None
     at, stop = min(hits)
@@ -316,11 +314,6 @@ def too_big(num_tokens: int, kv: KVCacheManager) -> str:
     return (f"{num_tokens} tokens need {cdiv(num_tokens, kv.block_size)} KV blocks of {kv.block_size}, "
             f"but the whole pool has {kv.num_blocks}: raise gpu_memory_utilization (or num_blocks), "
             f"or lower max_model_len / max_tokens")
-
-
-def _stop_token_ids(params: SamplingParams, eos_token_ids: list[int], vocab_size: int) -> list[int]:
-    ids = [*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids)]
-    return [token for token in ids if 0 <= token < vocab_size]
 
 
 def _token_array(request: Request) -> np.ndarray:
@@ -385,13 +378,11 @@ class Scheduler:
         # next few, so a batch without drafts keeps nearly all of async overlap's speed.
         self.draft_pause = (4 if drafting and not any(s.draft_token_ids for s in scheduled)
                             else max(0, self.draft_pause - 1))
-        # A request preempted this step would come straight back in and push someone else out:
-        # admit nobody until the next step.
+        # A request preempted this step would come straight back in and push someone else out: admit nobody
+        # until the next step (by then update() has taken a victim's token in flight).
         if self.num_preemptions == num_preemptions_before:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
-                # A victim's in-flight token arrives (update) before the next schedule(): nobody
-                # is admitted in the step that preempted it.
                 assert not request.num_output_placeholders, "readmitting a request with a token in flight"
                 if (num_new_tokens := self._admit(request, budget)) == 0 and self.running:
                     break  # FCFS: the head waits until blocks are freed
@@ -414,7 +405,7 @@ class Scheduler:
         if len(samplers) != len(sampled_token_ids) or not all(s.request in sampled_token_ids for s in samplers):
             raise ValueError(f"sampled_token_ids has {len(sampled_token_ids)} tokens, but the step "
                              f"has {len(samplers)} requests that sample, and each needs its own")
-        finished, running_finished = [], False
+        finished = []
         for entry in samplers:
             request, tokens = entry.request, sampled_token_ids[entry.request]
             if request.status.is_finished:  # stopped one step earlier, or aborted: an extra token
@@ -428,13 +419,11 @@ class Scheduler:
                 if (status := self._stop_status(request, token)) is not None:
                     break
             if status is not None:
-                if request.status is RequestStatus.RUNNING:
-                    running_finished = True
-                else:  # preempted while its token was in flight
+                if request.status is not RequestStatus.RUNNING:  # preempted while its token was in flight
                     self.waiting.remove(request)
                 self._finish(request, status)
                 finished.append(request)
-        if running_finished:
+        if finished:
             self.running = [r for r in self.running if not r.status.is_finished]
         self.num_finished_steps = output.step  # its K/V is written: its cached blocks are trusted
         return finished
@@ -566,17 +555,18 @@ class Scheduler:
 
     def _advance(self, request: Request, num_new_tokens: int, drafts: list[int] = ()) -> ScheduledRequest:
         # Advanced now, not in update(): the next schedule() may come before this step's tokens.
-        start = request.num_computed_tokens
+        start, params = request.num_computed_tokens, request.sampling_params
         request.num_computed_tokens = start + num_new_tokens + len(drafts)
-        if request.sampling_params.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None:
             self.prompt_logprob_rows_left -= max(0, min(request.num_computed_tokens, len(request.prompt_token_ids))
                                                  - start)
         banned = None
         if samples_token := (start + num_new_tokens == request.num_tokens_with_placeholders):
             request.num_output_placeholders += 1
-            if len(request.output_token_ids) + request.num_output_placeholders <= request.sampling_params.min_tokens:
+            if len(request.output_token_ids) + request.num_output_placeholders <= params.min_tokens:
                 # _stop_status would not stop it yet: the sampler bans its stop tokens
-                banned = _stop_token_ids(request.sampling_params, self.eos_token_ids, self.vocab_size)
+                stops = [*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)]
+                banned = [token for token in stops if 0 <= token < self.vocab_size]
         return ScheduledRequest(request, start, num_new_tokens + len(drafts), samples_token, banned, list(drafts))
 
     def _preempt(self, request: Request) -> None:
