@@ -55,12 +55,11 @@ class AttentionMetadata:
         slots = [slot for table, n, seq_len in zip(block_tables, query_lens, seq_lens)
                  for slot in token_slots(table, seq_len - n, seq_len, block_size)]
         width = width or max(map(len, block_tables))
+        int32 = dict(dtype=torch.int32, device=device)
         return cls(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-                   query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32,
-                                                device=device),
-                   seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                   block_table=torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables],
-                                            dtype=torch.int32, device=device),
+                   query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], **int32),
+                   seq_lens=torch.tensor(seq_lens, **int32),
+                   block_table=torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], **int32),
                    max_query_len=max(query_lens), max_seq_len=max(seq_lens))
 
 
@@ -72,15 +71,6 @@ FP8_MAX = 448.0  # e4m3's largest finite value: quantizing saturates there
 def to_cache(x, scale, cache_dtype):
     """x in the cache's dtype: for fp8, x / scale, saturated (scale: this layer's per-tensor K or V scale)."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8) if cache_dtype == FP8 else x.to(cache_dtype)
-
-
-def write_kv_reference(k, v, k_cache, v_cache, slot_mapping, kv_scale=None):
-    """Scatter k, v [num_tokens, num_kv_heads, head_dim] to slot_mapping (fp8: k / kv_scale[0], v / kv_scale[1])."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    scale = kv_scale if k_cache.dtype == FP8 else (1.0, 1.0)
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k[keep], scale[0], k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v[keep], scale[1], v_cache.dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -104,32 +94,32 @@ def rotated_qkv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, num_k
 
 def rope_and_write_kv_reference(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps,
                                 k_cache, v_cache, slot_mapping, kv_scale=None):
-    """rotated_qkv, then k, v written at slot_mapping (-1: not; fp8: see write_kv_reference); returns q."""
+    """rotated_qkv, then k, v written at slot_mapping (-1: not; fp8: k / kv_scale[0], v / kv_scale[1]); returns q.
+    Written before attention runs: this step's keys must be visible to its own queries."""
     q, k, v = rotated_qkv(qkv, positions, cos_table, sin_table, q_norm, k_norm, eps, *k_cache.shape[2:])
-    write_kv_reference(k, v, k_cache, v_cache, slot_mapping, kv_scale)  # this step's keys must be visible to itself
+    keep = slot_mapping >= 0
+    scales = kv_scale if k_cache.dtype == FP8 else (1.0, 1.0)
+    for x, cache, scale in ((k, k_cache, scales[0]), (v, v_cache, scales[1])):
+        cache.view(-1, *cache.shape[2:])[slot_mapping[keep]] = to_cache(x[keep], scale, cache.dtype)
     return q
 
 
 def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, kv_scale=None):
     """The readable definition of paged attention, one request at a time: request i's n query rows are the last n
-    positions of its seq_lens[i]; position p sees keys 0..p; seq_len 0 yields zeros. fp8: see write_kv_reference."""
+    positions of its seq_lens[i]; position p sees keys 0..p; seq_len 0 yields zeros. fp8: see to_cache."""
     k_scale, v_scale = kv_scale if k_cache.dtype == FP8 else (1.0, 1.0)
     out = torch.zeros_like(q)
-    block_size = k_cache.shape[1]
-    group = q.shape[1] // k_cache.shape[2]  # query heads per KV head (GQA)
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]  # group: query heads per KV head (GQA)
     starts = meta.query_start_loc.tolist()
-    for i, seq_len in enumerate(meta.seq_lens.tolist()):
-        start, end = starts[i], starts[i + 1]
-        n = end - start
-        if n == 0 or seq_len == 0:
+    for i, (start, end, seq_len) in enumerate(zip(starts, starts[1:], meta.seq_lens.tolist())):
+        if start == end or seq_len == 0:
             continue
         blocks = meta.block_table[i, : (seq_len + block_size - 1) // block_size].long()
         k = (k_cache[blocks].flatten(0, 1)[:seq_len].float() * k_scale).repeat_interleave(group, dim=1)
         v = (v_cache[blocks].flatten(0, 1)[:seq_len].float() * v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
-        query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
-        key_pos = torch.arange(seq_len, device=q.device)
-        scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        positions = torch.arange(seq_len, device=q.device)  # the query rows are the last end - start of them
+        scores.masked_fill_(positions[None, :] > positions[seq_len - (end - start):, None], float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
 
@@ -186,7 +176,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
              + kv_heads * stride_cache_head)
     dims = tl.arange(0, HEAD_DIM)[None, :]
     v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=kv_mask)
-    if FP8_KV:  # per-tensor scales, saturated: what write_kv_reference does
+    if FP8_KV:  # per-tensor scales, saturated: what to_cache does
         k_scale, v_scale = tl.load(kv_scale_ptr), tl.load(kv_scale_ptr + 1)
         k1 = tl.clamp(k1 / k_scale, -448.0, 448.0)  # FP8_MAX
         k2 = tl.clamp(k2 / k_scale, -448.0, 448.0)
@@ -497,12 +487,10 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
     one_tile_per_seq = meta.max_query_len <= block_q
     num_tiles = num_seqs if one_tile_per_seq else num_tokens // block_q + num_seqs
     split = config.num_splits > 1
+    partial_out = partial_lse = out  # unused by the kernel when SPLIT is False
     if split:  # allocation sized by shapes only, so CUDA graphs capture it
-        partial_out = torch.empty(num_tokens, num_q_heads, config.num_splits, head_dim,
-                                  dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(num_tokens, num_q_heads, config.num_splits, dtype=torch.float32, device=q.device)
-    else:
-        partial_out = partial_lse = out  # unused by the kernel when SPLIT is False
+        partial_out = partial_lse.new_empty(num_tokens, num_q_heads, config.num_splits, head_dim)
     _paged_attention_kernel[(num_tiles * num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
         meta.query_start_loc, meta.seq_lens, meta.block_table, q if kv_scale is None else kv_scale,

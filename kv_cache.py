@@ -64,8 +64,8 @@ class BlockTable:
 
 
 class KVCacheManager:
-    """The block pool, the prefix cache and the block tables, behind three calls:
-    lookup (prefix hits for an empty table), allocate (grow a table, all or nothing) and free. Every call costs O(blocks it touches); nothing scans the pool."""
+    """The block pool, the prefix cache and the block tables behind three calls, each O(blocks it touches):
+    lookup (prefix hits for an empty table), allocate (grow a table, all or nothing) and free."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks, self.block_size, self.enable_prefix_caching = num_blocks, block_size, enable_prefix_caching
@@ -87,15 +87,13 @@ class KVCacheManager:
         size = self.block_size
         max_hit_blocks = (len(token_ids) - 1) // size
         self._hash_blocks(table, token_ids, max_hit_blocks)
-        hits, parent_hash = [], ROOT_HASH
-        for i in range(max_hit_blocks):
-            block_hash = table.block_hashes[i]
+        hits = []
+        for i, block_hash in enumerate(table.block_hashes[:max_hit_blocks]):
             block = self.cached_blocks.get(block_hash)
-            if (block is None or block.parent_hash != parent_hash
+            if (block is None or block.parent_hash != (hits[-1].block_hash if hits else ROOT_HASH)
                     or block.token_ids != tuple(token_ids[i * size:(i + 1) * size])):
                 break
             hits.append(block)
-            parent_hash = block_hash
         return hits
 
     def _can_allocate(self, table: BlockTable, num_tokens: int, hits: list[KVBlock] = ()) -> bool:

@@ -49,16 +49,14 @@ def logits_adjustment(rows: list[tuple], num_rows: int, vocab_size: int, previou
     factors = [[1.0, 0.0, 0.0] for _ in range(num_rows)]
     counted, prompt, pending, banned = ([], []), ([], []), ([], []), ([], [])
     for row, output_ids, prompt_ids, penalties, pending_row, banned_ids in rows:
+        pairs_of_row = [(banned, banned_ids)]
         if penalties is not None:
             factors[row] = penalties
-            for (rows_of, ids_of), ids in ((counted, output_ids), (prompt, prompt_ids)):
-                rows_of.extend([row] * len(ids))
-                ids_of.extend(ids)
-            if pending_row is not None:
-                pending[0].append(row)
-                pending[1].append(pending_row)
-        banned[0].extend([row] * len(banned_ids))
-        banned[1].extend(banned_ids)
+            pending_rows = () if pending_row is None else (pending_row,)
+            pairs_of_row += [(counted, output_ids), (prompt, prompt_ids), (pending, pending_rows)]
+        for (rows_of, ids_of), ids in pairs_of_row:
+            rows_of.extend([row] * len(ids))
+            ids_of.extend(ids)
     pairs = lambda pair: (to_device(pair[0], device), to_device(pair[1], device))  # noqa: E731
     counts = torch.zeros(num_rows, vocab_size, device=device)
     counts.index_put_(pairs(counted), torch.ones(len(counted[0]), device=device), accumulate=True)

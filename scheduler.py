@@ -58,6 +58,12 @@ def check_fields(prefix: str, values: dict, rules: dict) -> None:
             raise ValueError(f"{prefix}{name} must be {allowed}, got {values[name]!r}")
 
 
+# Rules that several fields share.
+FLAG = (lambda v: isinstance(v, bool), "a bool")
+POSITIVE_INT = (int_at_least(1), "an int >= 1")
+FRACTION = (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]")
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's speculative_config for n-gram drafts (propose_ngram_drafts); none while more than
@@ -72,16 +78,15 @@ class SpeculativeConfig:
     def __post_init__(self):
         check_fields("speculative_config.", vars(self), {
             "method": (lambda v: v == "ngram", "'ngram' (the one method here)"),
-            **{name: (int_at_least(1), "an int >= 1") for name in (
-                "num_speculative_tokens", "prompt_lookup_max", "disable_by_batch_size")},
+            **dict.fromkeys(("num_speculative_tokens", "prompt_lookup_max", "disable_by_batch_size"), POSITIVE_INT),
             "prompt_lookup_min": (lambda v: int_at_least(1)(v) and v <= self.prompt_lookup_max,
                                   f"an int in [1, prompt_lookup_max={self.prompt_lookup_max}]")})
 
 
-def speculative_config(spec: dict | SpeculativeConfig) -> SpeculativeConfig:
+def speculative_config(spec: dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
     """A dict of vLLM's keys as a SpeculativeConfig, with vLLM's defaults: a missing lookup bound equals the
     other, both 5 if both are missing."""
-    if isinstance(spec, SpeculativeConfig):
+    if spec is None or isinstance(spec, SpeculativeConfig):
         return spec
     known = [f.name for f in fields(SpeculativeConfig)]
     if unknown := sorted(set(spec if isinstance(spec, dict) else [repr(spec)]) - set(known)):
@@ -136,22 +141,18 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": linear weights in e4m3 (an fp8 checkpoint's are, with or without it)
 
     def __post_init__(self):
-        if self.speculative_config is not None:
-            object.__setattr__(self, "speculative_config", speculative_config(self.speculative_config))
-        flag = (lambda v: isinstance(v, bool), "a bool")
+        object.__setattr__(self, "speculative_config", speculative_config(self.speculative_config))
         check_fields("", vars(self), {
             "block_size": (lambda v: is_int(v) and 1 <= v <= 256 and not v & (v - 1), "a power of two from 1 to 256"),
-            "max_num_batched_tokens": (int_at_least(1), "an int >= 1"), "max_num_seqs": (int_at_least(1), "an int >= 1"),
+            **dict.fromkeys(("max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"), POSITIVE_INT),
             "max_model_len": (int_at_least(2, or_none=True), "an int >= 2, or None for the model's limit"),
             "num_blocks": (int_at_least(1, or_none=True), "an int >= 1, or None to size the cache from memory"),
             "long_prefill_token_threshold": (int_at_least(0), "an int >= 0 (0: no cap)"), "seed": (is_int, "an int"),
-            "gpu_memory_utilization": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
-            "enable_prefix_caching": flag, "async_scheduling": flag, "enforce_eager": flag, "calculate_kv_scales": flag,
-            "budget_counts_attention": flag,
+            "gpu_memory_utilization": FRACTION, "max_logprobs": (int_at_least(0), "an int >= 0"),
+            **dict.fromkeys(("enable_prefix_caching", "async_scheduling", "enforce_eager"), FLAG),
+            "calculate_kv_scales": FLAG, "budget_counts_attention": FLAG,
             "kv_cache_dtype": (lambda v: v in ("auto", "fp8", "fp8_e4m3"), "one of 'auto', 'fp8', 'fp8_e4m3'"),
-            "max_logprobs": (int_at_least(0), "an int >= 0"), "tensor_parallel_size": (int_at_least(1), "an int >= 1"),
             "quantization": (lambda v: v in (None, "fp8"), "one of None, 'fp8'")})
-
 
 
 @dataclass
@@ -188,30 +189,23 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def __post_init__(self):
+        """ValueError naming the first bad field (the engine checks its own copy again: the fields are mutable)."""
         self.stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
         self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
-        self.validate()
-        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)  # our own copies
-
-    def validate(self) -> None:
-        """ValueError naming the first bad field (the engine checks again: the fields are mutable)."""
-        flag = (lambda v: isinstance(v, bool), "a bool")
         check_fields("SamplingParams.", vars(self), {
-            "n": (int_at_least(1), "an int >= 1"), "top_k": (int_at_least(-1), "an int >= -1 (0 or -1 disables it)"),
-            "temperature": (number_in(0), "a finite number >= 0 (0 = greedy)"),
-            "top_p": (lambda v: number_in(0, 1)(v) and v > 0, "a number in (0, 1]"),
+            "n": POSITIVE_INT, "top_k": (int_at_least(-1), "an int >= -1 (0 or -1 disables it)"),
+            "temperature": (number_in(0), "a finite number >= 0 (0 = greedy)"), "top_p": FRACTION,
             "min_p": (number_in(0, 1), "a number in [0, 1]"), "seed": (lambda v: v is None or is_int(v), "an int/None"),
-            "presence_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
-            "frequency_penalty": (number_in(-2, 2), "a number in [-2, 2]"),
+            **dict.fromkeys(("presence_penalty", "frequency_penalty"), (number_in(-2, 2), "a number in [-2, 2]")),
             "repetition_penalty": (lambda v: number_in(0)(v) and v > 0, "a finite number > 0"),
             "max_tokens": (int_at_least(1, or_none=True), "an int >= 1 or None"),
             "min_tokens": (lambda v: is_int(v) and 0 <= v <= _max_tokens(self), "an int in [0, max_tokens]"),
             "stop": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v),
                      "a non-empty string or a list of them"),
             "stop_token_ids": (lambda v: isinstance(v, (list, tuple)) and all(is_int(i) for i in v), "a list of ints"),
-            "logprobs": (int_at_least(0, or_none=True), "an int >= 0 or None"),
-            "prompt_logprobs": (int_at_least(0, or_none=True), "an int >= 0 or None"),
-            "include_stop_str_in_output": flag, "ignore_eos": flag, "skip_special_tokens": flag, "detokenize": flag})
+            **dict.fromkeys(("logprobs", "prompt_logprobs"), (int_at_least(0, or_none=True), "an int >= 0 or None")),
+            **dict.fromkeys(("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"), FLAG)})
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)  # our own copies
 
 
 class RequestStatus(enum.Enum):
@@ -242,9 +236,8 @@ class Request:
     error: str | None = field(default=None, init=False)
     stop_reason: int | str | None = field(default=None, init=False)  # the stop token id or string, not EOS
     block_table: BlockTable = field(default_factory=BlockTable, init=False, repr=False)
-    # all_token_ids[:num_arrayed] in a numpy array for the draft proposer, grown in place (copies only new tokens)
     token_array: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), init=False, repr=False)
-    num_arrayed: int = field(default=0, init=False)
+    num_arrayed: int = field(default=0, init=False)  # all_token_ids[:num_arrayed] are in token_array
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids)
@@ -287,9 +280,8 @@ class SchedulerOutput:
 def find_stop_string(params: SamplingParams, num_output_tokens: int, text: str, start: int) -> tuple[int, str] | None:
     """(where the text ends, the stop string) for the first stop string ending at or after text[start]
     (the text not searched yet); none before the output has more than min_tokens tokens (vLLM's rule)."""
-    if num_output_tokens <= params.min_tokens:
-        return None
-    hits = [(at, stop) for stop in params.stop if (at := text.find(stop, max(0, start - len(stop) + 1))) >= 0]
+    searched = params.stop if num_output_tokens > params.min_tokens else ()
+    hits = [(at, stop) for stop in searched if (at := text.find(stop, max(0, start - len(stop) + 1))) >= 0]
     if not hits:
         return None
     at, stop = min(hits)
@@ -322,11 +314,6 @@ def too_big(num_tokens: int, kv: KVCacheManager) -> str:
     return (f"{num_tokens} tokens need {cdiv(num_tokens, kv.block_size)} KV blocks of {kv.block_size}, "
             f"but the whole pool has {kv.num_blocks}: raise gpu_memory_utilization (or num_blocks), "
             f"or lower max_model_len / max_tokens")
-
-
-def _stop_token_ids(params: SamplingParams, eos_token_ids: list[int], vocab_size: int) -> list[int]:
-    ids = [*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids)]
-    return [token for token in ids if 0 <= token < vocab_size]
 
 
 def _token_array(request: Request) -> np.ndarray:
@@ -391,13 +378,11 @@ class Scheduler:
         # next few, so a batch without drafts keeps nearly all of async overlap's speed.
         self.draft_pause = (4 if drafting and not any(s.draft_token_ids for s in scheduled)
                             else max(0, self.draft_pause - 1))
-        # A request preempted this step would come straight back in and push someone else out:
-        # admit nobody until the next step.
+        # A request preempted this step would come straight back in and push someone else out: admit nobody
+        # until the next step (by then update() has taken a victim's token in flight).
         if self.num_preemptions == num_preemptions_before:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
-                # A victim's in-flight token arrives (update) before the next schedule(): nobody
-                # is admitted in the step that preempted it.
                 assert not request.num_output_placeholders, "readmitting a request with a token in flight"
                 if (num_new_tokens := self._admit(request, budget)) == 0 and self.running:
                     break  # FCFS: the head waits until blocks are freed
@@ -420,7 +405,7 @@ class Scheduler:
         if len(samplers) != len(sampled_token_ids) or not all(s.request in sampled_token_ids for s in samplers):
             raise ValueError(f"sampled_token_ids has {len(sampled_token_ids)} tokens, but the step "
                              f"has {len(samplers)} requests that sample, and each needs its own")
-        finished, running_finished = [], False
+        finished = []
         for entry in samplers:
             request, tokens = entry.request, sampled_token_ids[entry.request]
             if request.status.is_finished:  # stopped one step earlier, or aborted: an extra token
@@ -434,13 +419,11 @@ class Scheduler:
                 if (status := self._stop_status(request, token)) is not None:
                     break
             if status is not None:
-                if request.status is RequestStatus.RUNNING:
-                    running_finished = True
-                else:  # preempted while its token was in flight
+                if request.status is not RequestStatus.RUNNING:  # preempted while its token was in flight
                     self.waiting.remove(request)
                 self._finish(request, status)
                 finished.append(request)
-        if running_finished:
+        if finished:
             self.running = [r for r in self.running if not r.status.is_finished]
         self.num_finished_steps = output.step  # its K/V is written: its cached blocks are trusted
         return finished
@@ -572,17 +555,18 @@ class Scheduler:
 
     def _advance(self, request: Request, num_new_tokens: int, drafts: list[int] = ()) -> ScheduledRequest:
         # Advanced now, not in update(): the next schedule() may come before this step's tokens.
-        start = request.num_computed_tokens
+        start, params = request.num_computed_tokens, request.sampling_params
         request.num_computed_tokens = start + num_new_tokens + len(drafts)
-        if request.sampling_params.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None:
             self.prompt_logprob_rows_left -= max(0, min(request.num_computed_tokens, len(request.prompt_token_ids))
                                                  - start)
         banned = None
         if samples_token := (start + num_new_tokens == request.num_tokens_with_placeholders):
             request.num_output_placeholders += 1
-            if len(request.output_token_ids) + request.num_output_placeholders <= request.sampling_params.min_tokens:
+            if len(request.output_token_ids) + request.num_output_placeholders <= params.min_tokens:
                 # _stop_status would not stop it yet: the sampler bans its stop tokens
-                banned = _stop_token_ids(request.sampling_params, self.eos_token_ids, self.vocab_size)
+                stops = [*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)]
+                banned = [token for token in stops if 0 <= token < self.vocab_size]
         return ScheduledRequest(request, start, num_new_tokens + len(drafts), samples_token, banned, list(drafts))
 
     def _preempt(self, request: Request) -> None:
