@@ -186,11 +186,6 @@ CONFIG_RULES = {
     "layer_types": _LIST, "quantization_config": _OBJECT, **ID_RULES}
 
 
-def _as_id_list(value) -> list[int]:
-    """HF writes an eos id as an int, a list of ints, or null."""
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
-
-
 def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
     # transformers 5.x writes `rope_parameters` (theta inside); older files rope_theta + rope_scaling.
     where = f"config.json: {'rope_parameters' if raw.get('rope_parameters') else 'rope_scaling'}."
@@ -211,10 +206,7 @@ def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
 def read_config(path: str) -> ModelConfig:
     """ModelConfig from an HF checkpoint directory (config.json, generation_config.json)."""
     raw = _read_json(os.path.join(path, "config.json"), required=True)
-    return _config_from_json(raw, _read_json(os.path.join(path, "generation_config.json")))
-
-
-def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
+    generation = _read_json(os.path.join(path, "generation_config.json"))
     _check_fields("config.json: ", raw, CONFIG_RULES)
     _check_fields("generation_config.json: ", generation, ID_RULES)
     architecture = (raw.get("architectures") or ["(none)"])[0]
@@ -238,6 +230,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
     rope_theta, rope_scaling = _read_rope(raw)
     num_q_heads = raw["num_attention_heads"]
     default_head_dim = 128 if architecture == "Qwen3ForCausalLM" else raw["hidden_size"] // num_q_heads
+    eos = generation.get("eos_token_id", raw.get("eos_token_id"))  # an int, a list of ints, or null
     return ModelConfig(
         architecture=architecture, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
@@ -245,7 +238,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         head_dim=raw.get("head_dim") or default_head_dim, max_position_embeddings=max_positions,
         rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
+        eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else eos,
         sampling_defaults=_sampling_defaults(generation), **_read_quantization(raw.get("quantization_config")))
 
 
