@@ -290,12 +290,9 @@ def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, tor
                                                    "CUDA is not available on this machine"))
     if dtype is None or dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype {dtype} is not supported; supported: bfloat16, float16, float32")
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)} (or their torch.dtype)")
     return device, dtype
 
 
