@@ -602,41 +602,33 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------- weights
 
 def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the slice of our (fused) parameter it is copied into."""
+    """HF tensor name -> the slice of our (fused) parameter it is copied into; an Fp8Linear's parts also name their
+    scales' rows and its input scale."""
+    c = model.config
     targets = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm}
-    if not model.config.tie_word_embeddings:
+    if not c.tie_word_embeddings:
         targets["lm_head.weight"] = model.lm_head
     for i, layer in enumerate(model.layers):
-        prefix, c = f"model.layers.{i}.", model.config
-        for names, weight, sizes in [("self_attn.q_proj self_attn.k_proj self_attn.v_proj", layer.qkv_proj,
-                                      layer.qkv_sizes), ("self_attn.o_proj", layer.o_proj, c.hidden_size),
-                                     ("mlp.gate_proj mlp.up_proj", layer.gate_up_proj, c.intermediate_size),
-                                     ("mlp.down_proj", layer.down_proj, c.hidden_size)]:
-            targets.update(_linear_targets([prefix + name for name in names.split()], weight, sizes))
-        targets.update({
-            prefix + "input_layernorm.weight": layer.input_layernorm,
-            prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm,
-            # optional: the fp8 KV scales of llm-compressor checkpoints
-            prefix + "self_attn.k_scale": layer.kv_scale[:1], prefix + "self_attn.v_scale": layer.kv_scale[1:]})
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        qkv = [attn + "q_proj", attn + "k_proj", attn + "v_proj"]
+        linears = [(qkv, layer.qkv_proj, layer.qkv_sizes), ([attn + "o_proj"], layer.o_proj, c.hidden_size),
+                   ([mlp + "gate_proj", mlp + "up_proj"], layer.gate_up_proj, c.intermediate_size),
+                   ([mlp + "down_proj"], layer.down_proj, c.hidden_size)]
+        for names, weight, sizes in linears:
+            if isinstance(weight, torch.Tensor):
+                targets.update({name + ".weight": rows for name, rows in zip(names, weight.split(sizes))})
+                continue
+            for name, rows, scale in zip(names, weight.weight.split(sizes), weight.scale.split(sizes)):
+                targets.update({name + ".weight": rows, name + ".weight_scale": scale})
+                if weight.input_scale is not None:
+                    targets[name + ".input_scale"] = weight.input_scale
         if layer.qkv_bias is not None:
-            q, k, v = layer.qkv_bias.split(layer.qkv_sizes)
-            targets.update({prefix + "self_attn.q_proj.bias": q, prefix + "self_attn.k_proj.bias": k,
-                            prefix + "self_attn.v_proj.bias": v})
-        if layer.q_norm is not None:
-            targets.update({prefix + "self_attn.q_norm.weight": layer.q_norm,
-                            prefix + "self_attn.k_norm.weight": layer.k_norm})
-    return targets
-
-
-def _linear_targets(names: list[str], weight, sizes: list[int] | int) -> dict:
-    """HF names of a (fused) linear weight's parts -> their rows; an Fp8Linear's also -> their scales' rows."""
-    if isinstance(weight, torch.Tensor):
-        return {name + ".weight": part for name, part in zip(names, weight.split(sizes))}
-    targets = {}
-    for name, rows, scale in zip(names, weight.weight.split(sizes), weight.scale.split(sizes)):
-        targets.update({name + ".weight": rows, name + ".weight_scale": scale})
-        if weight.input_scale is not None:
-            targets[name + ".input_scale"] = weight.input_scale
+            targets.update({name + ".bias": part for name, part in zip(qkv, layer.qkv_bias.split(layer.qkv_sizes))})
+        norms = {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm,
+                 "self_attn.q_norm": layer.q_norm, "self_attn.k_norm": layer.k_norm}
+        targets.update({f"model.layers.{i}.{name}.weight": norm for name, norm in norms.items() if norm is not None})
+        # optional: the fp8 KV scales of llm-compressor checkpoints
+        targets.update({attn + "k_scale": layer.kv_scale[:1], attn + "v_scale": layer.kv_scale[1:]})
     return targets
 
 
