@@ -811,9 +811,8 @@ class Tokenizer:
         self.encoding, self.bos_token_id, self.eos_token_ids = encoding, bos_token_id, eos_token_ids
         self.add_bos_token, self.vocab_size, self.chat_template = add_bos_token, encoding.n_vocab, chat_template
         self.nfc_normalize = nfc_normalize  # Qwen2/3's tokenizer.json normalizes text to NFC first
-        if special_token_ids is None:
-            special_token_ids = {encoding.encode_single_token(t) for t in encoding.special_tokens_set}
-        self.special_token_ids = special_token_ids
+        self.special_token_ids = special_token_ids if special_token_ids is not None else {
+            encoding.encode_single_token(t) for t in encoding.special_tokens_set}
         self.template_tokens = template_tokens or {}  # bos_token, eos_token, ... as the template sees them
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -932,7 +931,8 @@ def _raise_template_error(message: str):
 
 def _chat_template(path: str, config: dict) -> tuple[str | None, dict[str, str]]:
     """The chat template (chat_template.jinja, else tokenizer_config.json's: a string, or named ones
-    of which "default") and the special tokens it may print, from tokenizer_config.json."""
+    of which "default") and the special tokens it may print, from tokenizer_config.json, which names each as a
+    string or as {"content": ...}."""
     template, file = config.get("chat_template"), os.path.join(path, "chat_template.jinja")
     if os.path.exists(file):
         with open(file, encoding="utf-8") as f:
@@ -975,12 +975,6 @@ def _template_adds_bos(post_processor: dict | None, bos_token: str | None) -> bo
         if step.get("type") == "TemplateProcessing" and step.get("single"):
             return step["single"][0].get("SpecialToken", {}).get("id") == bos_token
     return False
-
-
-def _special_id(token, added: dict[str, int]) -> int | None:
-    """tokenizer_config.json names a token as a string or as {"content": ...}."""
-    content = token.get("content") if isinstance(token, dict) else token
-    return added.get(content) if content is not None else None
 
 
 TOKENIZER_RULES = {
@@ -1064,29 +1058,25 @@ def load_tokenizer(path: str) -> Tokenizer:
     normalizer = (spec.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"tokenizer.json: normalizer {normalizer!r} is not supported; supported: none, NFC")
+    vocab, alphabet = model["vocab"], _byte_level_alphabet()
     added = {token["content"]: token["id"] for token in spec.get("added_tokens") or []}
-    alphabet, added_ids = _byte_level_alphabet(), set(added.values())
-    ranks = {}
-    for token, token_id in model["vocab"].items():
-        if token_id in added_ids:
-            continue
-        try:
-            ranks[bytes(alphabet[char] for char in token)] = token_id
-        except KeyError:
-            raise ValueError(f"tokenizer.json: vocab token {token!r} is not in the byte-level alphabet") from None
-    if len([b for b in range(256) if bytes([b]) in ranks]) != 256:
+    added_ids = set(added.values())
+    byte_level = {token: i for token, i in vocab.items() if i not in added_ids}
+    if unknown := [token for token in byte_level if not set(token) <= alphabet.keys()]:
+        raise ValueError(f"tokenizer.json: vocab token {unknown[0]!r} is not in the byte-level alphabet")
+    ranks = {bytes(alphabet[char] for char in token): i for token, i in byte_level.items()}
+    if not all(bytes([b]) in ranks for b in range(256)):
         raise ValueError("tokenizer.json: the vocab lacks some of the 256 single-byte tokens")
-    vocab = model["vocab"]
     _check_tiktoken_agrees(vocab, added_ids, model.get("merges") or [], model.get("ignore_merges"))
     encoding = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=pattern,
                                  mergeable_ranks=ranks, special_tokens=added)
     # BOS and EOS ids named in tokenizer_config.json (the engine adds the model's: Llama 3 Instruct's <|eot_id|>).
     config, named = _read_json(os.path.join(path, "tokenizer_config.json")), {**vocab, **added}
-    bos, eos = _special_id(config.get("bos_token"), named), _special_id(config.get("eos_token"), named)
-    eos = [] if eos is None else [eos]
+    template, template_tokens = _chat_template(path, config)
+    bos, eos = named.get(template_tokens.get("bos_token")), named.get(template_tokens.get("eos_token"))
     bos_token = next((token for token, i in added.items() if i == bos), None)
     add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
     special_ids = {token["id"] for token in spec.get("added_tokens") or [] if token.get("special", True)}
-    return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids,
-                     *_chat_template(path, config))
+    return Tokenizer(encoding, bos, [] if eos is None else [eos], add_bos and bos is not None, normalizer == "NFC",
+                     special_ids, template, template_tokens)
 
