@@ -186,11 +186,6 @@ CONFIG_RULES = {
     "layer_types": _LIST, "quantization_config": _OBJECT, **ID_RULES}
 
 
-def _as_id_list(value) -> list[int]:
-    """HF writes an eos id as an int, a list of ints, or null."""
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
-
-
 def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
     # transformers 5.x writes `rope_parameters` (theta inside); older files rope_theta + rope_scaling.
     where = f"config.json: {'rope_parameters' if raw.get('rope_parameters') else 'rope_scaling'}."
@@ -211,10 +206,7 @@ def _read_rope(raw: dict) -> tuple[float, Llama3RopeScaling | None]:
 def read_config(path: str) -> ModelConfig:
     """ModelConfig from an HF checkpoint directory (config.json, generation_config.json)."""
     raw = _read_json(os.path.join(path, "config.json"), required=True)
-    return _config_from_json(raw, _read_json(os.path.join(path, "generation_config.json")))
-
-
-def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
+    generation = _read_json(os.path.join(path, "generation_config.json"))
     _check_fields("config.json: ", raw, CONFIG_RULES)
     _check_fields("generation_config.json: ", generation, ID_RULES)
     architecture = (raw.get("architectures") or ["(none)"])[0]
@@ -238,6 +230,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
     rope_theta, rope_scaling = _read_rope(raw)
     num_q_heads = raw["num_attention_heads"]
     default_head_dim = 128 if architecture == "Qwen3ForCausalLM" else raw["hidden_size"] // num_q_heads
+    eos = generation.get("eos_token_id", raw.get("eos_token_id"))  # an int, a list of ints, or null
     return ModelConfig(
         architecture=architecture, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
@@ -245,7 +238,7 @@ def _config_from_json(raw: dict, generation: dict) -> ModelConfig:
         head_dim=raw.get("head_dim") or default_head_dim, max_position_embeddings=max_positions,
         rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        eos_token_ids=_as_id_list(generation.get("eos_token_id", raw.get("eos_token_id"))),
+        eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else eos,
         sampling_defaults=_sampling_defaults(generation), **_read_quantization(raw.get("quantization_config")))
 
 
@@ -297,12 +290,9 @@ def resolve_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, tor
                                                    "CUDA is not available on this machine"))
     if dtype is None or dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype {dtype} is not supported; supported: bfloat16, float16, float32")
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)} (or their torch.dtype)")
     return device, dtype
 
 
@@ -612,41 +602,33 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------- weights
 
 def _checkpoint_targets(model: Transformer) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the slice of our (fused) parameter it is copied into."""
+    """HF tensor name -> the slice of our (fused) parameter it is copied into; an Fp8Linear's parts also name their
+    scales' rows and its input scale."""
+    c = model.config
     targets = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm}
-    if not model.config.tie_word_embeddings:
+    if not c.tie_word_embeddings:
         targets["lm_head.weight"] = model.lm_head
     for i, layer in enumerate(model.layers):
-        prefix, c = f"model.layers.{i}.", model.config
-        for names, weight, sizes in [("self_attn.q_proj self_attn.k_proj self_attn.v_proj", layer.qkv_proj,
-                                      layer.qkv_sizes), ("self_attn.o_proj", layer.o_proj, c.hidden_size),
-                                     ("mlp.gate_proj mlp.up_proj", layer.gate_up_proj, c.intermediate_size),
-                                     ("mlp.down_proj", layer.down_proj, c.hidden_size)]:
-            targets.update(_linear_targets([prefix + name for name in names.split()], weight, sizes))
-        targets.update({
-            prefix + "input_layernorm.weight": layer.input_layernorm,
-            prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm,
-            # optional: the fp8 KV scales of llm-compressor checkpoints
-            prefix + "self_attn.k_scale": layer.kv_scale[:1], prefix + "self_attn.v_scale": layer.kv_scale[1:]})
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        qkv = [attn + "q_proj", attn + "k_proj", attn + "v_proj"]
+        linears = [(qkv, layer.qkv_proj, layer.qkv_sizes), ([attn + "o_proj"], layer.o_proj, c.hidden_size),
+                   ([mlp + "gate_proj", mlp + "up_proj"], layer.gate_up_proj, c.intermediate_size),
+                   ([mlp + "down_proj"], layer.down_proj, c.hidden_size)]
+        for names, weight, sizes in linears:
+            if isinstance(weight, torch.Tensor):
+                targets.update({name + ".weight": rows for name, rows in zip(names, weight.split(sizes))})
+                continue
+            for name, rows, scale in zip(names, weight.weight.split(sizes), weight.scale.split(sizes)):
+                targets.update({name + ".weight": rows, name + ".weight_scale": scale})
+                if weight.input_scale is not None:
+                    targets[name + ".input_scale"] = weight.input_scale
         if layer.qkv_bias is not None:
-            q, k, v = layer.qkv_bias.split(layer.qkv_sizes)
-            targets.update({prefix + "self_attn.q_proj.bias": q, prefix + "self_attn.k_proj.bias": k,
-                            prefix + "self_attn.v_proj.bias": v})
-        if layer.q_norm is not None:
-            targets.update({prefix + "self_attn.q_norm.weight": layer.q_norm,
-                            prefix + "self_attn.k_norm.weight": layer.k_norm})
-    return targets
-
-
-def _linear_targets(names: list[str], weight, sizes: list[int] | int) -> dict:
-    """HF names of a (fused) linear weight's parts -> their rows; an Fp8Linear's also -> their scales' rows."""
-    if isinstance(weight, torch.Tensor):
-        return {name + ".weight": part for name, part in zip(names, weight.split(sizes))}
-    targets = {}
-    for name, rows, scale in zip(names, weight.weight.split(sizes), weight.scale.split(sizes)):
-        targets.update({name + ".weight": rows, name + ".weight_scale": scale})
-        if weight.input_scale is not None:
-            targets[name + ".input_scale"] = weight.input_scale
+            targets.update({name + ".bias": part for name, part in zip(qkv, layer.qkv_bias.split(layer.qkv_sizes))})
+        norms = {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm,
+                 "self_attn.q_norm": layer.q_norm, "self_attn.k_norm": layer.k_norm}
+        targets.update({f"model.layers.{i}.{name}.weight": norm for name, norm in norms.items() if norm is not None})
+        # optional: the fp8 KV scales of llm-compressor checkpoints
+        targets.update({attn + "k_scale": layer.kv_scale[:1], attn + "v_scale": layer.kv_scale[1:]})
     return targets
 
 
@@ -829,9 +811,8 @@ class Tokenizer:
         self.encoding, self.bos_token_id, self.eos_token_ids = encoding, bos_token_id, eos_token_ids
         self.add_bos_token, self.vocab_size, self.chat_template = add_bos_token, encoding.n_vocab, chat_template
         self.nfc_normalize = nfc_normalize  # Qwen2/3's tokenizer.json normalizes text to NFC first
-        if special_token_ids is None:
-            special_token_ids = {encoding.encode_single_token(t) for t in encoding.special_tokens_set}
-        self.special_token_ids = special_token_ids
+        self.special_token_ids = special_token_ids if special_token_ids is not None else {
+            encoding.encode_single_token(t) for t in encoding.special_tokens_set}
         self.template_tokens = template_tokens or {}  # bos_token, eos_token, ... as the template sees them
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -950,7 +931,8 @@ def _raise_template_error(message: str):
 
 def _chat_template(path: str, config: dict) -> tuple[str | None, dict[str, str]]:
     """The chat template (chat_template.jinja, else tokenizer_config.json's: a string, or named ones
-    of which "default") and the special tokens it may print, from tokenizer_config.json."""
+    of which "default") and the special tokens it may print, from tokenizer_config.json, which names each as a
+    string or as {"content": ...}."""
     template, file = config.get("chat_template"), os.path.join(path, "chat_template.jinja")
     if os.path.exists(file):
         with open(file, encoding="utf-8") as f:
@@ -993,12 +975,6 @@ def _template_adds_bos(post_processor: dict | None, bos_token: str | None) -> bo
         if step.get("type") == "TemplateProcessing" and step.get("single"):
             return step["single"][0].get("SpecialToken", {}).get("id") == bos_token
     return False
-
-
-def _special_id(token, added: dict[str, int]) -> int | None:
-    """tokenizer_config.json names a token as a string or as {"content": ...}."""
-    content = token.get("content") if isinstance(token, dict) else token
-    return added.get(content) if content is not None else None
 
 
 TOKENIZER_RULES = {
@@ -1082,29 +1058,25 @@ def load_tokenizer(path: str) -> Tokenizer:
     normalizer = (spec.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):
         raise ValueError(f"tokenizer.json: normalizer {normalizer!r} is not supported; supported: none, NFC")
+    vocab, alphabet = model["vocab"], _byte_level_alphabet()
     added = {token["content"]: token["id"] for token in spec.get("added_tokens") or []}
-    alphabet, added_ids = _byte_level_alphabet(), set(added.values())
-    ranks = {}
-    for token, token_id in model["vocab"].items():
-        if token_id in added_ids:
-            continue
-        try:
-            ranks[bytes(alphabet[char] for char in token)] = token_id
-        except KeyError:
-            raise ValueError(f"tokenizer.json: vocab token {token!r} is not in the byte-level alphabet") from None
-    if len([b for b in range(256) if bytes([b]) in ranks]) != 256:
+    added_ids = set(added.values())
+    byte_level = {token: i for token, i in vocab.items() if i not in added_ids}
+    if unknown := [token for token in byte_level if not set(token) <= alphabet.keys()]:
+        raise ValueError(f"tokenizer.json: vocab token {unknown[0]!r} is not in the byte-level alphabet")
+    ranks = {bytes(alphabet[char] for char in token): i for token, i in byte_level.items()}
+    if not all(bytes([b]) in ranks for b in range(256)):
         raise ValueError("tokenizer.json: the vocab lacks some of the 256 single-byte tokens")
-    vocab = model["vocab"]
     _check_tiktoken_agrees(vocab, added_ids, model.get("merges") or [], model.get("ignore_merges"))
     encoding = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=pattern,
                                  mergeable_ranks=ranks, special_tokens=added)
     # BOS and EOS ids named in tokenizer_config.json (the engine adds the model's: Llama 3 Instruct's <|eot_id|>).
     config, named = _read_json(os.path.join(path, "tokenizer_config.json")), {**vocab, **added}
-    bos, eos = _special_id(config.get("bos_token"), named), _special_id(config.get("eos_token"), named)
-    eos = [] if eos is None else [eos]
+    template, template_tokens = _chat_template(path, config)
+    bos, eos = named.get(template_tokens.get("bos_token")), named.get(template_tokens.get("eos_token"))
     bos_token = next((token for token, i in added.items() if i == bos), None)
     add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
     special_ids = {token["id"] for token in spec.get("added_tokens") or [] if token.get("special", True)}
-    return Tokenizer(encoding, bos, eos, add_bos and bos is not None, normalizer == "NFC", special_ids,
-                     *_chat_template(path, config))
+    return Tokenizer(encoding, bos, [] if eos is None else [eos], add_bos and bos is not None, normalizer == "NFC",
+                     special_ids, template, template_tokens)
 
