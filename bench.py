@@ -870,7 +870,8 @@ def decode_latency(args, on_gpu):
 
 def describe(result):
     """A run's label on the plot: the setting that --compare changes."""
-    return (f"max_num_batched_tokens={result['max_num_batched_tokens']:,}, prefix caching "
+    return (f"max_num_batched_tokens={result['max_num_batched_tokens']:,}"
+            f"{' counting attention' if result.get('budget_counts_attention') else ''}, prefix caching "
             f"{'on' if result['prefix_caching'] else 'off'}, KV {result['kv_cache_dtype']}, "
             f"{result['output_tokens_per_s']:,.0f} tok/s")
 

@@ -3,7 +3,7 @@
 The idea (vLLM V1): each step the scheduler hands a token budget to requests; the runner lays their
 scheduled tokens out as ONE flat batch (prefill chunks and decodes mixed), runs the model once and
 samples a token for each request that reached the end of its known tokens (and one per draft). Its path:
-LLM.generate -> add_request -> _run_until_done -> _step: Scheduler.schedule -> ModelRunner.execute
+LLM.generate -> _run (_add_request) -> _step: Scheduler.schedule -> ModelRunner.execute
 (prepare_inputs, run_model, sampler.sample) -> _collect: Scheduler.update -> a RequestOutput.
 
 Output flows one way: LLM alone calls the scheduler; the OutputProcessor returns what to stop; the
