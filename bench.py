@@ -161,7 +161,8 @@ def serve_through_server(llm, prompts, params, arrivals):
     bodies, defaults = [], llm.get_default_sampling_params()
     for prompt, p in zip(prompts, params):
         body = dict({name: getattr(p, name) for name in server.PASSED_FIELDS}, prompt=prompt, max_tokens=p.max_tokens,
-                    stop=p.stop, logprobs=p.logprobs, stream=True, stream_options={"include_usage": True})
+                    stop=p.stop, logprobs=p.logprobs, stream=True, stream_options={"include_usage": True},
+                    return_token_ids=True)  # (a chunk may carry several tokens: the server merges when behind)
         if server.sampling_params(body, defaults, p.max_tokens, p.logprobs, "logprobs") != p:  # a field it drops
             raise SystemExit(f"--through-server: {p} is not what the server makes of {body}")
         bodies.append(body)
@@ -181,18 +182,17 @@ def serve_through_server(llm, prompts, params, arrivals):
         finally:  # uvicorn stops, then the app's shutdown stops the engine thread: nothing is left running
             uvicorn_server.should_exit = True
             thread.join()
-    for i, usage in enumerate(usages):  # the server's counts: the prompt it got, and a token a chunk
+    for i, usage in enumerate(usages):  # the server's counts: the prompt it got, and the tokens the chunks carried
         if usage is None or (usage["prompt_tokens"], usage["completion_tokens"]) != (len(prompts[i]),
                                                                                      len(token_times[i])):
             raise SystemExit(f"--through-server: request {i} of {len(prompts[i])} prompt tokens got "
-                             f"{len(token_times[i])} chunks; the server counted {usage}")
+                             f"{len(token_times[i])} tokens; the server counted {usage}")
     return start, token_times, seconds
 
 
 def replay_over_http(port, bodies, arrivals):
     """The load generator (in its own process): each request POSTed at its arrival time, on a thread of its own,
-    and its stream read as it comes. The server sends a chunk for each step that gave a request a token, so a
-    chunk is a token. Returns the clock's start (perf_counter: the system's monotonic clock, the same in every
+    and its stream read as it comes; each chunk's token ids say how many tokens came with it. Returns the clock's start (perf_counter: the system's monotonic clock, the same in every
     process), each request's token times and its usage (the server's counts), and the wall time."""
     start, token_times, usages = time.perf_counter(), [[] for _ in bodies], [None] * len(bodies)
 
@@ -212,7 +212,7 @@ def replay_over_http(port, bodies, arrivals):
                 if "error" in chunk:
                     raise RuntimeError(f"request {i} failed: {chunk['error']['message']}")
                 if chunk["choices"]:
-                    token_times[i].append(now)
+                    token_times[i] += [now] * len(chunk["choices"][0]["token_ids"])
                 else:  # the last chunk: the usage alone
                     usages[i] = chunk["usage"]
         finally:

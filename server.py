@@ -65,7 +65,7 @@ class EngineLoop:
     """The thread that owns the LLM, and run(), a request's way to it from a handler. Jobs on the inbox: ("add",
     engine request ids, make_prompts(llm) -> a prompt for each, SamplingParams, the handler's asyncio queue) is
     answered None once all are queued (or an APIError), then (prompt index, cumulative RequestOutput) after each
-    step that moved it; ("abort", engine request ids); None: stop."""
+    step that moved it (a handler that falls behind gets the newest of each); ("abort", engine request ids); None: stop."""
 
     def __init__(self, llm: LLM):
         self.llm, self.inbox, self.routes = llm, queue.SimpleQueue(), {}  # engine request id -> (queue, index)
@@ -82,13 +82,22 @@ class EngineLoop:
         self.inbox.put(("add", request_ids, make_prompts, params, answers))
         try:
             while running:
-                if isinstance(item := await answers.get(), Exception):
-                    raise item
-                if item is not None and item[1].finished:
-                    running.discard(item[0])
-                    if item[1].error is not None:  # it failed on the way (e.g. it outgrew the KV cache)
-                        raise APIError(400, item[1].error)
-                yield item
+                items, newest = [await answers.get()], {}
+                while not answers.empty():  # behind the engine: outputs are cumulative, so a prompt's newest says
+                    items.append(answers.get_nowait())  # all (one chunk for several steps, as vLLM merges them)
+                for item in items:
+                    if isinstance(item, Exception):
+                        raise item
+                    if item is None:
+                        yield None
+                    else:
+                        newest[item[0]] = item
+                for index, output in newest.values():
+                    if output.finished:
+                        running.discard(index)
+                        if output.error is not None:  # it failed on the way (e.g. it outgrew the KV cache)
+                            raise APIError(400, output.error)
+                    yield index, output
         finally:
             if running and self.error is None:
                 self.inbox.put(("abort", request_ids))
@@ -265,6 +274,8 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
         """Run the request; answer with the whole result, or stream it. choice(number, output, completion, previous)
         is one choice's part that `previous` (an earlier output of that completion, or None) did not have."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
+        if body.get("return_token_ids"):  # vLLM's extension: the ids beside the text (what RL rollouts train on)
+            choice = with_token_ids(choice)
         outputs = engine.run([f"{request_id}-{i}" for i in range(num_prompts)], make_prompts, params)
         await anext(outputs)  # queued, or the request's error raises here: a stream starts only for a good request
         head = {"id": request_id, "object": objects[0], "created": int(time.time()), "model": served_model_name}
@@ -316,6 +327,15 @@ async def until_disconnected(request: Request, outputs) -> list:
 def news(completion, previous) -> tuple[str, int]:
     """What a cumulative completion adds to `previous`, an earlier one (None: nothing sent): text, first new token."""
     return (completion.text, 0) if previous is None else (completion.text[len(previous.text):], len(previous.token_ids))
+
+
+def with_token_ids(choice):
+    """choice() with the completion's new token ids, and in its first part the prompt's."""
+    def choice_with_ids(number, output, completion, previous):
+        start = 0 if previous is None else len(previous.token_ids)
+        prompt = {"prompt_token_ids": output.prompt_token_ids} if previous is None else {}
+        return {**choice(number, output, completion, previous), **prompt, "token_ids": completion.token_ids[start:]}
+    return choice_with_ids
 
 
 def sse(data: dict) -> str:

@@ -3986,6 +3986,39 @@ class TestServer:
         assert reference.generate("the mat", cases[2][1], use_tqdm=False)[0].outputs[0].stop_reason == "hat"
 
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+    def test_return_token_ids_are_those_of_generate(self, served, stream):
+        """vLLM's return_token_ids: each choice carries its prompt's ids (once) and its completion's (in a stream,
+        each chunk the new ones)."""
+        client, _, reference, _ = served
+        output = reference.generate("the cat sat", SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=7),
+                                    use_tqdm=False)[0]
+        response = client.completions.create(model="tiny-chat", prompt="the cat sat", n=2, temperature=1.0, seed=5,
+                                             max_tokens=7, stream=stream, extra_body={"return_token_ids": True})
+        ids, prompts = {0: [], 1: []}, {0: [], 1: []}
+        for chunk in response if stream else [response]:
+            for choice in chunk.choices:
+                ids[choice.index] += choice.token_ids
+                prompts[choice.index] += getattr(choice, "prompt_token_ids", None) or []
+        assert [ids[0], ids[1]] == [c.token_ids for c in output.outputs]
+        assert prompts == {0: output.prompt_token_ids, 1: output.prompt_token_ids}
+
+    def test_a_stream_behind_the_engine_gets_its_tokens_merged(self, served, monkeypatch):
+        """A handler slower than the engine's steps (each chunk written 50 ms late) sends the newest output it has:
+        fewer chunks than tokens, with the same text and ids."""
+        import server
+        client, _, reference, _ = served
+        sse = server.sse
+        monkeypatch.setattr(server, "sse", lambda data: (time.sleep(0.05), sse(data))[1])
+        expected = reference.generate("the cat sat", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                                      use_tqdm=False)[0].outputs[0]
+        chunks = [chunk.choices[0] for chunk in client.completions.create(
+            model="tiny-chat", prompt="the cat sat", max_tokens=40, temperature=0, stream=True,
+            extra_body={"return_token_ids": True, "ignore_eos": True}) if chunk.choices]
+        assert "".join(c.text for c in chunks) == expected.text
+        assert sum((c.token_ids for c in chunks), []) == expected.token_ids
+        assert len(chunks) < len(expected.token_ids) / 2  # without merging: a chunk a token
+
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
     def test_chat_equals_llm_chat(self, served, stream):
         client, _, reference, _ = served
         conversation = [{"role": "system", "content": "the cat"}, {"role": "user", "content": "a dog ate the hat"}]
