@@ -192,8 +192,9 @@ def serve_through_server(llm, prompts, params, arrivals):
 
 def replay_over_http(port, bodies, arrivals):
     """The load generator (in its own process): each request POSTed at its arrival time, on a thread of its own,
-    and its stream read as it comes; each chunk's token ids say how many tokens came with it. Returns the clock's start (perf_counter: the system's monotonic clock, the same in every
-    process), each request's token times and its usage (the server's counts), and the wall time."""
+    and its stream read as it comes; each chunk's token ids say how many tokens came with it. Returns the clock's
+    start (perf_counter: the system's monotonic clock, the same in every process), each request's token times and
+    its usage (the server's counts), and the wall time."""
     start, token_times, usages = time.perf_counter(), [[] for _ in bodies], [None] * len(bodies)
 
     def request(i):
@@ -666,7 +667,7 @@ def check_args(p, args, on_gpu):
     if args.through_server and (args.latency or args.workload == "chat-multiturn"
                                 or args.workload not in ONLINE_WORKLOADS and args.request_rate is None):
         p.error("argument --through-server: replays an online workload's requests (chat, mixed, short) over HTTP; "
-                "chat-multiturn's next turns need the answers' token ids, which a completion does not return")
+                "chat-multiturn's next turns are built from the answers, which this replay does not do")
     if args.through_server and importlib.util.find_spec("uvicorn") is None:
         p.error("argument --through-server: needs fastapi and uvicorn: pip install -r requirements.txt")
     if args.plot and importlib.util.find_spec("matplotlib") is None:

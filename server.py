@@ -48,7 +48,8 @@ ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num
                 "budget_counts_attention": bool, "quantization": str, "tensor_parallel_size": int,
                 "speculative_config": json_argument}
 # Online defaults: a budget that counts attention keeps each step's time, hence the inter-token latency, near
-# steady while long documents are prefilled (BENCHMARKS.md, mixed workload: p99 / p50 1.71x, against 3.69x at 8,192)
+# steady while long documents are prefilled (BENCHMARKS.md, mixed workload, H100: p99 / p50 1.71x and 1.24x in two
+# runs, against 3.69x and 4.08x at 8,192)
 SERVER_DEFAULTS = {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
 
 
@@ -65,7 +66,8 @@ class EngineLoop:
     """The thread that owns the LLM, and run(), a request's way to it from a handler. Jobs on the inbox: ("add",
     engine request ids, make_prompts(llm) -> a prompt for each, SamplingParams, the handler's asyncio queue) is
     answered None once all are queued (or an APIError), then (prompt index, cumulative RequestOutput) after each
-    step that moved it (a handler that falls behind gets the newest of each); ("abort", engine request ids); None: stop."""
+    step that moved it (a handler that falls behind gets the newest of each); ("abort", engine request ids);
+    None: stop."""
 
     def __init__(self, llm: LLM):
         self.llm, self.inbox, self.routes = llm, queue.SimpleQueue(), {}  # engine request id -> (queue, index)
@@ -332,7 +334,7 @@ def news(completion, previous) -> tuple[str, int]:
 def with_token_ids(choice):
     """choice() with the completion's new token ids, and in its first part the prompt's."""
     def choice_with_ids(number, output, completion, previous):
-        start = 0 if previous is None else len(previous.token_ids)
+        start = news(completion, previous)[1]
         prompt = {"prompt_token_ids": output.prompt_token_ids} if previous is None else {}
         return {**choice(number, output, completion, previous), **prompt, "token_ids": completion.token_ids[start:]}
     return choice_with_ids
