@@ -319,15 +319,18 @@ def rope_tables(config: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor
     return angles.cos().to(config.dtype), angles.sin().to(config.dtype)
 
 
-def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           quantize_for=None):
     """residual += x (in place: the residual stream), then HF's RMSNorm of it: normalised in fp32,
-    rounded to the input dtype, then scaled by the weight."""
+    rounded to the input dtype, then scaled by the weight. (quantize_for: the kernel's; linear_reference
+    quantizes its own input.)"""
     total = residual.add_(x).float()
     return weight * (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's activation: [T, 2 * intermediate] (gate, up side by side) -> silu(gate) * up."""
+def silu_and_mul_reference(gate_up: torch.Tensor, quantize_for=None) -> torch.Tensor:
+    """SwiGLU's activation: [T, 2 * intermediate] (gate, up side by side) -> silu(gate) * up. (quantize_for: as
+    add_rms_norm_reference's.)"""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -337,8 +340,9 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 # HF, up to the last bit of an fp32 sum or exp.
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, eps, hidden_size,
-                         stride_x, stride_residual, stride_out, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, input_scale_ptr, eps, hidden_size,
+                         stride_x, stride_residual, stride_out, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+                         STATIC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -349,50 +353,79 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, eps, hidden_s
     total = total.to(tl.float32)
     normed = total * tl.rsqrt(tl.sum(total * total, 0) / hidden_size + eps)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = normed.to(out_ptr.dtype.element_ty).to(tl.float32) * weight
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = (normed.to(x_ptr.dtype.element_ty).to(tl.float32) * weight).to(x_ptr.dtype.element_ty)
+    if QUANT:  # the next linear's fp8 input, from the registers: the bf16 row is never written
+        scale = _row_scale(tl.max(tl.abs(out.to(tl.float32)), 0), input_scale_ptr, STATIC)
+        _store_e4m3(out.to(tl.float32), scale, out_ptr + row * stride_out + cols, scale_ptr + row, mask)
+    else:
+        tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton version of add_rms_norm_reference (same arguments and result): one program per row."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, quantize_for=None):
+    """Triton version of add_rms_norm_reference (same arguments and result): one program per row. When the row's
+    consumer `quantize_for` runs on fp8 tensor cores, the result comes quantized for it: (e4m3, scales)."""
     if (x.dim() != 2 or x.shape != residual.shape or weight.shape != x.shape[1:] or x.dtype != residual.dtype
             or x.stride(1) != 1 or residual.stride(1) != 1):
         raise ValueError(f"x and residual must be [num_tokens, hidden] of one dtype with contiguous rows, weight "
                          f"[hidden]; got {tuple(x.shape)} {x.dtype}, {tuple(residual.shape)} {residual.dtype}, "
                          f"{tuple(weight.shape)}")
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out, scale, input_scale = _output_for(x.shape, x, quantize_for)
     if x.shape[0] > 0:
         block = triton.next_power_of_2(x.shape[1])
-        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, eps, x.shape[1], x.stride(0), residual.stride(0),
-                                            out.stride(0), BLOCK=block, num_warps=min(8, max(1, block // 256)))
-    return out
+        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, scale, input_scale, eps, x.shape[1], x.stride(0),
+                                            residual.stride(0), out.stride(0), BLOCK=block, QUANT=scale is not None,
+                                            STATIC=input_scale is not scale, num_warps=min(8, max(1, block // 256)))
+    return out if scale is None else (out, scale)
 
 
 SILU_BLOCK = 1024  # elements of one row per program
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, stride_gate_up, stride_out, BLOCK: tl.constexpr):
+def _silu_times_up(gate_up_ptr, cols, mask, intermediate_size):
+    dtype = gate_up_ptr.dtype.element_ty  # rounded where silu_and_mul_reference rounds
+    gate = tl.load(gate_up_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + intermediate_size + cols, mask=mask, other=0.0).to(tl.float32)
+    return ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, input_scale_ptr, intermediate_size, stride_gate_up,
+                         stride_out, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+                         STATIC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < intermediate_size
-    gate = tl.load(gate_up_ptr + row * stride_gate_up + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * stride_gate_up + intermediate_size + cols, mask=mask, other=0.0)
-    silu = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (silu * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    gate_up_ptr += row * stride_gate_up
+    out_ptr += row * stride_out
+    if QUANT:  # one program per row: its amax first (the product recomputed, not stored), then its e4m3
+        amax = 0.0
+        for start in range(0, intermediate_size, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            product = _silu_times_up(gate_up_ptr, cols, cols < intermediate_size, intermediate_size)
+            amax = tl.maximum(amax, tl.max(tl.abs(product), 0))
+        scale = _row_scale(amax, input_scale_ptr, STATIC)
+        for start in range(0, intermediate_size, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            product = _silu_times_up(gate_up_ptr, cols, cols < intermediate_size, intermediate_size)
+            _store_e4m3(product, scale, out_ptr + cols, scale_ptr + row, cols < intermediate_size)
+    else:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        product = _silu_times_up(gate_up_ptr, cols, cols < intermediate_size, intermediate_size)
+        tl.store(out_ptr + cols, product.to(out_ptr.dtype.element_ty), mask=cols < intermediate_size)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """Triton version of silu_and_mul_reference (same argument and result)."""
+def silu_and_mul(gate_up: torch.Tensor, quantize_for=None) -> torch.Tensor:
+    """Triton version of silu_and_mul_reference (same arguments and result); quantize_for as add_rms_norm's."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
         raise ValueError(f"gate_up must be [num_tokens, 2 * intermediate] with contiguous rows, got "
                          f"{tuple(gate_up.shape)} {gate_up.stride()}")
     num_tokens, intermediate_size = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(num_tokens, intermediate_size, dtype=gate_up.dtype, device=gate_up.device)
+    out, scale, input_scale = _output_for((num_tokens, intermediate_size), gate_up, quantize_for)
     if num_tokens > 0:
-        _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate_size, SILU_BLOCK))](
-            gate_up, out, intermediate_size, gate_up.stride(0), out.stride(0), BLOCK=SILU_BLOCK)
-    return out
+        grid = (num_tokens,) if scale is not None else (num_tokens, triton.cdiv(intermediate_size, SILU_BLOCK))
+        _silu_and_mul_kernel[grid](gate_up, out, scale, input_scale, intermediate_size, gate_up.stride(0),
+                                   out.stride(0), BLOCK=SILU_BLOCK,
+                                   QUANT=scale is not None, STATIC=input_scale is not scale)
+    return out if scale is None else (out, scale)
 
 
 # ---- fp8 weights (W8A8): e4m3 weights, a scale (amax / FP8_MAX) per output channel; activations e4m3 per token.
@@ -415,14 +448,27 @@ def quantize_rows_reference(x: torch.Tensor, input_scale: torch.Tensor | None = 
 
 
 @triton.jit
+def _row_scale(amax, input_scale_ptr, STATIC: tl.constexpr):
+    scale = tl.maximum(amax / 448.0, 1e-12)  # FP8_MAX; floored: a row of zeros quantizes to zeros, not NaN
+    if STATIC:
+        scale = tl.load(input_scale_ptr)
+    return scale
+
+
+@triton.jit
+def _store_e4m3(values, scale, out_ptrs, scale_ptr, mask):
+    tl.store(out_ptrs, tl.clamp(values / scale, -448.0, 448.0).to(tl.float8e4nv), mask=mask)
+    tl.store(scale_ptr, scale)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, input_scale_ptr, width, stride_x, BLOCK: tl.constexpr,
                           STATIC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     col = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + col, mask=col < width, other=0.0).to(tl.float32)
-    scale = tl.load(input_scale_ptr) if STATIC else tl.maximum(tl.max(tl.abs(x), 0) / 448.0, 1e-12)  # FP8_MAX
-    tl.store(out_ptr + row * width + col, tl.clamp(x / scale, -448.0, 448.0).to(out_ptr.dtype.element_ty), col < width)
-    tl.store(scale_ptr + row, scale)
+    _store_e4m3(x, _row_scale(tl.max(tl.abs(x), 0), input_scale_ptr, STATIC), out_ptr + row * width + col,
+                scale_ptr + row, col < width)
 
 
 def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None):
@@ -430,9 +476,8 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None):
     out, scale = torch.empty(x.shape, dtype=FP8, device=x.device), x.new_empty(len(x), 1, dtype=torch.float32)
     if len(x) > 0:
         block = triton.next_power_of_2(x.shape[1])
-        _quantize_rows_kernel[(len(x),)](x, out, scale, scale if input_scale is None else input_scale, x.shape[1],
-                                         x.stride(0), BLOCK=block, STATIC=input_scale is not None,
-                                         num_warps=max(1, min(16, block // 512)))
+        _quantize_rows_kernel[(len(x),)](x, out, scale, input_scale, x.shape[1], x.stride(0), BLOCK=block,
+                                         STATIC=input_scale is not None, num_warps=max(1, min(16, block // 512)))
     return out, scale
 
 
@@ -449,12 +494,72 @@ def linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) 
 _has_fp8_tensor_cores = functools.cache(lambda device: torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear_reference; on CUDA an Fp8Linear in bf16 runs torch._scaled_mm (fp8 tensor cores, row-wise scales)."""
-    if isinstance(weight, torch.Tensor) or x.dtype != torch.bfloat16 or not _has_fp8_tensor_cores(x.device):
+def _on_fp8_cores(weight, x: torch.Tensor) -> bool:
+    """Whether x @ weight.T takes the fast path: an Fp8Linear, a bf16 input, a GPU with fp8 tensor cores."""
+    return isinstance(weight, Fp8Linear) and x.dtype == torch.bfloat16 and x.is_cuda and _has_fp8_tensor_cores(x.device)
+
+
+def _output_for(shape, x: torch.Tensor, quantize_for):
+    """A kernel's output buffer: x's dtype, or, when its consumer `quantize_for` takes the fast path, e4m3 with a
+    scale per row; and the scale to quantize with (a static input_scale, or each row's: the scales themselves)."""
+    if quantize_for is None or not _on_fp8_cores(quantize_for, x):
+        return torch.empty(shape, dtype=x.dtype, device=x.device), None, None
+    scale = torch.empty(shape[0], 1, dtype=torch.float32, device=x.device)
+    static = quantize_for.input_scale
+    return torch.empty(shape, dtype=FP8, device=x.device), scale, scale if static is None else static
+
+
+@triton.jit
+def _fp8_matmul_kernel(x_ptr, weight_ptr, x_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, num_tokens, out_features,
+                       in_features, stride_x, stride_weight, stride_out, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out.T = weight @ x.T: the weight's rows fill the tensor cores' long side, the few tokens their short one
+    # (a GEMM tiled for large M pads 16 tokens to its 64 or 128 rows, and reads the weights at half the rate).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = tl.arange(0, BLOCK_K)
+    weight_ptrs = weight_ptr + rows[:, None].to(tl.int64) * stride_weight + k[None, :]
+    x_ptrs = x_ptr + tokens[None, :].to(tl.int64) * stride_x + k[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_T), tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        w = tl.load(weight_ptrs + start, mask=(rows[:, None] < out_features) & (k[None, :] + start < in_features),
+                    other=0.0)
+        x = tl.load(x_ptrs + start, mask=(tokens[None, :] < num_tokens) & (k[:, None] + start < in_features), other=0.0)
+        acc += tl.dot(w, x)  # a tile's sum, then added in fp32: the fp8 cores' own accumulator is narrower
+    acc *= tl.load(weight_scale_ptr + rows, mask=rows < out_features, other=0.0)[:, None]
+    acc *= tl.load(x_scale_ptr + tokens, mask=tokens < num_tokens, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=rows < out_features, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + tokens[None, :].to(tl.int64) * stride_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < out_features) & (tokens[None, :] < num_tokens))
+
+
+FP8_MATMUL_MAX_TOKENS = 64  # above it torch._scaled_mm is as fast (BENCHMARKS.md, H100, Llama-3-8B's linears)
+
+
+def fp8_matmul(quantized: torch.Tensor, scale: torch.Tensor, weight: Fp8Linear, bias: torch.Tensor | None = None):
+    """quantized * scale @ (weight's e4m3 * its scale).T (+ bias), in bf16, for at most FP8_MATMUL_MAX_TOKENS rows:
+    linear_reference's numbers from one Triton kernel."""
+    (num_tokens, in_features), out_features = quantized.shape, weight.weight.shape[0]
+    out = torch.empty(num_tokens, out_features, dtype=torch.bfloat16, device=quantized.device)
+    block_t = max(16, triton.next_power_of_2(num_tokens))
+    _fp8_matmul_kernel[(triton.cdiv(out_features, 64), triton.cdiv(num_tokens, block_t))](
+        quantized, weight.weight, scale, weight.scale, bias, out, num_tokens, out_features, in_features,
+        quantized.stride(0), weight.weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=64,
+        BLOCK_T=block_t, BLOCK_K=256, num_warps=4, num_stages=4)
+    return out
+
+
+def linear(x, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_reference; an Fp8Linear on the fast path runs on fp8 tensor cores: fp8_matmul for a few tokens,
+    torch._scaled_mm (row-wise scales) for more. x may come quantized already: (e4m3, scales) from the kernel that
+    made it (add_rms_norm's or silu_and_mul's quantize_for)."""
+    if not isinstance(x, tuple) and not _on_fp8_cores(weight, x):
         return linear_reference(x, weight, bias)
-    quantized, scale = quantize_rows(x, weight.input_scale)
-    return torch._scaled_mm(quantized, weight.weight.t(), scale, weight.scale.t(), bias=bias, out_dtype=x.dtype)
+    quantized, scale = x if isinstance(x, tuple) else quantize_rows(x, weight.input_scale)
+    if len(quantized) <= FP8_MATMUL_MAX_TOKENS:
+        return fp8_matmul(quantized, scale, weight, bias)
+    return torch._scaled_mm(quantized, weight.weight.t(), scale, weight.scale.t(), bias=bias, out_dtype=torch.bfloat16)
 
 
 def quantize_fp8(model: "Transformer", static_input_scales: bool = False) -> None:
@@ -518,18 +623,19 @@ class DecoderLayer(nn.Module):
         q = kernels.rope_and_write_kv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                       c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping, self.kv_scale)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5, self.kv_scale)
-        return _all_reduce(kernels.linear(out.reshape(x.shape[0], -1), self.o_proj), c)
+        return _all_reduce(kernels.linear(out.reshape(len(positions), -1), self.o_proj), c)
 
     def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
         """hidden: the previous layer's output, not yet added to the residual stream: the add is
         fused into this layer's first norm (the last layer's into the final norm). Updates
         `residual` in place and returns this layer's output."""
         eps = self.config.rms_norm_eps
-        x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps)
+        # Each norm and the activation quantize their output for the next linear when it takes fp8 (x is then a pair)
+        x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps, self.qkv_proj)
         x = self.attention(x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels)
-        x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps)
-        return _all_reduce(kernels.linear(kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj)), self.down_proj),
-                           self.config)
+        x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps, self.gate_up_proj)
+        x = kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj), self.down_proj)
+        return _all_reduce(kernels.linear(x, self.down_proj), self.config)
 
 
 def _all_reduce(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:

@@ -3243,7 +3243,8 @@ class TestSpeculative:
         prompts, params = _spec_workload()
         expected = [o.outputs[0].token_ids for o in LLM("tiny", dtype=torch.float32, block_size=4).generate(
             prompts[-3:], params[-3:], use_tqdm=False)]
-        llm = LLM("tiny", dtype=torch.float32, block_size=4, speculative_config=_SPEC)
+        # eager: on a GPU the repeated prompts' steps would replay graphs, and "forward" would never be called
+        llm = LLM("tiny", dtype=torch.float32, block_size=4, speculative_config=_SPEC, enforce_eager=True)
         _poison_taken_blocks(llm)
         with monkeypatch.context() as patch:
             llm.generate(prompts[-3:], params[-3:], use_tqdm=False)  # the first steps: drafts in flight later
@@ -3347,21 +3348,51 @@ class TestFp8:
             torch.testing.assert_close(out.double(), expected, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
         assert _relative_error(out, x.cpu().to(dtype) @ weight.cpu().to(dtype).t()) > 1e-3  # it did round
 
+    @pytest.mark.parametrize("rows", [1, 20])
+    def test_fp8_matmul_sums_the_reference_products(self, rows):
+        """The few-token kernel (fp8_matmul) against linear_reference's fp32 sums of the same e4m3 products, edge
+        tiles cut; on a CPU through Triton's interpreter (it reads e4m3, never rounds to it)."""
+        fp8 = model.Fp8Linear(_randn(200, 320, dtype=torch.float32, seed=2))
+        quantized, scale = model.quantize_rows_reference(_randn(rows, 320, dtype=torch.float32, seed=3) * 2)
+        bias = _randn(200, dtype=torch.bfloat16, seed=4)
+        expected = (quantized.float() @ fp8.weight.float().t()) * scale * fp8.scale.t() + bias.float()
+        _assert_close(model.fp8_matmul(quantized, scale, fp8, bias), expected)
+
     @pytest.mark.skipif(not _FP8_CORES, reason="needs a GPU with fp8 tensor cores (capability >= 8.9)")
-    @pytest.mark.parametrize("rows", [1, 7, 300])
-    def test_fast_path_equals_reference_in_bf16(self, rows):
-        weight = _randn(256, 512, dtype=torch.bfloat16, seed=2)
+    @pytest.mark.parametrize("rows", [1, 7, 64, 65, 300])  # up to 64: fp8_matmul; above: torch._scaled_mm
+    @pytest.mark.parametrize("shape", [(256, 512), (200, 320)])  # (and tiles cut by the edges)
+    def test_fast_path_equals_reference_in_bf16(self, rows, shape):
+        weight = _randn(*shape, dtype=torch.bfloat16, seed=2)
         for static in (False, True):
             fp8 = model.Fp8Linear(weight, static_input_scale=static)
             fp8.input_scale is None or fp8.input_scale.fill_(0.02)
-            x = _randn(rows, 512, dtype=torch.bfloat16, seed=3) * 2
+            x = _randn(rows, shape[1], dtype=torch.bfloat16, seed=3) * 2
             quantized, scale = model.quantize_rows(x, fp8.input_scale)
             expected_q, expected_scale = model.quantize_rows_reference(x, fp8.input_scale)
             torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
             assert (quantized.float() != expected_q.float()).float().mean() < 1e-3  # fp32 division: rare ties differ
-            bias = _randn(256, dtype=torch.bfloat16, seed=4)  # Qwen2's q/k/v bias: in _scaled_mm's epilogue
+            bias = _randn(shape[0], dtype=torch.bfloat16, seed=4)  # Qwen2's q/k/v bias: in the GEMM's epilogue
             for b in (None, bias):
                 _assert_close(model.linear(x, fp8, b), model.linear_reference(x, fp8, b))
+
+    @pytest.mark.skipif(not _FP8_CORES, reason="needs a GPU with fp8 tensor cores (capability >= 8.9)")
+    @pytest.mark.parametrize("static", [False, True])
+    def test_norm_and_activation_quantize_for_the_next_linear_as_quantize_rows_does(self, static):
+        """The fused quantization (quantize_for) gives what the unfused kernel, then quantize_rows, give; a consumer
+        in bf16 gets the plain output."""
+        fp8 = model.Fp8Linear(_randn(64, 320, dtype=torch.bfloat16, seed=2), static_input_scale=static)
+        fp8.input_scale is None or fp8.input_scale.fill_(0.02)
+        x, residual = (_randn(9, 320, dtype=torch.bfloat16, seed=s) * 3 for s in (3, 4))
+        weight, gate_up = _randn(320, dtype=torch.bfloat16, seed=5), _randn(9, 2 * 2500, dtype=torch.bfloat16, seed=6)
+        residual_plain = residual.clone()
+        for fused, plain in [(model.add_rms_norm(x, residual, weight, 1e-6, fp8),
+                              model.add_rms_norm(x, residual_plain, weight, 1e-6)),
+                             (model.silu_and_mul(gate_up, fp8), model.silu_and_mul(gate_up))]:
+            expected = model.quantize_rows(plain, fp8.input_scale)
+            assert fused[0].dtype == FP8 and torch.equal(fused[1], expected[1])
+            assert torch.equal(fused[0].float(), expected[0].float())
+        assert torch.equal(residual, residual_plain)  # the residual stream is updated the same
+        assert torch.equal(model.silu_and_mul(gate_up, weight[None]), model.silu_and_mul(gate_up))
 
     @pytest.mark.skipif(not _FP8_CORES, reason="needs a GPU with fp8 tensor cores (capability >= 8.9)")
     def test_model_with_fast_kernels_equals_reference_kernels_in_bf16(self):
