@@ -557,8 +557,8 @@ def linear(x, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(x, tuple) and not _on_fp8_cores(weight, x):
         return linear_reference(x, weight, bias)
     quantized, scale = x if isinstance(x, tuple) else quantize_rows(x, weight.input_scale)
-    if len(quantized) <= FP8_MATMUL_MAX_TOKENS:
-        return fp8_matmul(quantized, scale, weight, bias)
+    if len(quantized) <= FP8_MATMUL_MAX_TOKENS or weight.weight.shape[0] % 16 or weight.weight.shape[1] % 16:
+        return fp8_matmul(quantized, scale, weight, bias)  # (torch._scaled_mm takes multiples of 16 only)
     return torch._scaled_mm(quantized, weight.weight.t(), scale, weight.scale.t(), bias=bias, out_dtype=torch.bfloat16)
 
 

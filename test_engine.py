@@ -4185,10 +4185,12 @@ class TestServer:
 
     @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
     def test_a_dead_engine_loop_gives_503_and_shutdown_leaves_no_thread(self):
-        before = set(threading.enumerate())
+        import server
+        before, interval = set(threading.enumerate()), sys.getswitchinterval()
         llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4, num_blocks=64, max_model_len=256)
         uvicorn_server, thread, port = _serve_in_thread(llm, "tiny")
         assert _http(port, "GET", "/health") == (200, {})
+        assert sys.getswitchinterval() == pytest.approx(server.SWITCH_INTERVAL) != interval  # while it serves
         assert _http(port, "POST", "/v1/completions", b'{"prompt": [1, 2, 3], "max_tokens": 2}')[0] == 200
 
         def broken_step():
@@ -4199,7 +4201,7 @@ class TestServer:
             status, answer = _http(port, "POST" if body else "GET", path, body)
             assert status == 503 and "the device fell over" in answer["error"]["message"]
         _stop(uvicorn_server, thread)
-        assert set(threading.enumerate()) == before
+        assert set(threading.enumerate()) == before and sys.getswitchinterval() == interval
 
     def test_bench_through_the_server_gives_the_in_process_tokens_and_latency_fields(self, tmp_path, monkeypatch):
         """bench.py --through-server streams the same requests over HTTP from another process: the same output
