@@ -340,9 +340,8 @@ def silu_and_mul_reference(gate_up: torch.Tensor, quantize_for=None) -> torch.Te
 # HF, up to the last bit of an fp32 sum or exp.
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, input_scale_ptr, eps, hidden_size,
-                         stride_x, stride_residual, stride_out, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-                         STATIC: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, eps, hidden_size, stride_x,
+                         stride_residual, stride_out, BLOCK: tl.constexpr, QUANT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -355,7 +354,7 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, in
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = (normed.to(x_ptr.dtype.element_ty).to(tl.float32) * weight).to(x_ptr.dtype.element_ty)
     if QUANT:  # the next linear's fp8 input, from the registers: the bf16 row is never written
-        scale = _row_scale(tl.max(tl.abs(out.to(tl.float32)), 0), input_scale_ptr, STATIC)
+        scale = _dynamic_scale(tl.max(tl.abs(out.to(tl.float32)), 0))
         _store_e4m3(out.to(tl.float32), scale, out_ptr + row * stride_out + cols, scale_ptr + row, mask)
     else:
         tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
@@ -369,12 +368,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         raise ValueError(f"x and residual must be [num_tokens, hidden] of one dtype with contiguous rows, weight "
                          f"[hidden]; got {tuple(x.shape)} {x.dtype}, {tuple(residual.shape)} {residual.dtype}, "
                          f"{tuple(weight.shape)}")
-    out, scale, input_scale = _output_for(x.shape, x, quantize_for)
+    out, scale = _output_for(x.shape, x, quantize_for)
     if x.shape[0] > 0:
         block = triton.next_power_of_2(x.shape[1])
-        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, scale, input_scale, eps, x.shape[1], x.stride(0),
+        _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, scale, eps, x.shape[1], x.stride(0),
                                             residual.stride(0), out.stride(0), BLOCK=block, QUANT=scale is not None,
-                                            STATIC=input_scale is not scale, num_warps=min(8, max(1, block // 256)))
+                                            num_warps=min(8, max(1, block // 256)))
     return out if scale is None else (out, scale)
 
 
@@ -390,9 +389,8 @@ def _silu_times_up(gate_up_ptr, cols, mask, intermediate_size):
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, input_scale_ptr, intermediate_size, stride_gate_up,
-                         stride_out, BLOCK: tl.constexpr, QUANT: tl.constexpr,
-                         STATIC: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate_size, stride_gate_up, stride_out,
+                         BLOCK: tl.constexpr, QUANT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     gate_up_ptr += row * stride_gate_up
     out_ptr += row * stride_out
@@ -402,7 +400,7 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, input_scale_ptr, inter
             cols = start + tl.arange(0, BLOCK)
             product = _silu_times_up(gate_up_ptr, cols, cols < intermediate_size, intermediate_size)
             amax = tl.maximum(amax, tl.max(tl.abs(product), 0))
-        scale = _row_scale(amax, input_scale_ptr, STATIC)
+        scale = _dynamic_scale(amax)
         for start in range(0, intermediate_size, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             product = _silu_times_up(gate_up_ptr, cols, cols < intermediate_size, intermediate_size)
@@ -419,12 +417,11 @@ def silu_and_mul(gate_up: torch.Tensor, quantize_for=None) -> torch.Tensor:
         raise ValueError(f"gate_up must be [num_tokens, 2 * intermediate] with contiguous rows, got "
                          f"{tuple(gate_up.shape)} {gate_up.stride()}")
     num_tokens, intermediate_size = gate_up.shape[0], gate_up.shape[1] // 2
-    out, scale, input_scale = _output_for((num_tokens, intermediate_size), gate_up, quantize_for)
+    out, scale = _output_for((num_tokens, intermediate_size), gate_up, quantize_for)
     if num_tokens > 0:
         grid = (num_tokens,) if scale is not None else (num_tokens, triton.cdiv(intermediate_size, SILU_BLOCK))
-        _silu_and_mul_kernel[grid](gate_up, out, scale, input_scale, intermediate_size, gate_up.stride(0),
-                                   out.stride(0), BLOCK=SILU_BLOCK,
-                                   QUANT=scale is not None, STATIC=input_scale is not scale)
+        _silu_and_mul_kernel[grid](gate_up, out, scale, intermediate_size, gate_up.stride(0), out.stride(0),
+                                   BLOCK=SILU_BLOCK, QUANT=scale is not None)
     return out if scale is None else (out, scale)
 
 
@@ -448,11 +445,8 @@ def quantize_rows_reference(x: torch.Tensor, input_scale: torch.Tensor | None = 
 
 
 @triton.jit
-def _row_scale(amax, input_scale_ptr, STATIC: tl.constexpr):
-    scale = tl.maximum(amax / 448.0, 1e-12)  # FP8_MAX; floored: a row of zeros quantizes to zeros, not NaN
-    if STATIC:
-        scale = tl.load(input_scale_ptr)
-    return scale
+def _dynamic_scale(amax):
+    return tl.maximum(amax / 448.0, 1e-12)  # FP8_MAX; floored: a row of zeros quantizes to zeros, not NaN
 
 
 @triton.jit
@@ -467,8 +461,8 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, input_scale_ptr, width, str
     row = tl.program_id(0).to(tl.int64)
     col = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + col, mask=col < width, other=0.0).to(tl.float32)
-    _store_e4m3(x, _row_scale(tl.max(tl.abs(x), 0), input_scale_ptr, STATIC), out_ptr + row * width + col,
-                scale_ptr + row, col < width)
+    scale = tl.load(input_scale_ptr) if STATIC else _dynamic_scale(tl.max(tl.abs(x), 0))
+    _store_e4m3(x, scale, out_ptr + row * width + col, scale_ptr + row, col < width)
 
 
 def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None = None):
@@ -500,13 +494,12 @@ def _on_fp8_cores(weight, x: torch.Tensor) -> bool:
 
 
 def _output_for(shape, x: torch.Tensor, quantize_for):
-    """A kernel's output buffer: x's dtype, or, when its consumer `quantize_for` takes the fast path, e4m3 with a
-    scale per row; and the scale to quantize with (a static input_scale, or each row's: the scales themselves)."""
-    if quantize_for is None or not _on_fp8_cores(quantize_for, x):
-        return torch.empty(shape, dtype=x.dtype, device=x.device), None, None
-    scale = torch.empty(shape[0], 1, dtype=torch.float32, device=x.device)
-    static = quantize_for.input_scale
-    return torch.empty(shape, dtype=FP8, device=x.device), scale, scale if static is None else static
+    """A kernel's output: (a buffer of x's dtype, None), or, when its consumer `quantize_for` takes the fast path with
+    each token's own scale (issue 27's fusion; a static input_scale is applied by linear), (e4m3, a scale per row)."""
+    if quantize_for is None or not _on_fp8_cores(quantize_for, x) or quantize_for.input_scale is not None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device), None
+    return (torch.empty(shape, dtype=FP8, device=x.device),
+            torch.empty(shape[0], 1, dtype=torch.float32, device=x.device))
 
 
 @triton.jit

@@ -3376,23 +3376,23 @@ class TestFp8:
                 _assert_close(model.linear(x, fp8, b), model.linear_reference(x, fp8, b))
 
     @pytest.mark.skipif(not _FP8_CORES, reason="needs a GPU with fp8 tensor cores (capability >= 8.9)")
-    @pytest.mark.parametrize("static", [False, True])
-    def test_norm_and_activation_quantize_for_the_next_linear_as_quantize_rows_does(self, static):
+    def test_norm_and_activation_quantize_for_the_next_linear_as_quantize_rows_does(self):
         """The fused quantization (quantize_for) gives what the unfused kernel, then quantize_rows, give; a consumer
-        in bf16 gets the plain output."""
-        fp8 = model.Fp8Linear(_randn(64, 320, dtype=torch.bfloat16, seed=2), static_input_scale=static)
-        fp8.input_scale is None or fp8.input_scale.fill_(0.02)
+        in bf16, or one with a static input scale (linear applies it), gets the plain output."""
+        fp8, static = (model.Fp8Linear(_randn(64, 320, dtype=torch.bfloat16, seed=2), static_input_scale=s)
+                       for s in (False, True))
         x, residual = (_randn(9, 320, dtype=torch.bfloat16, seed=s) * 3 for s in (3, 4))
         weight, gate_up = _randn(320, dtype=torch.bfloat16, seed=5), _randn(9, 2 * 2500, dtype=torch.bfloat16, seed=6)
         residual_plain = residual.clone()
         for fused, plain in [(model.add_rms_norm(x, residual, weight, 1e-6, fp8),
                               model.add_rms_norm(x, residual_plain, weight, 1e-6)),
                              (model.silu_and_mul(gate_up, fp8), model.silu_and_mul(gate_up))]:
-            expected = model.quantize_rows(plain, fp8.input_scale)
+            expected = model.quantize_rows(plain)
             assert fused[0].dtype == FP8 and torch.equal(fused[1], expected[1])
             assert torch.equal(fused[0].float(), expected[0].float())
         assert torch.equal(residual, residual_plain)  # the residual stream is updated the same
-        assert torch.equal(model.silu_and_mul(gate_up, weight[None]), model.silu_and_mul(gate_up))
+        for consumer in (weight[None], static):
+            assert torch.equal(model.silu_and_mul(gate_up, consumer), model.silu_and_mul(gate_up))
 
     @pytest.mark.skipif(not _FP8_CORES, reason="needs a GPU with fp8 tensor cores (capability >= 8.9)")
     def test_model_with_fast_kernels_equals_reference_kernels_in_bf16(self):
