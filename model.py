@@ -603,8 +603,13 @@ class DecoderLayer(nn.Module):
         self.register_buffer("kv_scale", torch.ones(2), persistent=False)
         self.calibrate_kv_scale = False
 
-    def attention(self, x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
+    def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
+        """hidden: the previous layer's output, not yet added to the residual stream: the add is
+        fused into this layer's first norm (the last layer's into the final norm). Updates
+        `residual` in place and returns this layer's output."""
         c = self.config
+        # Each norm and the activation quantize their output for the next linear when it takes fp8 (x is then a pair)
+        x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, c.rms_norm_eps, self.qkv_proj)
         qkv = kernels.linear(x, self.qkv_proj, self.qkv_bias)
         if self.calibrate_kv_scale:  # calculate_kv_scales: amax / FP8_MAX of this first batch's K and V, then frozen
             _, k, v = attention.rotated_qkv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
@@ -616,19 +621,10 @@ class DecoderLayer(nn.Module):
         q = kernels.rope_and_write_kv(qkv, positions, rope_cos, rope_sin, self.q_norm, self.k_norm,
                                       c.rms_norm_eps, k_cache, v_cache, meta.slot_mapping, self.kv_scale)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, c.head_dim ** -0.5, self.kv_scale)
-        return _all_reduce(kernels.linear(out.reshape(len(positions), -1), self.o_proj), c)
-
-    def forward(self, hidden, residual, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels):
-        """hidden: the previous layer's output, not yet added to the residual stream: the add is
-        fused into this layer's first norm (the last layer's into the final norm). Updates
-        `residual` in place and returns this layer's output."""
-        eps = self.config.rms_norm_eps
-        # Each norm and the activation quantize their output for the next linear when it takes fp8 (x is then a pair)
-        x = kernels.add_rms_norm(hidden, residual, self.input_layernorm, eps, self.qkv_proj)
-        x = self.attention(x, positions, rope_cos, rope_sin, k_cache, v_cache, meta, kernels)
-        x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, eps, self.gate_up_proj)
+        x = _all_reduce(kernels.linear(out.reshape(len(positions), -1), self.o_proj), c)
+        x = kernels.add_rms_norm(x, residual, self.post_attention_layernorm, c.rms_norm_eps, self.gate_up_proj)
         x = kernels.silu_and_mul(kernels.linear(x, self.gate_up_proj), self.down_proj)
-        return _all_reduce(kernels.linear(x, self.down_proj), self.config)
+        return _all_reduce(kernels.linear(x, self.down_proj), c)
 
 
 def _all_reduce(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -689,9 +685,8 @@ class Transformer(nn.Module):
         # The residual stream starts at zero and the embedding is the first output added to it, so
         # every layer starts the same way (add + norm), the first one included.
         residual = torch.zeros_like(hidden)
-        for layer, layer_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, residual, positions, self.rope_cos, self.rope_sin, layer_cache[0], layer_cache[1],
-                           meta, kernels)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            hidden = layer(hidden, residual, positions, self.rope_cos, self.rope_sin, k_cache, v_cache, meta, kernels)
         if logits_indices is not None:  # the final norm and lm_head only for rows that sample
             hidden, residual = hidden[logits_indices], residual[logits_indices]
         hidden = kernels.add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
@@ -737,9 +732,8 @@ def _safetensors_files(path: str) -> list[str]:
         if not isinstance(weight_map := _read_json(index).get("weight_map"), dict):
             raise ValueError(f"{index}: expected a \"weight_map\" object (tensor name -> shard file)")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not os.path.exists(file):
-                raise FileNotFoundError(f"{file} not found (named in the weight_map of {index})")
+        if missing := [file for file in files if not os.path.exists(file)]:
+            raise FileNotFoundError(f"{missing[0]} not found (named in the weight_map of {index})")
         return files
     if os.path.exists(single := os.path.join(path, "model.safetensors")):
         return [single]
