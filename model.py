@@ -88,14 +88,6 @@ class ModelConfig:
     kv_replicas: int = 1
 
     @property
-    def has_qkv_bias(self) -> bool:
-        return self.architecture == "Qwen2ForCausalLM"
-
-    @property
-    def has_qk_norm(self) -> bool:
-        return self.architecture == "Qwen3ForCausalLM"
-
-    @property
     def vocab_rows(self) -> int:  # the embedding and lm_head rows of one rank (the last one's padded)
         return -(-self.vocab_size // self.tp_size)
 
@@ -592,9 +584,10 @@ class DecoderLayer(nn.Module):
         self.qkv_sizes = [q_size, kv_size, kv_size]
         self.input_layernorm = _empty(config.hidden_size, config=config)
         self.qkv_proj = _empty(q_size + 2 * kv_size, config.hidden_size, config=config)
-        self.qkv_bias = _empty(q_size + 2 * kv_size, config=config) if config.has_qkv_bias else None
-        self.q_norm = _empty(config.head_dim, config=config) if config.has_qk_norm else None
-        self.k_norm = _empty(config.head_dim, config=config) if config.has_qk_norm else None
+        qwen2, qwen3 = config.architecture == "Qwen2ForCausalLM", config.architecture == "Qwen3ForCausalLM"
+        self.qkv_bias = _empty(q_size + 2 * kv_size, config=config) if qwen2 else None  # Qwen2's q/k/v bias
+        self.q_norm = _empty(config.head_dim, config=config) if qwen3 else None  # Qwen3's per-head q/k RMSNorm
+        self.k_norm = _empty(config.head_dim, config=config) if qwen3 else None
         self.o_proj = _empty(config.hidden_size, q_size, config=config)
         self.post_attention_layernorm = _empty(config.hidden_size, config=config)
         self.gate_up_proj = _empty(2 * config.intermediate_size, config.hidden_size, config=config)
@@ -811,15 +804,6 @@ def _read_safetensors(file: str):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def load_weights(model: Transformer, path: str):
-    """Every weight of a checkpoint directory into the model; a missing one is an error."""
-    files = _safetensors_files(path)
-    loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
-    if missing := sorted(n for n in {*_checkpoint_targets(model)} - loaded if not n.endswith(("k_scale", "v_scale"))):
-        raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
-                         f"in {', '.join(files)}")
-
-
 def load_model(path: str, dtype=None, device=None, rank: int = 0, size: int = 1) -> Transformer:
     """An HF checkpoint directory -> Transformer on `device` in `dtype` (see resolve_device_and_dtype); with
     tensor parallelism, rank `rank`'s shard of `size` (shard_config), reading only its part of each tensor."""
@@ -827,7 +811,11 @@ def load_model(path: str, dtype=None, device=None, rank: int = 0, size: int = 1)
     model = Transformer(replace(shard_config(read_config(path), rank, size), dtype=dtype), device)
     if model.config.quantization == "fp8":  # the checkpoint's e4m3 weights and scales load into Fp8Linears
         quantize_fp8(model, model.config.static_input_scales)
-    load_weights(model, path)
+    files = _safetensors_files(path)  # they must hold every weight; the fp8 KV scales are optional
+    loaded = set().union(*(load_tensors(model, _read_safetensors(file), file) for file in files))
+    if missing := sorted(n for n in {*_checkpoint_targets(model)} - loaded if not n.endswith(("k_scale", "v_scale"))):
+        raise ValueError(f"missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                         f"in {', '.join(files)}")
     return model
 
 
