@@ -270,16 +270,14 @@ class LLM:
         try:
             moved = []
             if self.in_flight is not None and self.scheduler.drafting():  # drafts need every token known: no overlap
-                flight, self.in_flight = self.in_flight, None
-                moved = self._collect(flight)
+                moved, self.in_flight = self._collect(self.in_flight), None
             schedule = self.scheduler.schedule()
             launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
             overlap = self.config.async_scheduling and not (launched and launched.plan.drafts)
             collect, self.in_flight = (self.in_flight, launched) if overlap else (launched, None)
             moved += self._collect(collect) if collect is not None else []
             if self.in_flight is not None and not self.scheduler.has_unfinished_requests():  # the engine ends idle
-                flight, self.in_flight = self.in_flight, None
-                moved += self._collect(flight)
+                moved, self.in_flight = moved + self._collect(self.in_flight), None
             if launched is collect is None and not schedule.finished and self.scheduler.has_unfinished_requests():
                 raise RuntimeError("the scheduler made no progress with requests waiting: this is a bug")
             return self.output_processor.groups_of(schedule.finished + moved)
@@ -935,14 +933,13 @@ class ModelRunner:
                 self.inputs.view("query_start_loc", size + 1).copy_(torch.arange(size + 1) * query_len)
                 self.inputs.view("seq_lens", size).fill_(query_len)
 
-                # The inputs are built inside the capture too: their int32 -> int64 casts must replay.
-                def forward():
-                    return self._forward(size * query_len, size, query_len, self.config.max_model_len, None)
-                forward()  # compiles the kernels for this shape outside the capture
+                # _forward builds the inputs inside the capture too: their int32 -> int64 casts must replay.
+                args = (size * query_len, size, query_len, self.config.max_model_len, None)
+                self._forward(*args)  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
-                    logits = forward()
+                    logits = self._forward(*args)
                 pool, graphs[size] = graph.pool(), (graph, logits)
         self.graphs, self.draft_graphs = dict(sorted(self.graphs.items())), dict(sorted(self.draft_graphs.items()))
         torch.cuda.synchronize()
