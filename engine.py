@@ -270,16 +270,14 @@ class LLM:
         try:
             moved = []
             if self.in_flight is not None and self.scheduler.drafting():  # drafts need every token known: no overlap
-                flight, self.in_flight = self.in_flight, None
-                moved = self._collect(flight)
+                moved, self.in_flight = self._collect(self.in_flight), None
             schedule = self.scheduler.schedule()
             launched = self.runner.execute(schedule, self.in_flight) if schedule.scheduled else None
             overlap = self.config.async_scheduling and not (launched and launched.plan.drafts)
             collect, self.in_flight = (self.in_flight, launched) if overlap else (launched, None)
             moved += self._collect(collect) if collect is not None else []
             if self.in_flight is not None and not self.scheduler.has_unfinished_requests():  # the engine ends idle
-                flight, self.in_flight = self.in_flight, None
-                moved += self._collect(flight)
+                moved, self.in_flight = moved + self._collect(self.in_flight), None
             if launched is collect is None and not schedule.finished and self.scheduler.has_unfinished_requests():
                 raise RuntimeError("the scheduler made no progress with requests waiting: this is a bug")
             return self.output_processor.groups_of(schedule.finished + moved)
@@ -626,15 +624,6 @@ class InputBuffer:
         dst, src = self.view("placeholder_dst", count).long(), self.view("placeholder_src", count).long()
         self.view("input_ids", num_tokens).index_copy_(0, dst, previous_sampled.index_select(0, src).int())
 
-    def model_inputs(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
-        """Views of the device buffer as the model's arguments (static for a given shape)."""
-        meta = AttentionMetadata(
-            slot_mapping=self.view("slot_mapping", num_tokens).long(),
-            query_start_loc=self.view("query_start_loc", num_seqs + 1), seq_lens=self.view("seq_lens", num_seqs),
-            block_table=self.block_table(num_seqs), max_query_len=max_query_len, max_seq_len=max_seq_len)
-        logits_indices = None if num_logits is None else self.view("logits_indices", num_logits).long()
-        return self.view("input_ids", num_tokens).long(), self.view("positions", num_tokens).long(), meta, logits_indices
-
 
 @dataclass
 class StepPlan:
@@ -806,13 +795,11 @@ class ModelRunner:
         fields = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=query_start,
                       seq_lens=seq_lens, logits_indices=logits_indices + prompt_rows,
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
-        sample_fields, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
+        sample_fields, sample_row, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
         num_rows = pad_for_graph(fields, num_seqs, *self._graphs_for(max_query_len))
-        first_rows = itertools.accumulate((1 + len(entry.draft_token_ids) for entry, _ in samplers), initial=0)
         plan = StepPlan(
-            schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens),
-            {entry.request: row for row, (entry, _) in zip(first_rows, samplers)}, sampling, num_logprobs,
-            prompt_positions, to_device(prompt_targets, self.device) if prompt_rows else None,
+            schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens), sample_row,
+            sampling, num_logprobs, prompt_positions, to_device(prompt_targets, self.device) if prompt_rows else None,
             max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0),
             {entry.request: entry.draft_token_ids for entry in rows if entry.draft_token_ids})
         self.inputs.write(num_rows, tables, fields | sample_fields | {"header": [STEP, *plan.shape]})
@@ -821,13 +808,14 @@ class ModelRunner:
         self.stats.context_tokens_read += sum(seq_lens)
         return plan
 
-    def _sampling_inputs(self, samplers, previous: InFlight | None) -> tuple[dict[str, list], SamplingTensors, int | None]:
-        """The sampling rows' fields for the buffer, the SamplingTensors that view them (plus the penalties'
-        and bans' tensors when a row has some), and the most top-k logprobs a row asks for."""
+    def _sampling_inputs(self, samplers, previous: InFlight | None) -> tuple[dict, dict, SamplingTensors, int | None]:
+        """The sampling rows' fields for the buffer, each request's first row, the SamplingTensors that view them
+        (plus the penalties' and bans' tensors when a row has some), and the most top-k logprobs a row asks for."""
         vocab_size, fields = self.model.config.vocab_size, dict(temperature=[], top_p=[], top_k=[], min_p=[], seeds=[])
-        num_logprobs, adjusted = None, []
+        num_logprobs, adjusted, sample_row = None, [], {}
         for entry, pending in samplers:
             request, params, drafts = entry.request, entry.request.sampling_params, entry.draft_token_ids
+            sample_row[request] = len(fields["seeds"])
             if params.logprobs is not None:
                 num_logprobs = max(num_logprobs or 0, params.logprobs)
             for i in range(1 + len(drafts)):  # a row per position that samples: each draft's, then one more
@@ -850,7 +838,7 @@ class ModelRunner:
             or any(min_p), min_p=self.inputs.view("min_p", rows) if any(min_p) else None,
             adjust=logits_adjustment(adjusted, rows, vocab_size, previous and previous.sampled, self.device)
             if adjusted else None)
-        return fields, sampling, num_logprobs
+        return fields, sample_row, sampling, num_logprobs
 
     def _graphs_for(self, max_query_len: int) -> tuple[dict, int]:
         """The graphs that run a batch whose rows have at most max_query_len tokens, and their rows' length:
@@ -875,9 +863,15 @@ class ModelRunner:
             return self._forward(num_tokens, num_rows, max_query_len, max_seq_len, num_logits)
 
     def _forward(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
-        input_ids, positions, meta, logits_indices = self.inputs.model_inputs(
-            num_tokens, num_seqs, max_query_len, max_seq_len, num_logits)
-        return self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
+        """The model on views of the device buffer as its arguments (static for a given shape)."""
+        view = self.inputs.view
+        meta = AttentionMetadata(
+            slot_mapping=view("slot_mapping", num_tokens).long(), query_start_loc=view("query_start_loc", num_seqs + 1),
+            seq_lens=view("seq_lens", num_seqs), block_table=self.inputs.block_table(num_seqs),
+            max_query_len=max_query_len, max_seq_len=max_seq_len)
+        logits_indices = None if num_logits is None else view("logits_indices", num_logits).long()
+        return self.model(view("input_ids", num_tokens).long(), view("positions", num_tokens).long(), self.kv_caches,
+                          meta, logits_indices)
 
     def _allocate_kv_caches(self, num_blocks: int) -> torch.Tensor:
         c = self.model.config
@@ -939,14 +933,13 @@ class ModelRunner:
                 self.inputs.view("query_start_loc", size + 1).copy_(torch.arange(size + 1) * query_len)
                 self.inputs.view("seq_lens", size).fill_(query_len)
 
-                # The inputs are built inside the capture too: their int32 -> int64 casts must replay.
-                def forward():
-                    return self._forward(size * query_len, size, query_len, self.config.max_model_len, None)
-                forward()  # compiles the kernels for this shape outside the capture
+                # _forward builds the inputs inside the capture too: their int32 -> int64 casts must replay.
+                args = (size * query_len, size, query_len, self.config.max_model_len, None)
+                self._forward(*args)  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
-                    logits = forward()
+                    logits = self._forward(*args)
                 pool, graphs[size] = graph.pool(), (graph, logits)
         self.graphs, self.draft_graphs = dict(sorted(self.graphs.items())), dict(sorted(self.draft_graphs.items()))
         torch.cuda.synchronize()
