@@ -523,11 +523,12 @@ FP8_MATMUL_MAX_TOKENS = 64  # above it torch._scaled_mm is as fast (BENCHMARKS.m
 
 
 def fp8_matmul(quantized: torch.Tensor, scale: torch.Tensor, weight: Fp8Linear, bias: torch.Tensor | None = None):
-    """quantized * scale @ (weight's e4m3 * its scale).T (+ bias), in bf16, for at most FP8_MATMUL_MAX_TOKENS rows:
-    linear_reference's numbers from one Triton kernel."""
+    """quantized * scale @ (weight's e4m3 * its scale).T (+ bias), in bf16: linear_reference's numbers from one Triton
+    kernel, the fastest up to FP8_MATMUL_MAX_TOKENS rows (tiles of at most 64 tokens: a tile's K slices stay in
+    shared memory)."""
     (num_tokens, in_features), out_features = quantized.shape, weight.weight.shape[0]
     out = torch.empty(num_tokens, out_features, dtype=torch.bfloat16, device=quantized.device)
-    block_t = max(16, triton.next_power_of_2(num_tokens))
+    block_t = min(64, max(16, triton.next_power_of_2(num_tokens)))  # more tokens: more programs
     _fp8_matmul_kernel[(triton.cdiv(out_features, 64), triton.cdiv(num_tokens, block_t))](
         quantized, weight.weight, scale, weight.scale, bias, out, num_tokens, out_features, in_features,
         quantized.stride(0), weight.weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=64,
