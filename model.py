@@ -13,6 +13,9 @@ attention.py's fused RoPE + KV write a layer runs 9 kernels instead of 21 (Qwen3
 The tokenizer (its own section) turns an HF byte-level BPE tokenizer.json into a tiktoken.Encoding
 and renders chat templates.
 
+fp8 weights (W8A8): the norm and the SiLU kernels can write their output as e4m3 with a scale per token for the
+next linear, which runs a Triton GEMM of ours for a few tokens (fp8_matmul) or torch._scaled_mm for more.
+
 Owns: ModelConfig (from HF config.json), the forward, fp8 weights (Fp8Linear: online or an fp8 checkpoint's),
 loading *.safetensors, random init, the tokenizer; under tensor parallelism, one rank's shard of each (shard_config)
 and its two all-reduces a layer. Never touches: scheduling, which blocks a request owns, sampling.

@@ -56,8 +56,8 @@ SERVER_DEFAULTS = {"max_num_batched_tokens": 4096, "budget_counts_attention": Tr
 
 # The engine thread and the event loop share one interpreter lock. A thread that wants it back (the engine after
 # its GPU wait, the loop with chunks to send) waits until the holder yields, at most Python's switch interval: at
-# its default 5 ms the engine idles for the loop's JSON. Chat through the server, H100: 0.41x of in-process at 5 ms,
-# 0.46x at 1 ms, 0.68x at 0.2 ms (BENCHMARKS.md).
+# its default 5 ms the engine idles for the loop's JSON. Chat through the server, H100, one call: 0.41x of
+# in-process at 5 ms, 0.46x at 1 ms, 0.68x at 0.2 ms (another host: 0.37x at 0.2 ms; BENCHMARKS.md).
 SWITCH_INTERVAL = 0.0002
 
 
