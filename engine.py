@@ -624,6 +624,16 @@ class InputBuffer:
         dst, src = self.view("placeholder_dst", count).long(), self.view("placeholder_src", count).long()
         self.view("input_ids", num_tokens).index_copy_(0, dst, previous_sampled.index_select(0, src).int())
 
+    def model_inputs(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
+        """Views of the buffer as the model's arguments (static for a given shape, so a graph replays them)."""
+        view = self.view
+        meta = AttentionMetadata(
+            slot_mapping=view("slot_mapping", num_tokens).long(), query_start_loc=view("query_start_loc", num_seqs + 1),
+            seq_lens=view("seq_lens", num_seqs), block_table=self.block_table(num_seqs),
+            max_query_len=max_query_len, max_seq_len=max_seq_len)
+        logits_indices = None if num_logits is None else view("logits_indices", num_logits).long()
+        return view("input_ids", num_tokens).long(), view("positions", num_tokens).long(), meta, logits_indices
+
 
 @dataclass
 class StepPlan:
@@ -862,16 +872,9 @@ class ModelRunner:
         with torch.inference_mode():
             return self._forward(num_tokens, num_rows, max_query_len, max_seq_len, num_logits)
 
-    def _forward(self, num_tokens, num_seqs, max_query_len, max_seq_len, num_logits):
-        """The model on views of the device buffer as its arguments (static for a given shape)."""
-        view = self.inputs.view
-        meta = AttentionMetadata(
-            slot_mapping=view("slot_mapping", num_tokens).long(), query_start_loc=view("query_start_loc", num_seqs + 1),
-            seq_lens=view("seq_lens", num_seqs), block_table=self.inputs.block_table(num_seqs),
-            max_query_len=max_query_len, max_seq_len=max_seq_len)
-        logits_indices = None if num_logits is None else view("logits_indices", num_logits).long()
-        return self.model(view("input_ids", num_tokens).long(), view("positions", num_tokens).long(), self.kv_caches,
-                          meta, logits_indices)
+    def _forward(self, *shape):
+        input_ids, positions, meta, logits_indices = self.inputs.model_inputs(*shape)
+        return self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
 
     def _allocate_kv_caches(self, num_blocks: int) -> torch.Tensor:
         c = self.model.config
