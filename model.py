@@ -490,7 +490,7 @@ def _on_fp8_cores(weight, x: torch.Tensor) -> bool:
 
 def _output_for(shape, x: torch.Tensor, quantize_for):
     """A kernel's output: (a buffer of x's dtype, None), or, when its consumer `quantize_for` takes the fast path with
-    each token's own scale (issue 27's fusion; a static input_scale is applied by linear), (e4m3, a scale per row)."""
+    each token's own scale (a checkpoint's static input_scale is linear's to apply), (e4m3, a scale per row)."""
     if quantize_for is None or not _on_fp8_cores(quantize_for, x) or quantize_for.input_scale is not None:
         return torch.empty(shape, dtype=x.dtype, device=x.device), None
     return (torch.empty(shape, dtype=FP8, device=x.device),
@@ -502,7 +502,8 @@ def _fp8_matmul_kernel(x_ptr, weight_ptr, x_scale_ptr, weight_scale_ptr, bias_pt
                        in_features, stride_x, stride_weight, stride_out, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     # out.T = weight @ x.T: the weight's rows fill the tensor cores' long side, the few tokens their short one
-    # (a GEMM tiled for large M pads 16 tokens to its 64 or 128 rows, and reads the weights at half the rate).
+    # (a GEMM tiled for large M pads 16 tokens to its 64 or 128 rows; _scaled_mm read the weights at about half the
+    # bf16 GEMV's rate there: BENCHMARKS.md).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     k = tl.arange(0, BLOCK_K)
