@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import random
 import socket
-import threading
 import time
 
 import torch
@@ -151,12 +150,11 @@ def serve(llm, prompts, params, arrivals, next_turn=None):
 
 
 def serve_through_server(llm, prompts, params, arrivals):
-    """serve()'s requests as a client of server.py sends them: its app on uvicorn on 127.0.0.1 (a free port), in a
-    thread of this process, as `python server.py` runs it (its event loop beside its engine thread); the load
-    generator in a process of its own, so that the client's work never holds the server's interpreter lock. Each
+    """serve()'s requests as a client of server.py sends them, on 127.0.0.1 (a free port): its engine loop on a thread
+    of this process and its HTTP front end in a process of its own, as `python server.py` runs them; the load
+    generator in a third process, so that the client's work never holds the server's interpreter lock. Each
     request is a streamed POST /v1/completions of token ids whose fields map back to exactly its SamplingParams.
     Returns the client's clock start (perf_counter), the token times and the wall time, as serve() does."""
-    import uvicorn
     import server
     bodies, defaults = [], llm.get_default_sampling_params()
     for prompt, p in zip(prompts, params):
@@ -166,22 +164,13 @@ def serve_through_server(llm, prompts, params, arrivals):
         if server.sampling_params(body, defaults, p.max_tokens, p.logprobs, "logprobs") != p:  # a field it drops
             raise SystemExit(f"--through-server: {p} is not what the server makes of {body}")
         bodies.append(body)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        uvicorn_server = uvicorn.Server(uvicorn.Config(server.build_app(llm, "bench"), log_level="warning"))
-        thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), daemon=True)
-        thread.start()
-        try:
-            while not uvicorn_server.started:
-                if not thread.is_alive():
-                    raise SystemExit("--through-server: the server did not start")
-                time.sleep(0.01)
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
-                start, token_times, usages, seconds = client.submit(
-                    replay_over_http, sock.getsockname()[1], bodies, arrivals).result()
-        finally:  # uvicorn stops, then the app's shutdown stops the engine thread: nothing is left running
-            uvicorn_server.should_exit = True
-            thread.join()
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        running, port = server.Server(llm, "bench", sock, log_level="warning"), sock.getsockname()[1]
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+            start, token_times, usages, seconds = client.submit(replay_over_http, port, bodies, arrivals).result()
+    finally:  # the front end stops, then the engine loop: nothing is left running
+        running.close()
     for i, usage in enumerate(usages):  # the server's counts: the prompt it got, and the tokens the chunks carried
         if usage is None or (usage["prompt_tokens"], usage["completion_tokens"]) != (len(prompts[i]),
                                                                                      len(token_times[i])):

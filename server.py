@@ -5,9 +5,11 @@
 POST /v1/completions and /v1/chat/completions (whole, or streamed as server-sent events), GET /v1/models, GET
 /health. Request fields become SamplingParams (vLLM's names); errors come in OpenAI's shape.
 
-The idea: ONE engine thread owns the LLM and is the only one to call it (add_request, step, abort). Handlers put
-jobs on its inbox, a thread-safe queue it sleeps on when idle, and get the cumulative outputs back in their own
-asyncio queue (loop.call_soon_threadsafe). A client that goes away, mid-stream or not, aborts its request at once.
+The idea: ONE engine thread owns the LLM and is the only one to call it (add_request, step, abort). The HTTP front
+end (FastAPI on uvicorn) runs in a process of its own, as vLLM's API server does: in one process the handlers' JSON
+and socket writes and the engine's host work take turns on one interpreter lock, and the engine waits. The two talk
+through a pipe: jobs one way (add, abort), and after each step one message back with the outputs that moved. A
+handler gets cumulative outputs and sends the newest it has; a client that goes away aborts its request at once.
 Owns: HTTP, the OpenAI shapes, the flags. Never touches: the engine's internals (only LLM's public API).
 """
 import argparse
@@ -15,8 +17,11 @@ import asyncio
 import contextlib
 import itertools
 import json
+import multiprocessing
+import os
 import queue
-import sys
+import signal
+import socket
 import threading
 import time
 import uuid
@@ -54,13 +59,6 @@ ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num
 SERVER_DEFAULTS = {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
 
 
-# The engine thread and the event loop share one interpreter lock. A thread that wants it back (the engine after
-# its GPU wait, the loop with chunks to send) waits until the holder yields, at most Python's switch interval: at
-# its default 5 ms the engine idles for the loop's JSON. Chat through the server, H100, one call: 0.41x of
-# in-process at 5 ms, 0.46x at 1 ms, 0.68x at 0.2 ms (another host: 0.37x at 0.2 ms; BENCHMARKS.md).
-SWITCH_INTERVAL = 0.0002
-
-
 class APIError(HTTPException):
     """A request that fails: status code and message (starlette's own 404 and 405 are HTTPExceptions too)."""
 
@@ -70,26 +68,131 @@ def error_body(error: HTTPException) -> dict:
     return {"error": {"message": str(error.detail), "type": kind, "param": None, "code": error.status_code}}
 
 
-class EngineLoop:
-    """The thread that owns the LLM, and run(), a request's way to it from a handler. Jobs on the inbox: ("add",
-    engine request ids, make_prompts(llm) -> a prompt for each, SamplingParams, the handler's asyncio queue) is
-    answered None once all are queued (or an APIError), then (prompt index, cumulative RequestOutput) after each
-    step that moved it (a handler that falls behind gets the newest of each); ("abort", engine request ids);
-    None: stop."""
+class Server:
+    """Both halves, running: the engine loop over `llm` on a thread of this process, and the HTTP front end in a
+    process of its own serving on `sock` (bound here, so a busy port fails here). close() stops the front end (open
+    streams get 5 s), after which the loop aborts what is left and ends."""
 
-    def __init__(self, llm: LLM):
-        self.llm, self.inbox, self.routes = llm, queue.SimpleQueue(), {}  # engine request id -> (queue, index)
-        self.outbox = []  # (queue, answer): handed to the event loop in one go after each step
-        self.error: str | None = None  # set when the loop has ended: requests get a 503
+    def __init__(self, llm: LLM, served_model_name: str, sock: socket.socket, log_level: str = "info"):
+        (ours, theirs), context = multiprocessing.Pipe(), multiprocessing.get_context("spawn")
+        ready = context.Event()  # set once uvicorn takes requests
+        self.frontend = context.Process(target=serve_http, name="server-frontend", args=(
+            theirs, ready, sock, llm.get_default_sampling_params(), llm.get_tokenizer(), served_model_name, log_level))
+        self.frontend.start()
+        theirs.close()  # the front end's end lives in its process alone: its exit is this end's EOF
+        self.engine = EngineLoop(llm, ours)
+        self.engine.thread.start()
+        while not ready.wait(0.1):
+            if not self.frontend.is_alive():
+                self.close()
+                raise RuntimeError(f"the server's front end failed to start (exit code {self.frontend.exitcode})")
+
+    def close(self) -> None:
+        if self.frontend.is_alive():
+            self.frontend.terminate()  # SIGTERM: uvicorn's graceful shutdown
+        self.frontend.join(30)
+        if self.frontend.is_alive():
+            self.frontend.kill()
+            self.frontend.join()
+        self.engine.thread.join()
+
+
+class EngineLoop:
+    """The thread that owns the LLM. Jobs from the pipe, taken between steps (it sleeps on the pipe when idle): ("add",
+    engine request ids, prompts: a list, or chat_prompt()'s arguments as a dict, SamplingParams), answered with
+    (first id, None) once all are queued or (first id, (status, message)); ("abort", engine request ids). After
+    each step one message: a list of those answers and (request id, cumulative RequestOutput), whose prompt is sent
+    once; (None, message) if the loop dies. The pipe's end (the front end gone) stops it, and its requests."""
+
+    def __init__(self, llm: LLM, connection):
+        self.llm, self.connection, self.outbox = llm, connection, []
+        self.live, self.sent = set(), set()  # engine request ids running; those whose prompt the front end has
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
 
-    async def run(self, request_ids: list[str], make_prompts, params: SamplingParams):
+    def _loop(self) -> None:
+        try:
+            while True:
+                jobs = not self.llm.has_unfinished_requests() or self.connection.poll()  # idle: wait for one
+                while jobs:
+                    job = self.connection.recv()
+                    self._add(*job[1:]) if job[0] == "add" else self._abort(job[1])
+                    jobs = self.connection.poll()
+                if self.llm.has_unfinished_requests():
+                    self.outbox += [self._sendable(output) for output in self.llm.step()
+                                    if output.request_id in self.live]  # (not: aborted meanwhile)
+                if self.outbox:
+                    self.connection.send(self.outbox)
+                    self.outbox = []
+        except (EOFError, OSError):  # the front end has gone: so have its clients
+            self._abort(list(self.live))
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                self.connection.send([(None, f"the engine loop has died: {error!r}")])
+            raise
+        finally:
+            self.connection.close()
+
+    def _sendable(self, output):
+        """The output as the pipe carries it: the prompt (maybe thousands of ids) only the first time. (Each step's
+        RequestOutput is a new object: this one is ours.)"""
+        if output.request_id in self.sent:
+            output.prompt = output.prompt_token_ids = None
+        self.sent.add(output.request_id)
+        if output.finished:
+            self.live.discard(output.request_id)
+            self.sent.discard(output.request_id)
+        return output.request_id, output
+
+    def _add(self, request_ids, prompts, params) -> None:
+        try:
+            if isinstance(prompts, dict):
+                prompts = [self.llm.chat_prompt(**prompts)]
+            for request_id, prompt in zip(request_ids, prompts, strict=True):
+                self.llm.add_request(request_id, prompt, params)
+                self.live.add(request_id)
+            self.outbox.append((request_ids[0], None))
+        except Exception as error:  # a bad request fails alone, and none of its prompts stays queued
+            self._abort(request_ids)
+            status = 400 if isinstance(error, ValueError) else 500
+            self.outbox.append((request_ids[0], (status, str(error) if status == 400 else repr(error))))
+
+    def _abort(self, request_ids) -> None:
+        for request_id in request_ids:
+            if request_id in self.live:
+                self.live.discard(request_id)
+                self.sent.discard(request_id)
+                self.llm.abort(request_id)
+
+
+class EngineClient:
+    """The front end's way to the engine loop, for handlers on the event loop: run() a request, get its outputs.
+    Jobs go out from a thread of their own (a long prompt must not stall the event loop while the engine is in a
+    step); the answers are read on the event loop as the pipe has them."""
+
+    def __init__(self, connection):
+        self.connection, self.jobs, self.error = connection, queue.SimpleQueue(), None  # error: requests get a 503
+        self.routes = {}  # engine request id -> [the handler's asyncio queue, prompt index, (prompt, its ids)]
+        self.sender = threading.Thread(target=self._send, name="frontend-sender", daemon=True)
+        self.on_gone = lambda: None
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.connection.fileno(), self._receive)
+        self.sender.start()
+
+    def stop(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.connection.fileno())
+        self.jobs.put(None)
+        self.sender.join()
+        self.connection.close()  # the engine loop aborts what is left
+
+    async def run(self, request_ids: list[str], prompts, params: SamplingParams):
         """Queue a request; yield None once it is queued (its error raises instead), then (prompt index, cumulative
         RequestOutput) as they come. Closed before the end (a client gone, a task cancelled), it aborts the request."""
         if self.error is not None:
             raise APIError(503, self.error)
         answers, running = asyncio.Queue(), set(range(len(request_ids)))
-        self.inbox.put(("add", request_ids, make_prompts, params, answers))
+        self.routes.update({request_id: [answers, i, None] for i, request_id in enumerate(request_ids)})
+        self.jobs.put(("add", request_ids, prompts, params))
         try:
             while running:
                 items, newest = [await answers.get()], {}
@@ -109,57 +212,44 @@ class EngineLoop:
                             raise APIError(400, output.error)
                     yield index, output
         finally:
+            for request_id in request_ids:
+                self.routes.pop(request_id, None)
             if running and self.error is None:
-                self.inbox.put(("abort", request_ids))
+                self.jobs.put(("abort", request_ids))
 
-    def _loop(self) -> None:
+    def _send(self) -> None:
+        for job in iter(self.jobs.get, None):
+            with contextlib.suppress(OSError):  # (the engine's end has gone: _receive says so)
+                self.connection.send(job)
+
+    def _receive(self) -> None:
         try:
-            while True:
-                wait = not self.llm.has_unfinished_requests()  # idle: sleep until a job comes
-                while wait or not self.inbox.empty():  # busy: take the jobs that came during the step
-                    if (job := self.inbox.get()) is None:
-                        return
-                    self._add(*job[1:]) if job[0] == "add" else self._abort(job[1])
-                    wait = False
-                if self.llm.has_unfinished_requests():
-                    for output in self.llm.step():
-                        route = (self.routes.pop if output.finished else self.routes.get)(output.request_id, None)
-                        if route is not None:  # (None: aborted meanwhile)
-                            self.outbox.append((route[0], (route[1], output)))
-                self._flush()
-        except BaseException as error:
-            self.error = f"the engine loop has died: {error!r}"
-            raise
-        finally:  # the requests still waiting, running or queued, must hear of it
-            self.error = self.error or "the server is shutting down"
-            waiting = [answers for answers, _ in self.routes.values()]
-            while not self.inbox.empty():
-                if (job := self.inbox.get()) is not None and job[0] == "add":
-                    waiting.append(job[-1])
-            self.outbox += [(answers, APIError(503, self.error)) for answers in waiting]
-            self._flush()
+            while self.connection.poll():
+                for request_id, item in self.connection.recv():
+                    if request_id is None:
+                        return self._fail(item)
+                    if (route := self.routes.get(request_id)) is not None:  # (None: aborted meanwhile)
+                        route[0].put_nowait(self._answer(route, item))
+        except (EOFError, OSError):
+            self._fail("the engine has gone")
 
-    def _flush(self) -> None:
-        """One wake-up of the event loop a step, however many requests moved (each costs a syscall and the GIL)."""
-        if self.outbox:
-            self.loop.call_soon_threadsafe(lambda answers: [q.put_nowait(item) for q, item in answers], self.outbox)
-            self.outbox = []
+    @staticmethod
+    def _answer(route, item):
+        if item is None or isinstance(item, tuple):  # an add's answer: queued, or (status, message)
+            return item and APIError(*item)
+        if route[2] is None:
+            route[2] = item.prompt, item.prompt_token_ids  # sent with its first output alone
+        item.prompt, item.prompt_token_ids = route[2]
+        return route[1], item
 
-    def _add(self, request_ids, make_prompts, params, answers) -> None:
-        try:
-            for index, (request_id, prompt) in enumerate(zip(request_ids, make_prompts(self.llm), strict=True)):
-                self.llm.add_request(request_id, prompt, params)
-                self.routes[request_id] = (answers, index)
-            self.outbox.append((answers, None))
-        except Exception as error:  # a bad request fails alone, and none of its prompts stays queued
-            self._abort(request_ids)
-            status = 400 if isinstance(error, ValueError) else 500
-            self.outbox.append((answers, APIError(status, str(error) if status == 400 else repr(error))))
-
-    def _abort(self, request_ids) -> None:
-        for request_id in request_ids:
-            if self.routes.pop(request_id, None) is not None:
-                self.llm.abort(request_id)
+    def _fail(self, message: str) -> None:
+        """The engine loop has died or gone: every request waiting hears of it, and later ones get a 503."""
+        self.error = message
+        asyncio.get_running_loop().remove_reader(self.connection.fileno())
+        for answers in {id(route[0]): route[0] for route in self.routes.values()}.values():
+            answers.put_nowait(APIError(503, message))
+        self.routes.clear()
+        self.on_gone()
 
 
 def sampling_params(body: dict, defaults: SamplingParams, max_tokens, logprobs, logprobs_field: str,
@@ -198,19 +288,13 @@ def chat_logprob(token: int, entry: dict, k: int) -> dict:
     return {**one(entry[token]), "top_logprobs": [one(e) for e in top]}
 
 
-def build_app(llm: LLM, served_model_name: str) -> FastAPI:
-    engine, defaults, tokenizer = EngineLoop(llm), llm.get_default_sampling_params(), llm.get_tokenizer()
-
+def build_app(engine: EngineClient, defaults: SamplingParams, tokenizer, served_model_name: str, ready) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine.loop = asyncio.get_running_loop()  # where the handlers wait for their answers
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL)
-        engine.thread.start()
+        engine.start()
+        ready.set()
         yield
-        engine.inbox.put(None)  # stop: the loop answers the requests still waiting with a 503
-        await asyncio.to_thread(engine.thread.join)
-        sys.setswitchinterval(interval)
+        engine.stop()
 
     app = FastAPI(lifespan=lifespan)
 
@@ -258,8 +342,7 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
                 0 if first else len(prompt) + len(previous.text), tokenizer)
             return {"index": index, "text": prompt * first + text, "logprobs": logprobs,
                     "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
-        return await respond(request, body, "cmpl", ("text_completion",) * 2, len(prompts), lambda llm: prompts,
-                             params, choice)
+        return await respond(request, body, "cmpl", ("text_completion",) * 2, prompts, params, choice)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -280,16 +363,17 @@ def build_app(llm: LLM, served_model_name: str) -> FastAPI:
             message = {"content": text} if previous else {"role": "assistant", "content": text}
             return {"index": index, "delta" if body.get("stream") else "message": message, "logprobs": logprobs,
                     "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
-        return await respond(request, body, "chatcmpl", ("chat.completion", "chat.completion.chunk"), 1,
-                             lambda llm: [llm.chat_prompt(body.get("messages"), **options)], params, choice)
+        return await respond(request, body, "chatcmpl", ("chat.completion", "chat.completion.chunk"),
+                             dict(options, conversation=body.get("messages")), params, choice)
 
-    async def respond(request, body, prefix, objects, num_prompts, make_prompts, params, choice):
+    async def respond(request, body, prefix, objects, prompts, params, choice):
         """Run the request; answer with the whole result, or stream it. choice(number, output, completion, previous)
         is one choice's part that `previous` (an earlier output of that completion, or None) did not have."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         if body.get("return_token_ids"):  # vLLM's extension: the ids beside the text (what RL rollouts train on)
             choice = with_token_ids(choice)
-        outputs = engine.run([f"{request_id}-{i}" for i in range(num_prompts)], make_prompts, params)
+        num_prompts = 1 if isinstance(prompts, dict) else len(prompts)  # (a dict: a chat, rendered by the engine)
+        outputs = engine.run([f"{request_id}-{i}" for i in range(num_prompts)], prompts, params)
         await anext(outputs)  # queued, or the request's error raises here: a stream starts only for a good request
         head = {"id": request_id, "object": objects[0], "created": int(time.time()), "model": served_model_name}
         if body.get("stream"):
@@ -376,11 +460,29 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     return args, {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
 
 
+def serve_http(connection, ready, sock: socket.socket, defaults: SamplingParams, tokenizer, served_model_name: str,
+               log_level: str) -> None:
+    """The front end's process: the app on uvicorn, on the socket the engine's process bound. In a process group of
+    its own, so that a Ctrl-C reaches the engine's process alone, which passes it on once."""
+    os.setpgrp()
+    engine = EngineClient(connection)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, defaults, tokenizer, served_model_name, ready),
+                                           log_level=log_level, timeout_graceful_shutdown=5))
+    engine.on_gone = lambda: setattr(server, "should_exit", True)  # the engine's process has died: so do we
+    server.run(sockets=[sock])
+
+
 def main(argv=None) -> None:
     args, engine_args = parse_args(argv)
-    app = build_app(LLM(args.model, **engine_args), args.served_model_name or args.model)
-    # Ctrl-C / SIGTERM: uvicorn stops taking requests, gives open streams 5 s, then the engine thread stops.
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
+    llm = LLM(args.model, **engine_args)
+    with socket.create_server((args.host, args.port)) as sock:
+        server = Server(llm, args.served_model_name or args.model, sock)
+    # Ctrl-C / SIGTERM: the front end stops taking requests and gives open streams 5 s, then the engine loop ends.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.frontend.terminate())
+    server.frontend.join()
+    server.close()
+    llm.close()
 
 
 if __name__ == "__main__":

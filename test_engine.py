@@ -4,6 +4,7 @@
     python -m pytest -q test_engine.py::TestScheduler  # one module's tests (TestModel, TestKVCache, ...)
     python3 -m pytest -q test_engine.py                # on a GPU: also the kernels in bf16, and CUDA graphs
 """
+import contextlib
 import re
 import subprocess
 import sys
@@ -3900,28 +3901,18 @@ class TestBench:
 _SERVER_ARGS = dict(dtype=torch.float32, block_size=8, num_blocks=512, max_num_seqs=24, max_num_batched_tokens=256)
 
 
-def _serve_in_thread(llm, name):
-    """server.py's app on a real uvicorn server on 127.0.0.1 (a free port), in a thread: (server, thread, port)."""
+def _serve(llm, name):
+    """server.py serving `llm` on 127.0.0.1 (a free port): its engine loop here, its HTTP front end in a process of
+    its own, as `python server.py` runs them. (server.Server, port), once it takes requests."""
     import socket
-    import uvicorn
     import server
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(server.build_app(llm, name), log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), name="test-uvicorn",
-                              daemon=True)  # a test that dies must not keep pytest from exiting
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uvicorn_server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert uvicorn_server.started
-    return uvicorn_server, thread, sock.getsockname()[1]
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return server.Server(llm, name, sock, log_level="warning"), sock.getsockname()[1]
 
 
-def _stop(uvicorn_server, thread):
-    uvicorn_server.should_exit = True
-    thread.join(timeout=60)
-    assert not thread.is_alive()
+def _stop(running):
+    running.close()
+    assert not running.frontend.is_alive() and not running.engine.thread.is_alive()
 
 
 def _http(port, method, path, body=None):
@@ -3967,16 +3958,18 @@ class TestServer:
     what it answers against LLM.generate / LLM.chat with the same SamplingParams."""
 
     @pytest.fixture(scope="class")
-    def served(self, chat_checkpoint):
-        """(openai client, the server's LLM, a reference LLM of the same checkpoint, port): one server per class."""
+    def served(self, request, chat_checkpoint):
+        """(openai client, the server's LLM, a reference LLM of the same checkpoint, port): one server per class
+        (the class's `running`)."""
         import openai
         path, _ = chat_checkpoint
         llm = LLM(path, **_SERVER_ARGS)
-        uvicorn_server, thread, port = _serve_in_thread(llm, "tiny-chat")
+        running, port = _serve(llm, "tiny-chat")
+        request.cls.running = running
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         yield client, llm, LLM(path, **_SERVER_ARGS), port
         client.close()
-        _stop(uvicorn_server, thread)
+        _stop(running)
 
     def test_the_online_defaults_reach_the_engine_unless_a_flag_overrides_them(self):
         import server
@@ -4033,18 +4026,22 @@ class TestServer:
         assert [ids[0], ids[1]] == [c.token_ids for c in output.outputs]
         assert prompts == {0: output.prompt_token_ids, 1: output.prompt_token_ids}
 
-    def test_a_stream_behind_the_engine_gets_its_tokens_merged(self, served, monkeypatch):
-        """A handler slower than the engine's steps (each chunk written 50 ms late) sends the newest output it has:
-        fewer chunks than tokens, with the same text and ids."""
-        import server
+    def test_a_stream_behind_the_engine_gets_its_tokens_merged(self, served):
+        """A front end slower than the engine's steps (its process stopped for 0.5 s after the first chunk) sends the
+        newest output it has: fewer chunks than tokens, with the same text and ids."""
+        import signal
         client, _, reference, _ = served
-        sse = server.sse
-        monkeypatch.setattr(server, "sse", lambda data: (time.sleep(0.05), sse(data))[1])
         expected = reference.generate("the cat sat", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
                                       use_tqdm=False)[0].outputs[0]
-        chunks = [chunk.choices[0] for chunk in client.completions.create(
-            model="tiny-chat", prompt="the cat sat", max_tokens=40, temperature=0, stream=True,
-            extra_body={"return_token_ids": True, "ignore_eos": True}) if chunk.choices]
+        frontend = self.running.frontend
+        chunks = []
+        for chunk in client.completions.create(model="tiny-chat", prompt="the cat sat", max_tokens=40, temperature=0,
+                                               stream=True, extra_body={"return_token_ids": True, "ignore_eos": True}):
+            chunks += chunk.choices
+            if len(chunks) == 1:
+                os.kill(frontend.pid, signal.SIGSTOP)
+                time.sleep(0.5)  # the engine goes on: its outputs wait in the pipe
+                os.kill(frontend.pid, signal.SIGCONT)
         assert "".join(c.text for c in chunks) == expected.text
         assert sum((c.token_ids for c in chunks), []) == expected.token_ids
         assert len(chunks) < len(expected.token_ids) / 2  # without merging: a chunk a token
@@ -4184,13 +4181,11 @@ class TestServer:
         _wait_until_idle(llm)  # nothing of it stays queued
 
     @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-    def test_a_dead_engine_loop_gives_503_and_shutdown_leaves_no_thread(self):
-        import server
-        before, interval = set(threading.enumerate()), sys.getswitchinterval()
+    def test_a_dead_engine_loop_gives_503_and_shutdown_leaves_no_thread_or_process(self):
+        import multiprocessing
+        before, processes = set(threading.enumerate()), set(multiprocessing.active_children())
         llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4, num_blocks=64, max_model_len=256)
-        uvicorn_server, thread, port = _serve_in_thread(llm, "tiny")
-        assert _http(port, "GET", "/health") == (200, {})
-        assert sys.getswitchinterval() == pytest.approx(server.SWITCH_INTERVAL)  # while it serves
+        running, port = _serve(llm, "tiny")
         assert _http(port, "POST", "/v1/completions", b'{"prompt": [1, 2, 3], "max_tokens": 2}')[0] == 200
 
         def broken_step():
@@ -4200,8 +4195,29 @@ class TestServer:
                            ("/v1/completions", b'{"prompt": [4, 5]}')]:  # in flight when it died; then after
             status, answer = _http(port, "POST" if body else "GET", path, body)
             assert status == 503 and "the device fell over" in answer["error"]["message"]
-        _stop(uvicorn_server, thread)
-        assert set(threading.enumerate()) == before and sys.getswitchinterval() == pytest.approx(interval, rel=0.01)
+        _stop(running)
+        assert set(threading.enumerate()) == before and set(multiprocessing.active_children()) == processes
+
+    def test_a_front_end_that_dies_aborts_its_requests(self, chat_checkpoint):
+        """The front end's process killed mid-stream: the engine loop aborts what it was running (no block kept)
+        and ends."""
+        import signal
+        import socket
+        llm = LLM(chat_checkpoint[0], **_SERVER_ARGS)
+        free = len(llm.scheduler.kv_cache_manager.free_queue)
+        running, port = _serve(llm, "tiny")
+        body = json.dumps(dict(prompt="the cat", max_tokens=900, ignore_eos=True, stream=True)).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            received = b""
+            while b"data: {" not in received:  # it is running
+                received += sock.recv(4096)
+            os.kill(running.frontend.pid, signal.SIGKILL)
+            running.engine.thread.join(60)
+        assert not running.engine.thread.is_alive() and not llm.has_unfinished_requests()
+        assert len(llm.scheduler.kv_cache_manager.free_queue) == free
+        _stop(running)
 
     def test_bench_through_the_server_gives_the_in_process_tokens_and_latency_fields(self, tmp_path, monkeypatch):
         """bench.py --through-server streams the same requests over HTTP from another process: the same output
@@ -4211,6 +4227,7 @@ class TestServer:
                 "--max-output-len", "6", "--request-rate", "200", "--json", str(tmp_path / "out.json")]
         _, params = bench.make_workload("mixed", 8, 100, 6, vocab_limit=511)
         threads, results = set(threading.enumerate()), []
+        processes = set(multiprocessing.active_children())
         for extra in ([], ["--through-server"]):
             monkeypatch.setattr(sys, "argv", argv + extra)
             bench.main()
@@ -4223,7 +4240,7 @@ class TestServer:
             assert row["requests"] == in_process["latency"][name]["requests"]
             assert all(len(row[key]) == 3 and None not in row[key] for key in ("ttft_ms_p50_p90_p99",
                                                                                "itl_ms_p50_p90_p99"))
-        assert set(threading.enumerate()) == threads and multiprocessing.active_children() == []
+        assert set(threading.enumerate()) == threads and set(multiprocessing.active_children()) == processes
 
     def test_command_line_serves_and_stops_on_sigterm(self, chat_checkpoint):
         import signal
