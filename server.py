@@ -101,12 +101,12 @@ class EngineLoop:
     """The thread that owns the LLM. Jobs from the pipe, taken between steps (it sleeps on the pipe when idle): ("add",
     engine request ids, prompts: a list, or chat_prompt()'s arguments as a dict, SamplingParams), answered with
     (first id, None) once all are queued or (first id, (status, message)); ("abort", engine request ids). After
-    each step one message: a list of those answers and (request id, cumulative RequestOutput), whose prompt is sent
-    once; (None, message) if the loop dies. The pipe's end (the front end gone) stops it, and its requests."""
+    each step one message: a list of those answers and (request id, RequestOutput: what is new, _sendable); (None,
+    message) if the loop dies. The pipe's end (the front end gone) stops it, and its requests."""
 
     def __init__(self, llm: LLM, connection):
         self.llm, self.connection, self.outbox = llm, connection, []
-        self.live, self.sent = set(), set()  # engine request ids running; those whose prompt the front end has
+        self.live, self.sent = set(), {}  # engine request ids running; id -> (tokens, characters) sent, a completion
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
 
     def _loop(self) -> None:
@@ -133,14 +133,20 @@ class EngineLoop:
             self.connection.close()
 
     def _sendable(self, output):
-        """The output as the pipe carries it: the prompt (maybe thousands of ids) only the first time. (Each step's
-        RequestOutput is a new object: this one is ours.)"""
-        if output.request_id in self.sent:
+        """The output as the pipe carries it: after the first, only what is new (the prompt, maybe thousands of ids,
+        once; each step's tokens, text and logprobs, not all so far). Each step's RequestOutput is a new object:
+        this one is ours to cut."""
+        if (sent := self.sent.get(output.request_id)) is not None:
             output.prompt = output.prompt_token_ids = None
-        self.sent.add(output.request_id)
+            for completion, (num_tokens, num_chars) in zip(output.outputs, sent):
+                completion.token_ids, completion.text = completion.token_ids[num_tokens:], completion.text[num_chars:]
+                if completion.logprobs is not None:
+                    completion.logprobs = completion.logprobs[num_tokens:]
+        self.sent[output.request_id] = [(a + len(c.token_ids), b + len(c.text)) for c, (a, b) in zip(
+            output.outputs, sent or [(0, 0)] * len(output.outputs))]
         if output.finished:
             self.live.discard(output.request_id)
-            self.sent.discard(output.request_id)
+            self.sent.pop(output.request_id)
         return output.request_id, output
 
     def _add(self, request_ids, prompts, params) -> None:
@@ -160,7 +166,7 @@ class EngineLoop:
         for request_id in request_ids:
             if request_id in self.live:
                 self.live.discard(request_id)
-                self.sent.discard(request_id)
+                self.sent.pop(request_id, None)
                 self.llm.abort(request_id)
 
 
@@ -171,7 +177,7 @@ class EngineClient:
 
     def __init__(self, connection):
         self.connection, self.jobs, self.error = connection, queue.SimpleQueue(), None  # error: requests get a 503
-        self.routes = {}  # engine request id -> [the handler's asyncio queue, prompt index, (prompt, its ids)]
+        self.routes = {}  # engine request id -> [the handler's asyncio queue, prompt index, its last output]
         self.sender = threading.Thread(target=self._send, name="frontend-sender", daemon=True)
         self.on_gone = lambda: None
 
@@ -237,9 +243,14 @@ class EngineClient:
     def _answer(route, item):
         if item is None or isinstance(item, tuple):  # an add's answer: queued, or (status, message)
             return item and APIError(*item)
-        if route[2] is None:
-            route[2] = item.prompt, item.prompt_token_ids  # sent with its first output alone
-        item.prompt, item.prompt_token_ids = route[2]
+        if (last := route[2]) is not None:  # the engine sent what is new: the cumulative output again
+            item.prompt, item.prompt_token_ids = last.prompt, last.prompt_token_ids
+            for completion, before in zip(item.outputs, last.outputs):
+                completion.token_ids = before.token_ids + completion.token_ids
+                completion.text = before.text + completion.text
+                if completion.logprobs is not None:
+                    completion.logprobs = before.logprobs + completion.logprobs
+        route[2] = item
         return route[1], item
 
     def _fail(self, message: str) -> None:
