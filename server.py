@@ -494,6 +494,8 @@ def main(argv=None) -> None:
     server.frontend.join()
     server.close()
     llm.close()
+    if server.frontend.exitcode not in (0, -signal.SIGTERM):  # it failed, not stopped: say so in the exit status
+        raise SystemExit(f"server.py: the HTTP front end exited with code {server.frontend.exitcode}")
 
 
 if __name__ == "__main__":
