@@ -123,7 +123,7 @@ class EngineLoop:
                 if self.outbox:
                     self.connection.send(self.outbox)
                     self.outbox = []
-        except (EOFError, OSError):  # the front end has gone: so have its clients
+        except (EOFError, BrokenPipeError, ConnectionResetError):  # the front end has gone: so have its clients
             self._abort(list(self.live))
         except BaseException as error:
             with contextlib.suppress(OSError):
@@ -236,8 +236,8 @@ class EngineClient:
                         return self._fail(item)
                     if (route := self.routes.get(request_id)) is not None:  # (None: aborted meanwhile)
                         route[0].put_nowait(self._answer(route, item))
-        except (EOFError, OSError):
-            self._fail("the engine has gone")
+        except (EOFError, OSError) as error:
+            self._fail(f"the engine has gone ({error!r})")
 
     @staticmethod
     def _answer(route, item):
