@@ -4183,8 +4183,8 @@ class TestServer:
     @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
     def test_a_dead_engine_loop_gives_503_and_shutdown_leaves_no_thread_or_process(self):
         import multiprocessing
-        before, processes = set(threading.enumerate()), set(multiprocessing.active_children())
         llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4, num_blocks=64, max_model_len=256)
+        before, processes = set(threading.enumerate()), set(multiprocessing.active_children())  # (the LLM's own)
         running, port = _serve(llm, "tiny")
         assert _http(port, "POST", "/v1/completions", b'{"prompt": [1, 2, 3], "max_tokens": 2}')[0] == 200
 
