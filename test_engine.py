@@ -4188,8 +4188,8 @@ class TestServer:
         running, port = _serve(llm, "tiny")
         assert _http(port, "POST", "/v1/completions", b'{"prompt": [1, 2, 3], "max_tokens": 2}')[0] == 200
 
-        def broken_step():
-            raise RuntimeError("the device fell over")
+        def broken_step():  # an OSError (as TimeoutError is): the loop must not take it for the pipe's end
+            raise TimeoutError("the device fell over")
         llm.step = broken_step
         for path, body in [("/v1/completions", b'{"prompt": [1, 2, 3]}'), ("/health", None),
                            ("/v1/completions", b'{"prompt": [4, 5]}')]:  # in flight when it died; then after
