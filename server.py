@@ -59,6 +59,9 @@ ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num
 SERVER_DEFAULTS = {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
 
 
+STARTUP_TIMEOUT = 120  # seconds for the front end's process to import FastAPI and start taking requests (takes 2-5)
+
+
 class APIError(HTTPException):
     """A request that fails: status code and message (starlette's own 404 and 405 are HTTPExceptions too)."""
 
@@ -82,10 +85,12 @@ class Server:
         theirs.close()  # the front end's end lives in its process alone: its exit is this end's EOF
         self.engine = EngineLoop(llm, ours)
         self.engine.thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
         while not ready.wait(0.1):
-            if not self.frontend.is_alive():
+            if not self.frontend.is_alive() or time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"the server's front end failed to start (exit code {self.frontend.exitcode})")
+                raise RuntimeError(f"the server's front end did not start within {STARTUP_TIMEOUT} s (exit code "
+                                   f"{self.frontend.exitcode})")
 
     def close(self) -> None:
         if self.frontend.is_alive():

@@ -4198,6 +4198,17 @@ class TestServer:
         _stop(running)
         assert set(threading.enumerate()) == before and set(multiprocessing.active_children()) == processes
 
+    def test_a_front_end_that_does_not_start_in_time_is_an_error_and_leaves_nothing(self, monkeypatch):
+        import multiprocessing
+        import socket
+        import server
+        llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4, num_blocks=64, max_model_len=256)
+        before, processes = set(threading.enumerate()), set(multiprocessing.active_children())
+        monkeypatch.setattr(server, "STARTUP_TIMEOUT", 0.01)  # (its imports alone take longer)
+        with socket.create_server(("127.0.0.1", 0)) as sock, pytest.raises(RuntimeError, match="did not start"):
+            server.Server(llm, "tiny", sock)
+        assert set(threading.enumerate()) == before and set(multiprocessing.active_children()) == processes
+
     def test_a_front_end_that_dies_aborts_its_requests(self, chat_checkpoint):
         """The front end's process killed mid-stream: the engine loop aborts what it was running (no block kept)
         and ends."""
