@@ -193,7 +193,7 @@ class EngineClient:
     def stop(self) -> None:
         asyncio.get_running_loop().remove_reader(self.connection.fileno())
         self.jobs.put(None)
-        self.sender.join()
+        self.sender.join(5)  # (bounded: an engine loop blocked sending to us reads no more jobs)
         self.connection.close()  # the engine loop aborts what is left
 
     async def run(self, request_ids: list[str], prompts, params: SamplingParams):
