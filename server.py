@@ -89,8 +89,8 @@ class Server:
         while not ready.wait(0.1):
             if not self.frontend.is_alive() or time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"the server's front end did not start within {STARTUP_TIMEOUT} s (exit code "
-                                   f"{self.frontend.exitcode})")
+                raise RuntimeError(f"the server's front end did not start (it is given {STARTUP_TIMEOUT} s; its exit "
+                                   f"code: {self.frontend.exitcode})")
 
     def close(self) -> None:
         if self.frontend.is_alive():
