@@ -27,7 +27,6 @@ import math
 import multiprocessing
 import os
 import random
-import socket
 import time
 
 import torch
@@ -164,11 +163,11 @@ def serve_through_server(llm, prompts, params, arrivals):
         if server.sampling_params(body, defaults, p.max_tokens, p.logprobs, "logprobs") != p:  # a field it drops
             raise SystemExit(f"--through-server: {p} is not what the server makes of {body}")
         bodies.append(body)
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        running, port = server.Server(llm, "bench", sock, log_level="warning"), sock.getsockname()[1]
+    running = server.Server(llm, "bench", log_level="warning")
     try:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
-            start, token_times, usages, seconds = client.submit(replay_over_http, port, bodies, arrivals).result()
+            start, token_times, usages, seconds = client.submit(replay_over_http, running.port, bodies,
+                                                                arrivals).result()
     finally:  # the front end stops, then the engine loop: nothing is left running
         running.close()
     for i, usage in enumerate(usages):  # the server's counts: the prompt it got, and the tokens the chunks carried

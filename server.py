@@ -73,15 +73,19 @@ def error_body(error: HTTPException) -> dict:
 
 class Server:
     """Both halves, running: the engine loop over `llm` on a thread of this process, and the HTTP front end in a
-    process of its own serving on `sock` (bound here, so a busy port fails here). close() stops the front end (open
-    streams get 5 s), after which the loop aborts what is left and ends."""
+    process of its own serving on host:port (bound here, so a busy port fails here; port 0: a free one, `port` says
+    which). close() stops the front end (open streams get 5 s), after which the loop aborts what is left and ends."""
 
-    def __init__(self, llm: LLM, served_model_name: str, sock: socket.socket, log_level: str = "info"):
+    def __init__(self, llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "info"):
         (ours, theirs), context = multiprocessing.Pipe(), multiprocessing.get_context("spawn")
         ready = context.Event()  # set once uvicorn takes requests
-        self.frontend = context.Process(target=serve_http, name="server-frontend", args=(
-            theirs, ready, sock, llm.get_default_sampling_params(), llm.get_tokenizer(), served_model_name, log_level))
-        self.frontend.start()
+        with socket.create_server((host, port)) as sock:  # (the front end serves on its own copy)
+            self.port = sock.getsockname()[1]
+            self.frontend = context.Process(target=serve_http, name="server-frontend", args=(
+                theirs, ready, sock, llm.get_default_sampling_params(), llm.get_tokenizer(), served_model_name,
+                log_level))
+            self.frontend.start()
         theirs.close()  # the front end's end lives in its process alone: its exit is this end's EOF
         self.engine = EngineLoop(llm, ours)
         self.engine.thread.start()
@@ -491,8 +495,7 @@ def serve_http(connection, ready, sock: socket.socket, defaults: SamplingParams,
 def main(argv=None) -> None:
     args, engine_args = parse_args(argv)
     llm = LLM(args.model, **engine_args)
-    with socket.create_server((args.host, args.port)) as sock:
-        server = Server(llm, args.served_model_name or args.model, sock)
+    server = Server(llm, args.served_model_name or args.model, args.host, args.port)
     # Ctrl-C / SIGTERM: the front end stops taking requests and gives open streams 5 s, then the engine loop ends.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.frontend.terminate())

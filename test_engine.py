@@ -3904,10 +3904,9 @@ _SERVER_ARGS = dict(dtype=torch.float32, block_size=8, num_blocks=512, max_num_s
 def _serve(llm, name):
     """server.py serving `llm` on 127.0.0.1 (a free port): its engine loop here, its HTTP front end in a process of
     its own, as `python server.py` runs them. (server.Server, port), once it takes requests."""
-    import socket
     import server
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return server.Server(llm, name, sock, log_level="warning"), sock.getsockname()[1]
+    running = server.Server(llm, name, log_level="warning")
+    return running, running.port
 
 
 def _stop(running):
@@ -4200,13 +4199,12 @@ class TestServer:
 
     def test_a_front_end_that_does_not_start_in_time_is_an_error_and_leaves_nothing(self, monkeypatch):
         import multiprocessing
-        import socket
         import server
         llm = LLM("tiny", dtype=torch.float32, max_num_seqs=4, num_blocks=64, max_model_len=256)
         before, processes = set(threading.enumerate()), set(multiprocessing.active_children())
         monkeypatch.setattr(server, "STARTUP_TIMEOUT", 0.01)  # (its imports alone take longer)
-        with socket.create_server(("127.0.0.1", 0)) as sock, pytest.raises(RuntimeError, match="did not start"):
-            server.Server(llm, "tiny", sock)
+        with pytest.raises(RuntimeError, match="did not start"):
+            server.Server(llm, "tiny")
         assert set(threading.enumerate()) == before and set(multiprocessing.active_children()) == processes
 
     def test_a_front_end_that_dies_aborts_its_requests(self, chat_checkpoint):
