@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from engine import LLM, SamplingParams
+from engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 
 MAX_LOGPROBS = 20  # vLLM's max_logprobs: logprobs / top_logprobs above it are refused
 # Request fields passed to SamplingParams as they are (vLLM's extras included); the rest are mapped below.
@@ -110,11 +110,11 @@ class EngineLoop:
     """The thread that owns the LLM. Jobs from the pipe, taken between steps (it sleeps on the pipe when idle): ("add",
     engine request ids, prompts: a list, or chat_prompt()'s arguments as a dict, SamplingParams), answered with
     (first id, None) once all are queued or (first id, (status, message)); ("abort", engine request ids). After
-    each step one message: a list of those answers and (request id, RequestOutput: what is new, _sendable); (None,
-    message) if the loop dies. The pipe's end (the front end gone) stops it, and its requests."""
+    each step one message: (those answers, [(request id, what is new of its output: _news)], None), or ([], [], why)
+    if the loop dies. The pipe's end (the front end gone) stops it, and its requests."""
 
     def __init__(self, llm: LLM, connection):
-        self.llm, self.connection, self.outbox = llm, connection, []
+        self.llm, self.connection, self.answers = llm, connection, []  # answers: the adds' since the last message
         self.live, self.sent = set(), {}  # engine request ids running; id -> (tokens, characters) sent, a completion
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
 
@@ -126,37 +126,36 @@ class EngineLoop:
                     job = self.connection.recv()
                     self._add(*job[1:]) if job[0] == "add" else self._abort(job[1])
                     jobs = self.connection.poll()
-                if self.llm.has_unfinished_requests():
-                    self.outbox += [self._sendable(output) for output in self.llm.step()
-                                    if output.request_id in self.live]  # (not: aborted meanwhile)
-                if self.outbox:
-                    self.connection.send(self.outbox)
-                    self.outbox = []
+                outputs = [(output.request_id, self._news(output)) for output in (
+                    self.llm.step() if self.llm.has_unfinished_requests() else [])
+                           if output.request_id in self.live]  # (not: aborted meanwhile)
+                if self.answers or outputs:
+                    self.connection.send((self.answers, outputs, None))
+                    self.answers = []
         except (EOFError, BrokenPipeError, ConnectionResetError):  # the front end has gone: so have its clients
             self._abort(list(self.live))
         except BaseException as error:
             with contextlib.suppress(OSError):
-                self.connection.send([(None, f"the engine loop has died: {error!r}")])
+                self.connection.send(([], [], f"the engine loop has died: {error!r}"))
             raise
         finally:
             self.connection.close()
 
-    def _sendable(self, output):
-        """The output as the pipe carries it: after the first, only what is new (the prompt, maybe thousands of ids,
-        once; each step's tokens, text and logprobs, not all so far). Each step's RequestOutput is a new object:
-        this one is ours to cut."""
-        if (sent := self.sent.get(output.request_id)) is not None:
-            output.prompt = output.prompt_token_ids = None
-            for completion, (num_tokens, num_chars) in zip(output.outputs, sent):
-                completion.token_ids, completion.text = completion.token_ids[num_tokens:], completion.text[num_chars:]
-                if completion.logprobs is not None:
-                    completion.logprobs = completion.logprobs[num_tokens:]
-        self.sent[output.request_id] = [(a + len(c.token_ids), b + len(c.text)) for c, (a, b) in zip(
-            output.outputs, sent or [(0, 0)] * len(output.outputs))]
+    def _news(self, output: RequestOutput):
+        """What the pipe carries of a step's output: the first one whole (the prompt, maybe thousands of ids, goes
+        once), later ones only what is new, in plain tuples: (finished, error, per completion (token ids, text,
+        logprobs, cumulative logprob, finish reason, stop reason)). Not the RequestOutput: a dataclass pickles
+        through its class, several times slower than tuples, and this thread pays for it every step."""
+        sent = self.sent.get(output.request_id)
+        self.sent[output.request_id] = [(len(c.token_ids), len(c.text)) for c in output.outputs]
         if output.finished:
             self.live.discard(output.request_id)
             self.sent.pop(output.request_id)
-        return output.request_id, output
+        if sent is None:
+            return output
+        return output.finished, output.error, [
+            (c.token_ids[a:], c.text[b:], c.logprobs and c.logprobs[a:], c.cumulative_logprob, c.finish_reason,
+             c.stop_reason) for c, (a, b) in zip(output.outputs, sent)]
 
     def _add(self, request_ids, prompts, params) -> None:
         try:
@@ -165,11 +164,11 @@ class EngineLoop:
             for request_id, prompt in zip(request_ids, prompts, strict=True):
                 self.llm.add_request(request_id, prompt, params)
                 self.live.add(request_id)
-            self.outbox.append((request_ids[0], None))
+            self.answers.append((request_ids[0], None))
         except Exception as error:  # a bad request fails alone, and none of its prompts stays queued
             self._abort(request_ids)
             status = 400 if isinstance(error, ValueError) else 500
-            self.outbox.append((request_ids[0], (status, str(error) if status == 400 else repr(error))))
+            self.answers.append((request_ids[0], (status, str(error) if status == 400 else repr(error))))
 
     def _abort(self, request_ids) -> None:
         for request_id in request_ids:
@@ -240,27 +239,30 @@ class EngineClient:
     def _receive(self) -> None:
         try:
             while self.connection.poll():
-                for request_id, item in self.connection.recv():
-                    if request_id is None:
-                        return self._fail(item)
+                answers, outputs, death = self.connection.recv()
+                for request_id, error in answers:  # an add's: queued (None), or (status, message)
+                    if (route := self.routes.get(request_id)) is not None:
+                        route[0].put_nowait(error and APIError(*error))
+                for request_id, news in outputs:
                     if (route := self.routes.get(request_id)) is not None:  # (None: aborted meanwhile)
-                        route[0].put_nowait(self._answer(route, item))
+                        route[0].put_nowait(self._cumulative(route, news))
+                if death is not None:
+                    return self._fail(death)
         except (EOFError, OSError) as error:
             self._fail(f"the engine has gone ({error!r})")
 
     @staticmethod
-    def _answer(route, item):
-        if item is None or isinstance(item, tuple):  # an add's answer: queued, or (status, message)
-            return item and APIError(*item)
-        if (last := route[2]) is not None:  # the engine sent what is new: the cumulative output again
-            item.prompt, item.prompt_token_ids = last.prompt, last.prompt_token_ids
-            for completion, before in zip(item.outputs, last.outputs):
-                completion.token_ids = before.token_ids + completion.token_ids
-                completion.text = before.text + completion.text
-                if completion.logprobs is not None:
-                    completion.logprobs = before.logprobs + completion.logprobs
-        route[2] = item
-        return route[1], item
+    def _cumulative(route, news) -> tuple[int, RequestOutput]:
+        """(prompt index, the output so far), from the last one and what EngineLoop._news sent."""
+        if not isinstance(news, RequestOutput):
+            last, (finished, error, completions) = route[2], news
+            news = replace(last, finished=finished, error=error, outputs=[CompletionOutput(
+                before.index, before.text + text, before.token_ids + token_ids, cumulative,
+                None if logprobs is None else before.logprobs + logprobs, finish_reason, stop_reason)
+                for before, (token_ids, text, logprobs, cumulative, finish_reason, stop_reason)
+                in zip(last.outputs, completions)])
+        route[2] = news
+        return route[1], news
 
     def _fail(self, message: str) -> None:
         """The engine loop has died or gone: every request waiting hears of it, and later ones get a 503."""
