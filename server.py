@@ -253,14 +253,15 @@ class EngineClient:
 
     @staticmethod
     def _cumulative(route, news) -> tuple[int, RequestOutput]:
-        """(prompt index, the output so far), from the last one and what EngineLoop._news sent."""
+        """(prompt index, the output so far), from the last one and what EngineLoop._news sent: new objects (a
+        handler compares them with the last it sent)."""
         if not isinstance(news, RequestOutput):
             last, (finished, error, completions) = route[2], news
-            news = replace(last, finished=finished, error=error, outputs=[CompletionOutput(
-                before.index, before.text + text, before.token_ids + token_ids, cumulative,
-                None if logprobs is None else before.logprobs + logprobs, finish_reason, stop_reason)
+            news = RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, last.prompt_logprobs, [
+                CompletionOutput(before.index, before.text + text, before.token_ids + token_ids, cumulative,
+                                 None if logprobs is None else before.logprobs + logprobs, finish_reason, stop_reason)
                 for before, (token_ids, text, logprobs, cumulative, finish_reason, stop_reason)
-                in zip(last.outputs, completions)])
+                in zip(last.outputs, completions)], finished, last.num_cached_tokens, error)
         route[2] = news
         return route[1], news
 
