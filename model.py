@@ -298,17 +298,12 @@ def rope_tables(config: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor
     dtype as HF does. Each angle appears twice (at i and i + head_dim/2), rotate_half's layout."""
     dim = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
-    scaling = config.rope_scaling
-    if scaling is not None:
+    if (scaling := config.rope_scaling) is not None:
+        # the three bands as one blend, smooth clamped: 0 for long wavelengths (slowed), 1 for short ones (kept)
         wavelength = 2 * math.pi / inv_freq
-        low_freq_wavelength = scaling.original_max_position_embeddings / scaling.low_freq_factor
-        high_freq_wavelength = scaling.original_max_position_embeddings / scaling.high_freq_factor
         smooth = ((scaling.original_max_position_embeddings / wavelength - scaling.low_freq_factor)
-                  / (scaling.high_freq_factor - scaling.low_freq_factor))
-        scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
-        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-        is_medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
-        inv_freq = torch.where(is_medium, blended, scaled)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=device)
     angles = (positions[:, None] * inv_freq[None, :]).repeat(1, 2)
     return angles.cos().to(config.dtype), angles.sin().to(config.dtype)
