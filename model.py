@@ -1155,8 +1155,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     config, named = _read_json(os.path.join(path, "tokenizer_config.json")), {**vocab, **added}
     template, template_tokens = _chat_template(path, config)
     bos, eos = named.get(template_tokens.get("bos_token")), named.get(template_tokens.get("eos_token"))
-    bos_token = next((token for token, i in added.items() if i == bos), None)
-    add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
+    add_bos = (_template_adds_bos(spec.get("post_processor"), template_tokens.get("bos_token"))
+               or bool(config.get("add_bos_token")))
     special_ids = {token["id"] for token in spec.get("added_tokens") or [] if token.get("special", True)}
     return Tokenizer(encoding, bos, [] if eos is None else [eos], add_bos and bos is not None, normalizer == "NFC",
                      special_ids, template, template_tokens)
