@@ -764,9 +764,8 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
         if not (lazy or isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):  # copy_ would cast ints
             raise ValueError(f"tensor {name!r} in {source}: expected a floating-point torch.Tensor, got "
                              f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
-        if name not in targets:
-            # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
-            if (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
+        if name not in targets:  # a tied checkpoint may still carry lm_head; an old one, RoPE's inv_freq buffer
+            if name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target, index = targets[name], ...
