@@ -1048,10 +1048,8 @@ def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str:
 def _template_adds_bos(post_processor: dict | None, bos_token: str | None) -> bool:
     """Whether the post-processor's template for one sequence starts with BOS (Llama 3 does)."""
     steps = [] if post_processor is None else post_processor.get("processors", [post_processor])
-    for step in steps:
-        if step.get("type") == "TemplateProcessing" and step.get("single"):
-            return step["single"][0].get("SpecialToken", {}).get("id") == bos_token
-    return False
+    return any(step.get("type") == "TemplateProcessing" and step.get("single")
+               and step["single"][0].get("SpecialToken", {}).get("id") == bos_token for step in steps)
 
 
 TOKENIZER_RULES = {
