@@ -298,17 +298,12 @@ def rope_tables(config: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor
     dtype as HF does. Each angle appears twice (at i and i + head_dim/2), rotate_half's layout."""
     dim = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
-    scaling = config.rope_scaling
-    if scaling is not None:
+    if (scaling := config.rope_scaling) is not None:
+        # the three bands as one blend, smooth clamped: 0 for long wavelengths (slowed), 1 for short ones (kept)
         wavelength = 2 * math.pi / inv_freq
-        low_freq_wavelength = scaling.original_max_position_embeddings / scaling.low_freq_factor
-        high_freq_wavelength = scaling.original_max_position_embeddings / scaling.high_freq_factor
         smooth = ((scaling.original_max_position_embeddings / wavelength - scaling.low_freq_factor)
-                  / (scaling.high_freq_factor - scaling.low_freq_factor))
-        scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
-        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-        is_medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
-        inv_freq = torch.where(is_medium, blended, scaled)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=device)
     angles = (positions[:, None] * inv_freq[None, :]).repeat(1, 2)
     return angles.cos().to(config.dtype), angles.sin().to(config.dtype)
@@ -769,9 +764,8 @@ def load_tensors(model: Transformer, tensors, source: str) -> set[str]:
         if not (lazy or isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):  # copy_ would cast ints
             raise ValueError(f"tensor {name!r} in {source}: expected a floating-point torch.Tensor, got "
                              f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
-        if name not in targets:
-            # tied checkpoints may still carry lm_head; old ones carry RoPE's inv_freq buffer
-            if (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
+        if name not in targets:  # a tied checkpoint may still carry lm_head; an old one, RoPE's inv_freq buffer
+            if name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {source} for {model.config.architecture}")
         target, index = targets[name], ...
@@ -987,16 +981,13 @@ def _template_message(message) -> dict:
 
 
 class _GenerationTag(Extension):
-    """HF's {% generation %}...{% endgeneration %} marks the assistant's text for training masks: render its body."""
+    """HF's {% generation %}...{% endgeneration %} marks the assistant's text for training masks: render its body
+    (in a scope of its own, as HF's call block; a {% continue %} inside it works, where HF's fails to compile)."""
     tags = {"generation"}
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
+        return nodes.Scope(parser.parse_statements(("name:endgeneration",), drop_needle=True), lineno=lineno)
 
 
 @functools.lru_cache(maxsize=16)  # a server renders every chat request with the same template
@@ -1057,10 +1048,8 @@ def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str:
 def _template_adds_bos(post_processor: dict | None, bos_token: str | None) -> bool:
     """Whether the post-processor's template for one sequence starts with BOS (Llama 3 does)."""
     steps = [] if post_processor is None else post_processor.get("processors", [post_processor])
-    for step in steps:
-        if step.get("type") == "TemplateProcessing" and step.get("single"):
-            return step["single"][0].get("SpecialToken", {}).get("id") == bos_token
-    return False
+    return any(step.get("type") == "TemplateProcessing" and step.get("single")
+               and step["single"][0].get("SpecialToken", {}).get("id") == bos_token for step in steps)
 
 
 TOKENIZER_RULES = {
@@ -1160,8 +1149,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     config, named = _read_json(os.path.join(path, "tokenizer_config.json")), {**vocab, **added}
     template, template_tokens = _chat_template(path, config)
     bos, eos = named.get(template_tokens.get("bos_token")), named.get(template_tokens.get("eos_token"))
-    bos_token = next((token for token, i in added.items() if i == bos), None)
-    add_bos = _template_adds_bos(spec.get("post_processor"), bos_token) or bool(config.get("add_bos_token"))
+    add_bos = (_template_adds_bos(spec.get("post_processor"), template_tokens.get("bos_token"))
+               or bool(config.get("add_bos_token")))
     special_ids = {token["id"] for token in spec.get("added_tokens") or [] if token.get("special", True)}
     return Tokenizer(encoding, bos, [] if eos is None else [eos], add_bos and bos is not None, normalizer == "NFC",
                      special_ids, template, template_tokens)
