@@ -412,13 +412,13 @@ class LaunchConfig:
 # more stages or warps were slower). Decode streams K/V with little arithmetic per byte: a 16 KB tile
 # (block_n 64 at bf16/128), 4 warps, 2 stages ran at 89-104% of copy bandwidth on the large
 # decode batches; 32-key tiles were 13-19% slower, 8 warps up to 15%, 3-4 stages within 3%.
-DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES = 16384, 4, 2
+# (largest block_m, tile_bytes, num_warps, num_stages)
+DECODE = (16, 16384, 4, 2)
 # Batches with prefills, keyed on the mean query length num_tokens / num_seqs and on max_seq_len:
 # long chunks that see long contexts reuse each K/V tile for 128 rows (128 x 128 tiles, 8 warps,
 # 3 stages: H100, 4 chunks of 1k after 3k 302 us, against 308 with the short config). Short
 # contexts (fresh prompts up to 1k, 8 x 1,000 134 us against 148) and decodes plus chunks waste
 # less on causal and padded rows with block_m 64 (a 1k chunk + 128 decodes: 232 us against 263).
-# (block_m, tile_bytes, num_warps, num_stages)
 PREFILL_LONG = (128, 32768, 8, 3)
 PREFILL_SHORT = (64, 16384, 4, 3)
 LONG_MEAN_QUERY_LEN, LONG_MIN_CONTEXT = 128, 2048
@@ -440,17 +440,16 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
     group = num_q_heads // num_kv_heads
     num_seqs = meta.block_table.shape[0]
     if meta.max_query_len == 1:  # decode only
-        block_m = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
-        tile_bytes, num_warps, num_stages = DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES
+        max_block_m, tile_bytes, num_warps, num_stages = DECODE
         max_context = meta.block_table.shape[1] * block_size
     else:
         long_queries = num_tokens >= LONG_MEAN_QUERY_LEN * num_seqs and meta.max_seq_len >= LONG_MIN_CONTEXT
         max_block_m, tile_bytes, num_warps, num_stages = PREFILL_LONG if long_queries else PREFILL_SHORT
         if head_dim * q.element_size() > WIDE_ROW_BYTES:
             max_block_m //= 2
-        block_m = max(16, min(max_block_m, triton.next_power_of_2(meta.max_query_len * group)),
-                      triton.next_power_of_2(group))
         max_context = meta.max_seq_len
+    block_m = max(16, min(max_block_m, triton.next_power_of_2(meta.max_query_len * group)),
+                  triton.next_power_of_2(group))  # tl.dot needs >= 16 rows; a tile holds whole GQA groups
     block_n = min(128, max(16, tile_bytes // (head_dim * k_cache.element_size())))
     block_q = block_m // group
     num_tiles = num_seqs if meta.max_query_len <= block_q else num_tokens // block_q + num_seqs
