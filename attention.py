@@ -512,11 +512,9 @@ def _check_caches(k_cache, v_cache):
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache and v_cache must be [num_blocks, block_size, num_kv_heads, head_dim] with equal "
                          f"shapes and strides, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-    if block_size & (block_size - 1) or not 1 <= block_size <= 256:
-        raise ValueError(f"block_size must be a power of two in 1..256, got {block_size}")
-    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
+    for name, size, smallest in (("block_size", k_cache.shape[1], 1), ("head_dim", k_cache.shape[3], 16)):
+        if size & (size - 1) or not smallest <= size <= 256:
+            raise ValueError(f"{name} must be a power of two in {smallest}..256, got {size}")
     if k_cache.stride(3) != 1:
         raise ValueError("k_cache/v_cache must be contiguous along head_dim (stride 1)")
     if k_cache.dtype not in (*FLOATS, FP8):
