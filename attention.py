@@ -128,9 +128,12 @@ def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scal
 # is ~8 kernels per layer, each a few microseconds of launch for a few KB of data in a decode step.
 
 @triton.jit
-def _norm_and_rotate(x1, x2, norm_ptr, eps, half, cos1, sin1, cos2, sin2,
-                     HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # x1, x2 [heads, HEAD_DIM / 2] fp32: the two halves that rotate_half pairs up.
+def _load_norm_rotate(ptrs, mask, norm_ptr, eps, cos1, sin1, cos2, sin2,
+                      HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # ptrs [heads, HEAD_DIM / 2]: each head's first half. x1, x2: the two halves that rotate_half pairs up.
+    half = tl.arange(0, HEAD_DIM // 2)[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
         x1 = x1 * rstd * tl.load(norm_ptr + half).to(tl.float32)
@@ -158,9 +161,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
     q_heads = tl.arange(0, Q_HEADS_POW2)[:, None]
     q_mask = q_heads < NUM_Q_HEADS
     q_offsets = q_heads * HEAD_DIM + half
-    q1 = tl.load(row + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
-    q2 = tl.load(row + q_offsets + HEAD_DIM // 2, mask=q_mask, other=0.0).to(tl.float32)
-    q1, q2 = _norm_and_rotate(q1, q2, q_norm_ptr, eps, half, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
+    q1, q2 = _load_norm_rotate(row + q_offsets, q_mask, q_norm_ptr, eps, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
     q_out = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + q_offsets
     tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=q_mask)
     tl.store(q_out + HEAD_DIM // 2, q2.to(q_out_ptr.dtype.element_ty), mask=q_mask)
@@ -169,9 +170,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
     k_offsets = (NUM_Q_HEADS + kv_heads) * HEAD_DIM + half
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     kv_mask = kv_heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)  # slot -1: a padding token, nothing stored
-    k1 = tl.load(row + k_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-    k2 = tl.load(row + k_offsets + HEAD_DIM // 2, mask=kv_mask, other=0.0).to(tl.float32)
-    k1, k2 = _norm_and_rotate(k1, k2, k_norm_ptr, eps, half, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
+    k1, k2 = _load_norm_rotate(row + k_offsets, kv_mask, k_norm_ptr, eps, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
     cache = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset
              + kv_heads * stride_cache_head)
     dims = tl.arange(0, HEAD_DIM)[None, :]
