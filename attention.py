@@ -128,9 +128,12 @@ def paged_attention_reference(q, k_cache, v_cache, meta: AttentionMetadata, scal
 # is ~8 kernels per layer, each a few microseconds of launch for a few KB of data in a decode step.
 
 @triton.jit
-def _norm_and_rotate(x1, x2, norm_ptr, eps, half, cos1, sin1, cos2, sin2,
-                     HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # x1, x2 [heads, HEAD_DIM / 2] fp32: the two halves that rotate_half pairs up.
+def _load_norm_rotate(ptrs, mask, norm_ptr, eps, cos1, sin1, cos2, sin2,
+                      HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # ptrs [heads, HEAD_DIM / 2]: each head's first half. x1, x2: the two halves that rotate_half pairs up.
+    half = tl.arange(0, HEAD_DIM // 2)[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
         x1 = x1 * rstd * tl.load(norm_ptr + half).to(tl.float32)
@@ -158,9 +161,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
     q_heads = tl.arange(0, Q_HEADS_POW2)[:, None]
     q_mask = q_heads < NUM_Q_HEADS
     q_offsets = q_heads * HEAD_DIM + half
-    q1 = tl.load(row + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
-    q2 = tl.load(row + q_offsets + HEAD_DIM // 2, mask=q_mask, other=0.0).to(tl.float32)
-    q1, q2 = _norm_and_rotate(q1, q2, q_norm_ptr, eps, half, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
+    q1, q2 = _load_norm_rotate(row + q_offsets, q_mask, q_norm_ptr, eps, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
     q_out = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + q_offsets
     tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=q_mask)
     tl.store(q_out + HEAD_DIM // 2, q2.to(q_out_ptr.dtype.element_ty), mask=q_mask)
@@ -169,9 +170,7 @@ def _rope_and_write_kv_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_p
     k_offsets = (NUM_Q_HEADS + kv_heads) * HEAD_DIM + half
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     kv_mask = kv_heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)  # slot -1: a padding token, nothing stored
-    k1 = tl.load(row + k_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-    k2 = tl.load(row + k_offsets + HEAD_DIM // 2, mask=kv_mask, other=0.0).to(tl.float32)
-    k1, k2 = _norm_and_rotate(k1, k2, k_norm_ptr, eps, half, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
+    k1, k2 = _load_norm_rotate(row + k_offsets, kv_mask, k_norm_ptr, eps, cos1, sin1, cos2, sin2, HAS_NORM, HEAD_DIM)
     cache = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset
              + kv_heads * stride_cache_head)
     dims = tl.arange(0, HEAD_DIM)[None, :]
@@ -412,13 +411,13 @@ class LaunchConfig:
 # more stages or warps were slower). Decode streams K/V with little arithmetic per byte: a 16 KB tile
 # (block_n 64 at bf16/128), 4 warps, 2 stages ran at 89-104% of copy bandwidth on the large
 # decode batches; 32-key tiles were 13-19% slower, 8 warps up to 15%, 3-4 stages within 3%.
-DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES = 16384, 4, 2
+# (largest block_m, tile_bytes, num_warps, num_stages)
+DECODE = (16, 16384, 4, 2)
 # Batches with prefills, keyed on the mean query length num_tokens / num_seqs and on max_seq_len:
 # long chunks that see long contexts reuse each K/V tile for 128 rows (128 x 128 tiles, 8 warps,
 # 3 stages: H100, 4 chunks of 1k after 3k 302 us, against 308 with the short config). Short
 # contexts (fresh prompts up to 1k, 8 x 1,000 134 us against 148) and decodes plus chunks waste
 # less on causal and padded rows with block_m 64 (a 1k chunk + 128 decodes: 232 us against 263).
-# (block_m, tile_bytes, num_warps, num_stages)
 PREFILL_LONG = (128, 32768, 8, 3)
 PREFILL_SHORT = (64, 16384, 4, 3)
 LONG_MEAN_QUERY_LEN, LONG_MIN_CONTEXT = 128, 2048
@@ -440,17 +439,16 @@ def choose_launch_config(q, k_cache, meta: AttentionMetadata) -> LaunchConfig:
     group = num_q_heads // num_kv_heads
     num_seqs = meta.block_table.shape[0]
     if meta.max_query_len == 1:  # decode only
-        block_m = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
-        tile_bytes, num_warps, num_stages = DECODE_TILE_BYTES, DECODE_WARPS, DECODE_STAGES
+        max_block_m, tile_bytes, num_warps, num_stages = DECODE
         max_context = meta.block_table.shape[1] * block_size
     else:
         long_queries = num_tokens >= LONG_MEAN_QUERY_LEN * num_seqs and meta.max_seq_len >= LONG_MIN_CONTEXT
         max_block_m, tile_bytes, num_warps, num_stages = PREFILL_LONG if long_queries else PREFILL_SHORT
         if head_dim * q.element_size() > WIDE_ROW_BYTES:
             max_block_m //= 2
-        block_m = max(16, min(max_block_m, triton.next_power_of_2(meta.max_query_len * group)),
-                      triton.next_power_of_2(group))
         max_context = meta.max_seq_len
+    block_m = max(16, min(max_block_m, triton.next_power_of_2(meta.max_query_len * group)),
+                  triton.next_power_of_2(group))  # tl.dot needs >= 16 rows; a tile holds whole GQA groups
     block_n = min(128, max(16, tile_bytes // (head_dim * k_cache.element_size())))
     block_q = block_m // group
     num_tiles = num_seqs if meta.max_query_len <= block_q else num_tokens // block_q + num_seqs
@@ -513,11 +511,9 @@ def _check_caches(k_cache, v_cache):
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache and v_cache must be [num_blocks, block_size, num_kv_heads, head_dim] with equal "
                          f"shapes and strides, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-    if block_size & (block_size - 1) or not 1 <= block_size <= 256:
-        raise ValueError(f"block_size must be a power of two in 1..256, got {block_size}")
-    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
+    for name, size, smallest in (("block_size", k_cache.shape[1], 1), ("head_dim", k_cache.shape[3], 16)):
+        if size & (size - 1) or not smallest <= size <= 256:
+            raise ValueError(f"{name} must be a power of two in {smallest}..256, got {size}")
     if k_cache.stride(3) != 1:
         raise ValueError("k_cache/v_cache must be contiguous along head_dim (stride 1)")
     if k_cache.dtype not in (*FLOATS, FP8):
