@@ -131,9 +131,7 @@ def accept_drafts(tokens: list[int], row: int, drafts: list[int]) -> list[int]:
     argmax. Sampled, the standard rule: the Gumbel draw is draft d with probability p(d) (accept), and a draw
     that is not d follows p with d removed, renormalised (the residual). Each row has the noise of its output
     index, so a seeded request gets the same tokens with speculation on or off."""
-    accepted = 0
-    while accepted < len(drafts) and tokens[row + accepted] == drafts[accepted]:
-        accepted += 1
+    accepted = next((i for i, draft in enumerate(drafts) if tokens[row + i] != draft), len(drafts))
     return tokens[row:row + accepted + 1]
 
 
