@@ -66,8 +66,7 @@ def logits_adjustment(rows: list[tuple], num_rows: int, vocab_size: int, previou
                           accumulate=True)
     prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
     prompt_mask[pairs(prompt)] = True
-    factors = to_device(factors, device, torch.float32)
-    return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2], *pairs(banned))
+    return LogitsAdjustment(counts, prompt_mask, *to_device(factors, device, torch.float32).T, *pairs(banned))
 
 
 def adjust_logits(logits, adjust: LogitsAdjustment):
