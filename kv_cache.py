@@ -96,13 +96,6 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
-    def _can_allocate(self, table: BlockTable, num_tokens: int, hits: list[KVBlock] = ()) -> bool:
-        """Exactly whether allocate(table, ..., num_tokens, hits) would succeed."""
-        num_new_blocks = cdiv(num_tokens, self.block_size) - len(table.block_ids) - len(hits)
-        # A hit on a free block takes it out of the free queue, so it costs a free block too.
-        num_revived = sum(1 for block in hits if block.ref_count == 0)
-        return max(num_new_blocks, 0) + num_revived <= len(self.free_queue)
-
     def allocate(self, table: BlockTable, token_ids: list[int], num_tokens: int, hits: list[KVBlock] = ()) -> bool:
         """Grow `table` to cover slots 0..num_tokens-1, taking `hits` (from lookup(), only into an
         empty table) first. All or nothing: False, with no change at all, if the blocks are not
@@ -111,7 +104,9 @@ class KVCacheManager:
         step, before any later step reads them (or calls forget_cached_blocks if it fails)."""
         size = self.block_size
         if hits or cdiv(num_tokens, size) > len(table.block_ids):  # most decode steps need no block
-            if not self._can_allocate(table, num_tokens, hits):
+            num_new_blocks = cdiv(num_tokens, size) - len(table.block_ids) - len(hits)
+            # A hit on a free block takes it out of the free queue, so it costs a free block too.
+            if max(num_new_blocks, 0) + sum(block.ref_count == 0 for block in hits) > len(self.free_queue):
                 return False
             assert not hits or not table.block_ids, "prefix hits go only into an empty block table"
             if not table.block_ids:  # an admission: count it for the hit rate

@@ -66,8 +66,7 @@ def logits_adjustment(rows: list[tuple], num_rows: int, vocab_size: int, previou
                           accumulate=True)
     prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
     prompt_mask[pairs(prompt)] = True
-    factors = to_device(factors, device, torch.float32)
-    return LogitsAdjustment(counts, prompt_mask, factors[:, 0], factors[:, 1], factors[:, 2], *pairs(banned))
+    return LogitsAdjustment(counts, prompt_mask, *to_device(factors, device, torch.float32).T, *pairs(banned))
 
 
 def adjust_logits(logits, adjust: LogitsAdjustment):
@@ -131,9 +130,7 @@ def accept_drafts(tokens: list[int], row: int, drafts: list[int]) -> list[int]:
     argmax. Sampled, the standard rule: the Gumbel draw is draft d with probability p(d) (accept), and a draw
     that is not d follows p with d removed, renormalised (the residual). Each row has the noise of its output
     index, so a seeded request gets the same tokens with speculation on or off."""
-    accepted = 0
-    while accepted < len(drafts) and tokens[row + accepted] == drafts[accepted]:
-        accepted += 1
+    accepted = next((i for i, draft in enumerate(drafts) if tokens[row + i] != draft), len(drafts))
     return tokens[row:row + accepted + 1]
 
 

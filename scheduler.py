@@ -417,12 +417,11 @@ class Scheduler:
                 request.output_token_ids.append(token)
                 request.all_token_ids.append(token)
                 if (status := self._stop_status(request, token)) is not None:
+                    if request.status is not RequestStatus.RUNNING:  # preempted while its token was in flight
+                        self.waiting.remove(request)
+                    self._finish(request, status)
+                    finished.append(request)
                     break
-            if status is not None:
-                if request.status is not RequestStatus.RUNNING:  # preempted while its token was in flight
-                    self.waiting.remove(request)
-                self._finish(request, status)
-                finished.append(request)
         if finished:
             self.running = [r for r in self.running if not r.status.is_finished]
         self.num_finished_steps = output.step  # its K/V is written: its cached blocks are trusted

@@ -756,14 +756,12 @@ class TestKVCache:
                 assert len(hits) * block_size < len(tokens)  # at least one token left to compute
                 num_tokens = len(hits) * block_size + min(n, len(tokens) - len(hits) * block_size)
                 before = _snapshot(kv)
-                can = kv._can_allocate(table, num_tokens, hits)
                 if kv.allocate(table, tokens, num_tokens, hits):
                     state = live[i] = [tokens, table, len(hits) * block_size]
                     compute(state, num_tokens)
                 else:
                     assert _snapshot(kv) == before and table.block_ids == []
                     parked[i] = [tokens, table, 0]
-                assert can == (i in live)
             elif op == "compute" and state is not None and state[2] < len(state[0]):
                 compute(state, state[2] + min(n, len(state[0]) - state[2]))
             elif op == "append" and state is not None and state[2] == len(state[0]):
@@ -813,7 +811,13 @@ class TestKVCache:
         assert kv.allocate(b, [1, 2, 9], 3, hits)
         assert first not in [blk.block_id for blk in _free_blocks(kv)] and kv.blocks[first].ref_count == 1
         assert len(kv.free_queue) == 2
-        assert not kv._can_allocate(BlockTable(), 5) and kv._can_allocate(BlockTable(), 4)
+        assert not kv.allocate(BlockTable(), [5] * 5, 5) and kv.allocate(BlockTable(), [5] * 4, 4)  # 2 free blocks
+        kv.free(b)  # b's tail block, then `first`, back in the free queue
+        assert kv.allocate(BlockTable(), [8], 1) and list(kv.free_queue) == [first]
+        # Reviving a free hit costs its free block: the hit and one new block do not fit in one (no change).
+        hits = kv.lookup(BlockTable(), [1, 2, 9])
+        assert not kv.allocate(BlockTable(), [1, 2, 9], 3, hits) and list(kv.free_queue) == [first]
+        assert kv.allocate(BlockTable(), [1, 2, 9], 2, hits) and not kv.free_queue
 
     def test_forced_hash_collision_is_a_miss(self, monkeypatch):
         monkeypatch.setattr(kv_cache, "hash_block", lambda parent_hash, token_ids: b"collision")
