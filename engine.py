@@ -583,10 +583,9 @@ class InputBuffer:
         sizes = dict(header=HEADER_SIZE, input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
                      temperature=max_rows, top_p=max_rows, top_k=max_rows, min_p=max_rows, seeds=max_rows,
-                     placeholder_dst=max_seqs, placeholder_src=max_seqs)
-        *starts, self.block_table_offset = itertools.accumulate(sizes.values(), initial=0)
+                     placeholder_dst=max_seqs, placeholder_src=max_seqs, block_table=max_seqs * max_blocks_per_seq)
+        *starts, size = itertools.accumulate(sizes.values(), initial=0)
         self.offset, self.width = dict(zip(sizes, starts)), max_blocks_per_seq
-        size = self.block_table_offset + max_seqs * max_blocks_per_seq
         self.device = torch.zeros(size, dtype=torch.int32, device=device)
         # Two host buffers: while step N's copy may still be pending, step N+1 fills the other one.
         self.hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=pin_memory) for _ in range(2)]
@@ -597,8 +596,7 @@ class InputBuffer:
         return view.view(torch.float32) if name in FLOAT_FIELDS else view
 
     def block_table(self, rows, buffer=None):
-        start = self.block_table_offset
-        return (self.device if buffer is None else buffer)[start: start + rows * self.width].view(rows, self.width)
+        return self.view("block_table", rows * self.width, buffer).view(rows, self.width)
 
     def write(self, rows, tables, fields):
         """Write every field into the next pinned host buffer, then copy the used prefix once."""
@@ -616,7 +614,7 @@ class InputBuffer:
             flat.extend(self.zeros[: used_width - len(table)])
         self.block_table(rows, host)[: len(tables), :used_width].copy_(
             torch.frombuffer(flat, dtype=torch.int32).view(len(tables), used_width))
-        used = self.block_table_offset + rows * self.width
+        used = self.offset["block_table"] + rows * self.width
         self.device[:used].copy_(host[:used], non_blocking=True)
 
     def fill_placeholders(self, num_tokens: int, count: int, previous_sampled: torch.Tensor) -> None:
