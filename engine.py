@@ -346,10 +346,8 @@ class LLM:
                     yield output
         finally:
             with self.lock:
-                for request_id in order:
-                    group = self.output_processor.groups.get(request_id)
-                    if group is not None and group.owner == owner:
-                        self.abort(request_id)
+                for group in [group for group in self.output_processor.groups.values() if group.owner == owner]:
+                    self.abort(group.request_id)
                 self.output_processor.finals.pop(owner, None)
 
     def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
