@@ -884,16 +884,14 @@ class ModelRunner:
         num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
         per_seq = min(cdiv(config.max_num_batched_tokens, num_seqs), config.max_model_len)
         num_tokens = min(config.max_num_batched_tokens, num_seqs * per_seq)
-        lengths = [per_seq] * (num_tokens // per_seq) + ([num_tokens % per_seq] if num_tokens % per_seq else [])
         params = SamplingParams(top_p=0.5, top_k=5, seed=0)  # the sampler's sorting path: its largest
-        entries, num_scratch_blocks = [], 0
-        for i, length in enumerate(lengths):
-            request = Request(f"profile-{i}", [0] * length, params)
-            num_blocks = cdiv(length, config.block_size)
-            request.block_table.block_ids = list(range(num_scratch_blocks, num_scratch_blocks + num_blocks))
-            num_scratch_blocks += num_blocks
-            entries.append(ScheduledRequest(request, 0, length, samples_token=True))
-        self.kv_caches, step = self._allocate_kv_caches(num_scratch_blocks), SchedulerOutput(entries, [], step=0)
+        entries, blocks_per_seq = [], cdiv(per_seq, config.block_size)
+        for i, start in enumerate(range(0, num_tokens, per_seq)):
+            request = Request(f"profile-{i}", [0] * min(per_seq, num_tokens - start), params)
+            request.block_table.block_ids = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            entries.append(ScheduledRequest(request, 0, request.num_tokens, samples_token=True))
+        self.kv_caches = self._allocate_kv_caches(len(entries) * blocks_per_seq)
+        step = SchedulerOutput(entries, [], step=0)
         # cuBLAS keeps a workspace per stream (32 MiB on Hopper): one run on the stream the graphs are captured on
         # allocates the one they keep, so the peak below counts it, as it counts the default stream's.
         with torch.cuda.stream(self.capture_stream):
@@ -904,7 +902,7 @@ class ModelRunner:
         self.execute(step, None).sampled_token_ids()
         peak = torch.cuda.max_memory_allocated(self.device) - self.kv_caches.numel() * self.kv_caches.element_size()
         # A step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
-        peak += self.graph_logits_bytes() + 4 * len(lengths) * self.model.config.vocab_size * 4
+        peak += self.graph_logits_bytes() + 4 * len(entries) * self.model.config.vocab_size * 4
         del self.kv_caches
         self.stats = EngineStats()
         torch.cuda.empty_cache()
