@@ -645,8 +645,6 @@ class StepPlan:
     num_logprobs: int | None = None  # top-k logprobs for the sampled tokens (the most any row asks)
     # Prompt logprobs: logits rows after the sampling ones, each (request, prompt position it scores).
     prompt_positions: list[tuple[Request, int]] = field(default_factory=list)
-    prompt_targets: torch.Tensor | None = None
-    num_prompt_logprobs: int = 0
     drafts: dict[Request, list[int]] = field(default_factory=dict)  # the requests with drafts: rows after its first
 
     @property
@@ -745,9 +743,10 @@ class ModelRunner:
         flight = InFlight(plan, sampled, host, None)
         if plan.num_logprobs is not None:  # only steps that ask for them pay for log_softmax and the copies
             flight.sampled_logprobs = _to_host(logprobs_of(sampling_logits, sampled, plan.num_logprobs), self.on_cuda)
-        if plan.prompt_positions:
-            flight.prompt_logprobs = _to_host(
-                logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs), self.on_cuda)
+        if plan.prompt_positions:  # each row's target: the prompt token at the position it scores
+            targets = to_device([request.prompt_token_ids[p] for request, p in plan.prompt_positions], self.device)
+            k = max(request.sampling_params.prompt_logprobs for request, _ in plan.prompt_positions)
+            flight.prompt_logprobs = _to_host(logprobs_of(logits[plan.num_sampling:], targets, k), self.on_cuda)
         if self.on_cuda:
             flight.ready = torch.cuda.Event()
             flight.ready.record()
@@ -764,7 +763,7 @@ class ModelRunner:
         previous_rows = previous.plan.sample_row if previous is not None else {}
         input_ids, positions, slots, query_start, seq_lens, tables = [], [], [], [0], [], []
         placeholder_dst, placeholder_src, logits_indices, samplers = [], [], [], []
-        prompt_rows, prompt_positions, prompt_targets = [], [], []
+        prompt_rows, prompt_positions = [], []
         for entry in rows:
             request, start = entry.request, entry.start
             end = start + entry.num_new_tokens
@@ -790,7 +789,6 @@ class ModelRunner:
                 last = min(end, len(request.prompt_token_ids) - 1)
                 prompt_rows += range(len(input_ids) - (end - start), len(input_ids) - (end - last))
                 prompt_positions += [(request, p + 1) for p in range(start, last)]
-                prompt_targets += request.prompt_token_ids[start + 1:last + 1]
             query_start.append(len(input_ids))
             seq_lens.append(end)
             tables.append(blocks[: cdiv(end, block_size)])
@@ -803,11 +801,9 @@ class ModelRunner:
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sample_row, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
         num_rows = pad_for_graph(fields, num_seqs, *self._graphs_for(max_query_len))
-        plan = StepPlan(
-            schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens), sample_row,
-            sampling, num_logprobs, prompt_positions, to_device(prompt_targets, self.device) if prompt_rows else None,
-            max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0),
-            {entry.request: entry.draft_token_ids for entry in rows if entry.draft_token_ids})
+        drafts = {entry.request: entry.draft_token_ids for entry in rows if entry.draft_token_ids}
+        plan = StepPlan(schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens),
+                        sample_row, sampling, num_logprobs, prompt_positions, drafts)
         self.inputs.write(num_rows, tables, fields | sample_fields | {"header": [STEP, *plan.shape]})
         if placeholder_dst:  # (before a tensor-parallel broadcast: the other ranks get the whole input_ids)
             self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
