@@ -748,8 +748,7 @@ class ModelRunner:
             k = max(request.sampling_params.prompt_logprobs for request, _ in plan.prompt_positions)
             flight.prompt_logprobs = _to_host(logprobs_of(logits[plan.num_sampling:], targets, k), self.on_cuda)
         if self.on_cuda:
-            flight.ready = torch.cuda.Event()
-            flight.ready.record()
+            flight.ready = torch.cuda.current_stream().record_event()
         self.stats.steps += 1
         return flight
 
