@@ -346,10 +346,8 @@ class LLM:
                     yield output
         finally:
             with self.lock:
-                for request_id in order:
-                    group = self.output_processor.groups.get(request_id)
-                    if group is not None and group.owner == owner:
-                        self.abort(request_id)
+                for group in [group for group in self.output_processor.groups.values() if group.owner == owner]:
+                    self.abort(group.request_id)
                 self.output_processor.finals.pop(owner, None)
 
     def _add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None, owner: int | None):
@@ -583,10 +581,9 @@ class InputBuffer:
         sizes = dict(header=HEADER_SIZE, input_ids=max_tokens, positions=max_tokens, slot_mapping=max_tokens,
                      query_start_loc=max_seqs + 1, seq_lens=max_seqs, logits_indices=max_tokens,
                      temperature=max_rows, top_p=max_rows, top_k=max_rows, min_p=max_rows, seeds=max_rows,
-                     placeholder_dst=max_seqs, placeholder_src=max_seqs)
-        *starts, self.block_table_offset = itertools.accumulate(sizes.values(), initial=0)
+                     placeholder_dst=max_seqs, placeholder_src=max_seqs, block_table=max_seqs * max_blocks_per_seq)
+        *starts, size = itertools.accumulate(sizes.values(), initial=0)
         self.offset, self.width = dict(zip(sizes, starts)), max_blocks_per_seq
-        size = self.block_table_offset + max_seqs * max_blocks_per_seq
         self.device = torch.zeros(size, dtype=torch.int32, device=device)
         # Two host buffers: while step N's copy may still be pending, step N+1 fills the other one.
         self.hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=pin_memory) for _ in range(2)]
@@ -597,8 +594,7 @@ class InputBuffer:
         return view.view(torch.float32) if name in FLOAT_FIELDS else view
 
     def block_table(self, rows, buffer=None):
-        start = self.block_table_offset
-        return (self.device if buffer is None else buffer)[start: start + rows * self.width].view(rows, self.width)
+        return self.view("block_table", rows * self.width, buffer).view(rows, self.width)
 
     def write(self, rows, tables, fields):
         """Write every field into the next pinned host buffer, then copy the used prefix once."""
@@ -616,7 +612,7 @@ class InputBuffer:
             flat.extend(self.zeros[: used_width - len(table)])
         self.block_table(rows, host)[: len(tables), :used_width].copy_(
             torch.frombuffer(flat, dtype=torch.int32).view(len(tables), used_width))
-        used = self.block_table_offset + rows * self.width
+        used = self.offset["block_table"] + rows * self.width
         self.device[:used].copy_(host[:used], non_blocking=True)
 
     def fill_placeholders(self, num_tokens: int, count: int, previous_sampled: torch.Tensor) -> None:
@@ -649,8 +645,6 @@ class StepPlan:
     num_logprobs: int | None = None  # top-k logprobs for the sampled tokens (the most any row asks)
     # Prompt logprobs: logits rows after the sampling ones, each (request, prompt position it scores).
     prompt_positions: list[tuple[Request, int]] = field(default_factory=list)
-    prompt_targets: torch.Tensor | None = None
-    num_prompt_logprobs: int = 0
     drafts: dict[Request, list[int]] = field(default_factory=dict)  # the requests with drafts: rows after its first
 
     @property
@@ -749,12 +743,12 @@ class ModelRunner:
         flight = InFlight(plan, sampled, host, None)
         if plan.num_logprobs is not None:  # only steps that ask for them pay for log_softmax and the copies
             flight.sampled_logprobs = _to_host(logprobs_of(sampling_logits, sampled, plan.num_logprobs), self.on_cuda)
-        if plan.prompt_positions:
-            flight.prompt_logprobs = _to_host(
-                logprobs_of(logits[plan.num_sampling:], plan.prompt_targets, plan.num_prompt_logprobs), self.on_cuda)
+        if plan.prompt_positions:  # each row's target: the prompt token at the position it scores
+            targets = to_device([request.prompt_token_ids[p] for request, p in plan.prompt_positions], self.device)
+            k = max(request.sampling_params.prompt_logprobs for request, _ in plan.prompt_positions)
+            flight.prompt_logprobs = _to_host(logprobs_of(logits[plan.num_sampling:], targets, k), self.on_cuda)
         if self.on_cuda:
-            flight.ready = torch.cuda.Event()
-            flight.ready.record()
+            flight.ready = torch.cuda.current_stream().record_event()
         self.stats.steps += 1
         return flight
 
@@ -768,7 +762,7 @@ class ModelRunner:
         previous_rows = previous.plan.sample_row if previous is not None else {}
         input_ids, positions, slots, query_start, seq_lens, tables = [], [], [], [0], [], []
         placeholder_dst, placeholder_src, logits_indices, samplers = [], [], [], []
-        prompt_rows, prompt_positions, prompt_targets = [], [], []
+        prompt_rows, prompt_positions = [], []
         for entry in rows:
             request, start = entry.request, entry.start
             end = start + entry.num_new_tokens
@@ -794,7 +788,6 @@ class ModelRunner:
                 last = min(end, len(request.prompt_token_ids) - 1)
                 prompt_rows += range(len(input_ids) - (end - start), len(input_ids) - (end - last))
                 prompt_positions += [(request, p + 1) for p in range(start, last)]
-                prompt_targets += request.prompt_token_ids[start + 1:last + 1]
             query_start.append(len(input_ids))
             seq_lens.append(end)
             tables.append(blocks[: cdiv(end, block_size)])
@@ -807,11 +800,9 @@ class ModelRunner:
                       placeholder_dst=placeholder_dst, placeholder_src=placeholder_src)
         sample_fields, sample_row, sampling, num_logprobs = self._sampling_inputs(samplers, previous)
         num_rows = pad_for_graph(fields, num_seqs, *self._graphs_for(max_query_len))
-        plan = StepPlan(
-            schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens), sample_row,
-            sampling, num_logprobs, prompt_positions, to_device(prompt_targets, self.device) if prompt_rows else None,
-            max((r.sampling_params.prompt_logprobs for r, _ in prompt_positions), default=0),
-            {entry.request: entry.draft_token_ids for entry in rows if entry.draft_token_ids})
+        drafts = {entry.request: entry.draft_token_ids for entry in rows if entry.draft_token_ids}
+        plan = StepPlan(schedule, len(fields["input_ids"]), num_rows, len(logits_indices), max_query_len, max(seq_lens),
+                        sample_row, sampling, num_logprobs, prompt_positions, drafts)
         self.inputs.write(num_rows, tables, fields | sample_fields | {"header": [STEP, *plan.shape]})
         if placeholder_dst:  # (before a tensor-parallel broadcast: the other ranks get the whole input_ids)
             self.inputs.fill_placeholders(len(fields["input_ids"]), len(placeholder_dst), previous.sampled)
@@ -888,16 +879,14 @@ class ModelRunner:
         num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
         per_seq = min(cdiv(config.max_num_batched_tokens, num_seqs), config.max_model_len)
         num_tokens = min(config.max_num_batched_tokens, num_seqs * per_seq)
-        lengths = [per_seq] * (num_tokens // per_seq) + ([num_tokens % per_seq] if num_tokens % per_seq else [])
         params = SamplingParams(top_p=0.5, top_k=5, seed=0)  # the sampler's sorting path: its largest
-        entries, num_scratch_blocks = [], 0
-        for i, length in enumerate(lengths):
-            request = Request(f"profile-{i}", [0] * length, params)
-            num_blocks = cdiv(length, config.block_size)
-            request.block_table.block_ids = list(range(num_scratch_blocks, num_scratch_blocks + num_blocks))
-            num_scratch_blocks += num_blocks
-            entries.append(ScheduledRequest(request, 0, length, samples_token=True))
-        self.kv_caches, step = self._allocate_kv_caches(num_scratch_blocks), SchedulerOutput(entries, [], step=0)
+        entries, blocks_per_seq = [], cdiv(per_seq, config.block_size)
+        for i, start in enumerate(range(0, num_tokens, per_seq)):
+            request = Request(f"profile-{i}", [0] * min(per_seq, num_tokens - start), params)
+            request.block_table.block_ids = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            entries.append(ScheduledRequest(request, 0, request.num_tokens, samples_token=True))
+        self.kv_caches = self._allocate_kv_caches(len(entries) * blocks_per_seq)
+        step = SchedulerOutput(entries, [], step=0)
         # cuBLAS keeps a workspace per stream (32 MiB on Hopper): one run on the stream the graphs are captured on
         # allocates the one they keep, so the peak below counts it, as it counts the default stream's.
         with torch.cuda.stream(self.capture_stream):
@@ -908,7 +897,7 @@ class ModelRunner:
         self.execute(step, None).sampled_token_ids()
         peak = torch.cuda.max_memory_allocated(self.device) - self.kv_caches.numel() * self.kv_caches.element_size()
         # A step with logprobs or penalties holds a few more [rows, vocab] fp32 tensors at once.
-        peak += self.graph_logits_bytes() + 4 * len(lengths) * self.model.config.vocab_size * 4
+        peak += self.graph_logits_bytes() + 4 * len(entries) * self.model.config.vocab_size * 4
         del self.kv_caches
         self.stats = EngineStats()
         torch.cuda.empty_cache()
