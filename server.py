@@ -115,7 +115,8 @@ class EngineLoop:
 
     def __init__(self, llm: LLM, connection):
         self.llm, self.connection, self.answers = llm, connection, []  # answers: the adds' since the last message
-        self.live, self.sent = set(), {}  # engine request ids running; id -> (tokens, characters) sent, a completion
+        # engine request id running -> per completion (tokens, characters) sent so far; None before its first output
+        self.live: dict[str, list[tuple[int, int]] | None] = {}
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
 
     def _loop(self) -> None:
@@ -146,11 +147,11 @@ class EngineLoop:
         once), later ones only what is new, in plain tuples: (finished, error, per completion (token ids, text,
         logprobs, cumulative logprob, finish reason, stop reason)). Not the RequestOutput: a dataclass pickles
         through its class, several times slower than tuples, and this thread pays for it every step."""
-        sent = self.sent.get(output.request_id)
-        self.sent[output.request_id] = [(len(c.token_ids), len(c.text)) for c in output.outputs]
+        sent = self.live[output.request_id]
         if output.finished:
-            self.live.discard(output.request_id)
-            self.sent.pop(output.request_id)
+            del self.live[output.request_id]
+        else:
+            self.live[output.request_id] = [(len(c.token_ids), len(c.text)) for c in output.outputs]
         if sent is None:
             return output
         return output.finished, output.error, [
@@ -163,7 +164,7 @@ class EngineLoop:
                 prompts = [self.llm.chat_prompt(**prompts)]
             for request_id, prompt in zip(request_ids, prompts, strict=True):
                 self.llm.add_request(request_id, prompt, params)
-                self.live.add(request_id)
+                self.live[request_id] = None
             self.answers.append((request_ids[0], None))
         except Exception as error:  # a bad request fails alone, and none of its prompts stays queued
             self._abort(request_ids)
@@ -173,8 +174,7 @@ class EngineLoop:
     def _abort(self, request_ids) -> None:
         for request_id in request_ids:
             if request_id in self.live:
-                self.live.discard(request_id)
-                self.sent.pop(request_id, None)
+                del self.live[request_id]
                 self.llm.abort(request_id)
 
 

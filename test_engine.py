@@ -4,7 +4,6 @@
     python -m pytest -q test_engine.py::TestScheduler  # one module's tests (TestModel, TestKVCache, ...)
     python3 -m pytest -q test_engine.py                # on a GPU: also the kernels in bf16, and CUDA graphs
 """
-import contextlib
 import re
 import subprocess
 import sys
