@@ -180,24 +180,31 @@ class EngineLoop:
 
 class EngineClient:
     """The front end's way to the engine loop, for handlers on the event loop: run() a request, get its outputs.
-    Jobs go out from a thread of their own (a long prompt must not stall the event loop while the engine is in a
-    step); the answers are read on the event loop as the pipe has them."""
+    The pipe is worked by two threads of its own, blocking: one sends the jobs (a long prompt must not stall the event
+    loop while the engine is in a step), one receives the engine's messages and hands each to the event loop. Not
+    the loop's add_reader: uvloop (uvicorn's loop where it is installed) makes a watched fd non-blocking, and then a
+    large message is read, or written, in part: the stream breaks (BENCHMARKS.md: the runs through it that hung)."""
 
     def __init__(self, connection):
         self.connection, self.jobs, self.error = connection, queue.SimpleQueue(), None  # error: requests get a 503
         self.routes = {}  # engine request id -> [the handler's asyncio queue, prompt index, its last output]
-        self.sender = threading.Thread(target=self._send, name="frontend-sender", daemon=True)
+        self.threads = [threading.Thread(target=self._send, name="frontend-sender", daemon=True),
+                        threading.Thread(target=self._receive, name="frontend-receiver", daemon=True)]
         self.on_gone = lambda: None
 
     def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self.connection.fileno(), self._receive)
-        self.sender.start()
+        self.loop = asyncio.get_running_loop()
+        for thread in self.threads:
+            thread.start()
 
     def stop(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.connection.fileno())
         self.jobs.put(None)
-        self.sender.join(5)  # (bounded: an engine loop blocked sending to us reads no more jobs)
-        self.connection.close()  # the engine loop aborts what is left
+        self.threads[0].join(5)  # (bounded: an engine loop blocked sending to us reads no more jobs)
+        # shutdown, not close: it ends the engine loop's reads (it aborts what is left) and wakes our receiver
+        with socket.socket(fileno=os.dup(self.connection.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.threads[1].join(5)
+        self.connection.close()
 
     async def run(self, request_ids: list[str], prompts, params: SamplingParams):
         """Queue a request; yield None once it is queued (its error raises instead), then (prompt index, cumulative
@@ -237,19 +244,24 @@ class EngineClient:
                 self.connection.send(job)
 
     def _receive(self) -> None:
+        """On its own thread: each message of the engine loop, in order, to _route on the event loop."""
         try:
-            while self.connection.poll():
-                answers, outputs, death = self.connection.recv()
-                for request_id, error in answers:  # an add's: queued (None), or (status, message)
-                    if (route := self.routes.get(request_id)) is not None:
-                        route[0].put_nowait(error and APIError(*error))
-                for request_id, news in outputs:
-                    if (route := self.routes.get(request_id)) is not None:  # (None: aborted meanwhile)
-                        route[0].put_nowait(self._cumulative(route, news))
-                if death is not None:
-                    return self._fail(death)
+            while True:
+                self.loop.call_soon_threadsafe(self._route, self.connection.recv())
         except (EOFError, OSError) as error:
-            self._fail(f"the engine has gone ({error!r})")
+            with contextlib.suppress(RuntimeError):  # (the event loop has closed: the front end has stopped)
+                self.loop.call_soon_threadsafe(self._fail, f"the engine has gone ({error!r})")
+
+    def _route(self, message) -> None:
+        answers, outputs, death = message
+        for request_id, error in answers:  # an add's: queued (None), or (status, message)
+            if (route := self.routes.get(request_id)) is not None:
+                route[0].put_nowait(error and APIError(*error))
+        for request_id, news in outputs:
+            if (route := self.routes.get(request_id)) is not None:  # (None: aborted meanwhile)
+                route[0].put_nowait(self._cumulative(route, news))
+        if death is not None:
+            self._fail(death)
 
     @staticmethod
     def _cumulative(route, news) -> tuple[int, RequestOutput]:
@@ -267,8 +279,9 @@ class EngineClient:
 
     def _fail(self, message: str) -> None:
         """The engine loop has died or gone: every request waiting hears of it, and later ones get a 503."""
+        if self.error is not None:  # (its death message came first; the pipe's end follows it)
+            return
         self.error = message
-        asyncio.get_running_loop().remove_reader(self.connection.fileno())
         for answers in {id(route[0]): route[0] for route in self.routes.values()}.values():
             answers.put_nowait(APIError(503, message))
         self.routes.clear()

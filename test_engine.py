@@ -5,6 +5,7 @@
     python3 -m pytest -q test_engine.py                # on a GPU: also the kernels in bf16, and CUDA graphs
 """
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -4209,6 +4210,61 @@ class TestServer:
         with pytest.raises(RuntimeError, match="did not start"):
             server.Server(llm, "tiny")
         assert set(threading.enumerate()) == before and set(multiprocessing.active_children()) == processes
+
+    def test_the_pipe_carries_whole_messages_under_an_event_loop_that_makes_watched_fds_non_blocking(self):
+        """uvloop (uvicorn's loop where installed, as on the GPU host) sets an fd it watches non-blocking, as libuv
+        does; a job or an output larger than the socket's buffer then went, or came, in part and the stream broke
+        (runs through the server hung). Here a loop that does the same, a 2 MB prompt that the engine's side reads
+        late, and a 2 MB output that it writes in two parts: both arrive whole."""
+        import asyncio
+        import struct
+        import server
+        from multiprocessing.connection import Connection
+        from multiprocessing.reduction import ForkingPickler
+
+        class NonBlockingWatches(asyncio.SelectorEventLoop):
+            def add_reader(self, fd, callback, *args):
+                os.set_blocking(fd if isinstance(fd, int) else fd.fileno(), False)
+                return super().add_reader(fd, callback, *args)
+
+        ours, theirs = socket.socketpair()
+        engine_end, client = Connection(ours.detach()), server.EngineClient(Connection(theirs.detach()))
+        prompt = list(range(400_000))
+        output = engine.RequestOutput("r-0", None, prompt, None, [engine.CompletionOutput(0, "x", [7], None, None,
+                                                                                          "length")], True)
+
+        def engine_side():
+            time.sleep(0.3)  # the front end's write fills the socket's buffer first
+            job = engine_end.recv()
+            assert job[:2] == ("add", ["r-0"]) and job[2] == [prompt]
+            engine_end.send(([("r-0", None)], [], None))
+            message = ForkingPickler.dumps(([], [("r-0", output)], None))
+            frame = struct.pack("!i", len(message)) + message  # Connection's framing: its length, then the bytes
+            os.write(engine_end.fileno(), frame[:1000])
+            time.sleep(0.3)  # the front end sees a message begin, and must wait for the rest
+            engine_end._send(frame[1000:])
+
+        async def run():
+            client.start()
+            outputs = client.run(["r-0"], [prompt], SamplingParams(max_tokens=1))
+            assert await anext(outputs) is None  # queued
+            return [item async for item in outputs]
+
+        async def stop():  # (on the loop, as the app's lifespan calls it)
+            client.stop()
+
+        side = threading.Thread(target=engine_side)
+        side.start()
+        loop = NonBlockingWatches()
+        try:
+            received = loop.run_until_complete(asyncio.wait_for(run(), 30))
+            assert client.error is None and received == [(0, output)]
+        finally:
+            side.join(30)
+            loop.run_until_complete(stop())
+            loop.close()
+            engine_end.close()
+        assert not side.is_alive() and not any(thread.is_alive() for thread in client.threads)
 
     def test_a_front_end_that_dies_aborts_its_requests(self, chat_checkpoint):
         """The front end's process killed mid-stream: the engine loop aborts what it was running (no block kept)
