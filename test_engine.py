@@ -4240,9 +4240,10 @@ class TestServer:
             engine_end.send(([("r-0", None)], [], None))
             message = ForkingPickler.dumps(([], [("r-0", output)], None))
             frame = struct.pack("!i", len(message)) + message  # Connection's framing: its length, then the bytes
-            os.write(engine_end.fileno(), frame[:1000])
-            time.sleep(0.3)  # the front end sees a message begin, and must wait for the rest
-            engine_end._send(frame[1000:])
+            with socket.socket(fileno=os.dup(engine_end.fileno())) as raw:
+                raw.sendall(frame[:1000])
+                time.sleep(0.3)  # the front end sees a message begin, and must wait for the rest
+                raw.sendall(frame[1000:])
 
         async def run():
             client.start()
