@@ -188,22 +188,22 @@ class EngineClient:
     def __init__(self, connection):
         self.connection, self.jobs, self.error = connection, queue.SimpleQueue(), None  # error: requests get a 503
         self.routes = {}  # engine request id -> [the handler's asyncio queue, prompt index, its last output]
-        self.threads = [threading.Thread(target=self._send, name="frontend-sender", daemon=True),
-                        threading.Thread(target=self._receive, name="frontend-receiver", daemon=True)]
+        self.sender = threading.Thread(target=self._send, name="frontend-sender", daemon=True)
+        self.receiver = threading.Thread(target=self._receive, name="frontend-receiver", daemon=True)
         self.on_gone = lambda: None
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        for thread in self.threads:
-            thread.start()
+        self.sender.start()
+        self.receiver.start()
 
     def stop(self) -> None:
         self.jobs.put(None)
-        self.threads[0].join(5)  # (bounded: an engine loop blocked sending to us reads no more jobs)
+        self.sender.join(5)  # (bounded: an engine loop blocked sending to us reads no more jobs)
         # shutdown, not close: it ends the engine loop's reads (it aborts what is left) and wakes our receiver
         with socket.socket(fileno=os.dup(self.connection.fileno())) as sock:
             sock.shutdown(socket.SHUT_RDWR)
-        self.threads[1].join(5)
+        self.receiver.join(5)
         self.connection.close()
 
     async def run(self, request_ids: list[str], prompts, params: SamplingParams):

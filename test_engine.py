@@ -4265,7 +4265,7 @@ class TestServer:
             loop.run_until_complete(stop())
             loop.close()
             engine_end.close()
-        assert not side.is_alive() and not any(thread.is_alive() for thread in client.threads)
+        assert not side.is_alive() and not client.sender.is_alive() and not client.receiver.is_alive()
 
     def test_a_front_end_that_dies_aborts_its_requests(self, chat_checkpoint):
         """The front end's process killed mid-stream: the engine loop aborts what it was running (no block kept)
