@@ -53,9 +53,9 @@ ENGINE_FLAGS = {"dtype": lambda name: None if name == "auto" else name, "max_num
                 "async_scheduling": bool, "enforce_eager": bool, "calculate_kv_scales": bool,
                 "budget_counts_attention": bool, "quantization": str, "tensor_parallel_size": int,
                 "speculative_config": json_argument}
-# Online defaults: a budget that counts attention keeps each step's time, hence the inter-token latency, near
-# steady while long documents are prefilled (BENCHMARKS.md, mixed workload, H100: p99 / p50 1.71x, 1.24x, 1.26x and
-# 1.75x in four runs, against 3.69x to 4.08x at 8,192)
+# Online defaults: a budget that counts attention keeps each step's time, hence the inter-token latency, steadier
+# while long documents are prefilled (BENCHMARKS.md, mixed workload, H100: p99 / p50 1.71x, 1.24x, 1.26x,
+# 1.75x and 1.88x in five runs, against 3.69x to 4.08x at 8,192)
 SERVER_DEFAULTS = {"max_num_batched_tokens": 4096, "budget_counts_attention": True}
 
 
